@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Every target installs first.
+PY        := .venv/bin/python
+BENCHMARK ?= demo
+ARCH      ?= resnet18
+DATASET   ?= all
+SCORE     ?= all
+CHECKPOINT ?= checkpoints/$(BENCHMARK)_$(ARCH).pt
+DATA_ROOT ?= data/$(BENCHMARK)
+CACHE_DIR ?= caches/$(BENCHMARK)-$(ARCH)
+DEVICE    ?= auto
+BATCH_SIZE ?= 64
+METRICS   ?= sklearn
+
+.PHONY: install demo extract analyze test clean
+
+install: .venv/.installed
+
+.venv/.installed: setup.cfg pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	$(PY) pipeline.py demo
+
+extract: install
+	$(PY) pipeline.py extract --benchmark $(BENCHMARK) --arch $(ARCH) --checkpoint $(CHECKPOINT) \
+	  --data-root $(DATA_ROOT) --cache-dir $(CACHE_DIR) --dataset $(DATASET) \
+	  --device $(DEVICE) --batch-size $(BATCH_SIZE)
+
+analyze: install
+	$(PY) pipeline.py analyze --benchmark $(BENCHMARK) --arch $(ARCH) --cache-dir $(CACHE_DIR) \
+	  --score $(SCORE) --metrics $(METRICS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf caches results .pytest_cache

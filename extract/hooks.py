@@ -1,0 +1,138 @@
+"""Hook sets (which modules to record) and the recorder that captures them per batch.
+
+Hook sets, as the authors define them (METHODS.md; GAIA ``hook.py``):
+    bn           every BatchNorm2d in module order; BiT: every GroupNorm in body.block4
+    before_head  CIFAR ResNet / torchvision ResNet: BatchNorm2d in layer3 and layer4, then
+                 ``layer4``; WRN: every BatchNorm2d, then ``AdaptAvgPool``; BiT: GroupNorm
+                 in body.block4, then ``before_head``
+    before_head_gn  BiT only: as before_head but ending with ``before_head.gn`` (GAIA's
+                 choice for GAIA-Z on Textures; never applied implicitly)
+Any other module name (``layer1``, ``avgpool``, ...) is hooked as given.
+"""
+import torch
+import torch.nn as nn
+
+from .models import FAMILY, is_norm
+
+HOOK_SETS = ("bn", "before_head", "before_head_gn")
+
+
+def _norms_under(model, prefix, kinds):
+    root = model.get_submodule(prefix) if prefix else model
+    base = f"{prefix}." if prefix else ""
+    return [base + name for name, m in root.named_modules() if name and isinstance(m, kinds)]
+
+
+def resolve_hook_set(model, arch, name):
+    """Ordered module names of hook set ``name`` on ``model``; a plain module name is one layer."""
+    family = FAMILY[arch]
+    if name == "bn":
+        if family == "bit":
+            return _norms_under(model, "body.block4", nn.GroupNorm)
+        return _norms_under(model, "", nn.BatchNorm2d)
+    if name in ("before_head", "before_head_gn"):
+        if family in ("cifar_resnet",) or arch == "tv_resnet50":
+            if name == "before_head":
+                return (_norms_under(model, "layer3", nn.BatchNorm2d)
+                        + _norms_under(model, "layer4", nn.BatchNorm2d) + ["layer4"])
+        elif family == "wrn" and name == "before_head":
+            return _norms_under(model, "", nn.BatchNorm2d) + ["AdaptAvgPool"]
+        elif family == "bit":
+            last = "before_head" if name == "before_head" else "before_head.gn"
+            return _norms_under(model, "body.block4", nn.GroupNorm) + [last]
+        raise ValueError(f"hook set {name!r} is not defined for architecture {arch!r}")
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        raise ValueError(f"unknown hook {name!r}: use a hook set ({', '.join(HOOK_SETS)}) or a "
+                         f"module name of {arch}, e.g. {', '.join(list(modules)[1:6])}")
+    return [name]
+
+
+def graph_start(model, layers):
+    """Module whose input becomes the autograd leaf: nothing below it is backpropagated.
+
+    The earliest hooked module (module order) may sit in a residual block whose shortcut
+    is hooked too, so the leaf is placed at the input of the deepest enclosing module
+    that is an element of an ``nn.Sequential`` (e.g. ``layer3.0`` for ``layer3.0.bn1``);
+    a module with no such ancestor is its own start.
+    """
+    order = [n for n, _ in model.named_modules()]
+    first = min(layers, key=order.index)
+    parts = first.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        parent = model.get_submodule(".".join(parts[:depth - 1])) if depth > 1 else model
+        if isinstance(parent, nn.Sequential):
+            return ".".join(parts[:depth])
+    return first
+
+
+def channel_stats(t, stats):
+    """Per-channel statistics of ``t`` (N, C, H, W) or (N, C): ``{stat: (N, C) tensor}``."""
+    if t.dim() == 2:
+        t = t[:, :, None, None]
+    flat = t.flatten(2)
+    out = {}
+    for stat in stats:
+        if stat == "nonzero":
+            out[stat] = (flat != 0).sum(2, dtype=torch.int32)
+        elif stat == "mean":
+            out[stat] = t.mean(dim=(-1, -2))   # the authors' reduction, same op
+        elif stat == "abs_mean":
+            out[stat] = flat.abs().mean(2)
+        elif stat == "sq_mean":
+            out[stat] = flat.pow(2).mean(2)
+        elif stat == "abs_max":
+            out[stat] = flat.abs().amax(2)
+        elif stat == "map":
+            out[stat] = t.clone()
+    return out
+
+
+class Recorder:
+    """Captures activation and gradient statistics of hooked modules during one batch.
+
+    plan: ``{layer: {"act" | objective: [stat, ...]}}`` (store.recipes.build_plan).
+    After ``model(x)`` the activations are in ``self.records``; set ``self.objective``
+    before each backward pass so gradients are filed under it. Records are tensors on the
+    model's device with leading dimension N.
+    """
+
+    def __init__(self, model, plan, start_module):
+        self.plan = plan
+        self.objective = None
+        self.records = {}
+        self.shapes = {}
+        self.head_input = None
+        self._handles = [model.get_submodule(start_module).register_forward_pre_hook(self._make_leaf)]
+        for layer in plan:
+            self._handles.append(model.get_submodule(layer).register_forward_hook(self._hook(layer)))
+
+    @staticmethod
+    def _make_leaf(module, args):
+        return (args[0].detach().requires_grad_(),) + tuple(args[1:])
+
+    def _hook(self, layer):
+        def forward_hook(module, args, output):
+            self.shapes[layer] = list(output.shape[1:])
+            act_stats = self.plan[layer].get("act", [])
+            if act_stats:
+                for stat, value in channel_stats(output.detach(), act_stats).items():
+                    self.records[("act", layer, stat)] = value
+            if output.requires_grad:
+                output.register_hook(self._grad_hook(layer))
+        return forward_hook
+
+    def _grad_hook(self, layer):
+        def tensor_hook(grad):
+            stats = self.plan[layer].get(self.objective, [])
+            for stat, value in channel_stats(grad.detach(), stats).items():
+                self.records[(self.objective, layer, stat)] = value
+        return tensor_hook
+
+    def reset(self):
+        self.records = {}
+        self.objective = None
+
+    def close(self):
+        for h in self._handles:
+            h.remove()

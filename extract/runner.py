@@ -1,0 +1,205 @@
+"""The extraction loop: one forward pass per batch, one backward pass per objective.
+
+Per batch: forward with hooks (activation statistics), then for each objective a
+backward pass that starts at the graph leaf placed by ``hooks.graph_start`` (parameters
+are frozen, so no weight gradient is ever computed), then the rows are committed to the
+cache as an atomic part (store.writer). Progress bar in images/second.
+"""
+import datetime
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+import torchvision
+from tqdm import tqdm
+
+from store.recipes import SCORE_NEEDS, build_plan, objectives_for
+from store.schema import SCHEMA_VERSION, fingerprint, stat_path
+from store.writer import CacheWriter
+
+from . import hooks as H
+from .models import FAMILY, head_module, head_weight_bias
+from .objectives import objective_value
+
+TOOL_VERSION = "0.1.0"
+
+
+def select_device(name):
+    """``torch.device`` for ``auto``/``cpu``/``cuda[:i]``; CUDA math set to exact fp32."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but no CUDA device is available; use --device cpu")
+        # TF32 would perturb gradients enough to flip exact zeros to non-zeros and back.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(name)
+
+
+def resolve_hooks(model, arch, hook_names, scores):
+    """``{hook set or module name: [layer, ...]}`` for the requested hooks and the scores' needs."""
+    wanted = list(hook_names)
+    for score in scores:
+        for set_name, _, _ in SCORE_NEEDS[score]:
+            if set_name != "nac" and set_name not in wanted:
+                wanted.append(set_name)
+    return {name: H.resolve_hook_set(model, arch, name) for name in wanted}
+
+
+class ExtractionPlan:
+    """Everything decided before the first batch: layers, shapes, objectives, storage.
+
+    model: the network (eval mode, on its device). hook_sets: from ``resolve_hooks``.
+    scores: score names. policies: ``{layer: policy}`` overrides (default ``scores``).
+    image_shape: (3, H, W) of one preprocessed image.
+    """
+
+    def __init__(self, model, arch, hook_sets, scores, policies, image_shape, device):
+        self.hook_sets = hook_sets
+        self.layers = _module_order(model, {l for ls in hook_sets.values() for l in ls})
+        self.objectives = objectives_for(scores) if self.layers else []
+        self.policies = {l: policies.get(l, policies.get("*", "scores")) for l in self.layers}
+        self.plan = build_plan(hook_sets, scores, self.policies, self.objectives)
+        for layer in self.layers:
+            self.plan.setdefault(layer, {})
+        self.start_module = H.graph_start(model, self.layers) if self.layers else None
+        weight, bias = head_weight_bias(model)
+        self.num_classes, self.feature_dim = weight.shape
+        self.layer_shapes = self._probe_shapes(model, image_shape, device)
+
+    def _probe_shapes(self, model, image_shape, device):
+        if not self.layers:
+            return {}
+        rec = H.Recorder(model, {l: {} for l in self.layers}, self.start_module)
+        try:
+            with torch.enable_grad():
+                model(torch.zeros((1, *image_shape), device=device))
+        finally:
+            rec.close()
+        return {l: (rec.shapes[l] + [1, 1])[:3] if len(rec.shapes[l]) == 1 else rec.shapes[l]
+                for l in self.layers}
+
+    def layout(self):
+        """``{dataset path: (row shape, dtype)}`` of every per-sample dataset."""
+        out = {"logits": ((self.num_classes,), np.float32), "features": ((self.feature_dim,), np.float32),
+               "labels": ((), np.int64), "paths": ((), object), "skipped": ((), np.bool_)}
+        for layer, sources in self.plan.items():
+            c = self.layer_shapes[layer][0]
+            for source, stats in sources.items():
+                for stat in stats:
+                    shape = tuple(self.layer_shapes[layer]) if stat == "map" else (c,)
+                    out[stat_path(layer, source, stat)] = (shape, np.int32 if stat == "nonzero" else np.float32)
+        return out
+
+    def bytes_per_image(self):
+        """Uncompressed bytes one image adds to the cache (paths counted as 64 bytes)."""
+        total = 0
+        for path, (shape, dtype) in self.layout().items():
+            total += 64 if dtype is object else int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return total
+
+    def describe(self, n_images):
+        """Lines of text for ``--dry-run``: layers, shapes, stored statistics, sizes."""
+        lines = [f"objectives: {', '.join(self.objectives) or '(none: logits and features only)'}",
+                 f"backward starts at: {self.start_module or '-'}", "layers:"]
+        for layer in self.layers:
+            stored = "; ".join(f"{src}: {','.join(st)}" for src, st in self.plan[layer].items()) or "-"
+            lines.append(f"  {layer:40s} {str(self.layer_shapes[layer]):18s} "
+                         f"{self.policies[layer]:7s} {stored}")
+        per = self.bytes_per_image()
+        lines.append(f"estimated size: {per / 1024:.1f} KiB per image, "
+                     f"{per * n_images / 2**20:.1f} MiB for {n_images} images (before compression)")
+        return lines
+
+
+def _module_order(model, names):
+    return [n for n, _ in model.named_modules() if n in names]
+
+
+def check_disk(path, needed_bytes):
+    """Raise OSError when the disk holding ``path`` has less than ``needed_bytes`` free."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed_bytes:
+        raise OSError(f"not enough disk space in {folder}: {free / 2**30:.2f} GiB free, "
+                      f"about {needed_bytes / 2**30:.2f} GiB needed (parts plus the assembled "
+                      "file); free space, choose another --cache-dir, or store less "
+                      "(--policy scores)")
+
+
+def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, device,
+                   indices=None, progress=True):
+    """Extract ``dataset`` (an ImageSet) into ``cache_path``; resumes an interrupted run.
+
+    meta: provenance attributes (checkpoint, checkpoint_sha256, preprocess, dataset,
+    dataset_root, split). indices: optional subset of dataset rows (kept in order).
+    Returns the path of the complete cache.
+    """
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    n = len(indices)
+    weight, bias = head_weight_bias(model)
+    attrs = {
+        "schema_version": SCHEMA_VERSION, "n_samples": n, "arch": arch,
+        "num_classes": int(plan.num_classes), "objectives": plan.objectives,
+        "layers": plan.layers, "layer_shapes": plan.layer_shapes, "hook_sets": plan.hook_sets,
+        "plan": plan.plan, "policies": plan.policies, "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__, "device": str(device),
+        "tool_version": TOOL_VERSION, "family": FAMILY[arch], **meta,
+    }
+    attrs["fingerprint"] = fingerprint(attrs)
+    writer = CacheWriter(cache_path, attrs, plan.layout(),
+                         {"head/weight": weight.cpu().numpy().astype(np.float32),
+                          "head/bias": bias.cpu().numpy().astype(np.float32)}, n)
+    done = writer.start()
+    if done < n:
+        check_disk(cache_path, 2 * plan.bytes_per_image() * (n - done))
+    subset = torch.utils.data.Subset(dataset, indices[done:])
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
+                                         num_workers=min(4, os.cpu_count() or 1) if device.type == "cuda" else 0,
+                                         pin_memory=device.type == "cuda")
+    recorder = H.Recorder(model, plan.plan, plan.start_module) if plan.layers else None
+    captured = {}
+    head_handle = head_module(model).register_forward_pre_hook(
+        lambda m, args: captured.__setitem__("x", args[0]))
+    bar = tqdm(total=n, initial=done, unit="img", desc=f"extract {meta['dataset']}",
+               disable=not progress, dynamic_ncols=True)
+    row = done
+    try:
+        for x, y, idx, ok in loader:
+            x = x.to(device, non_blocking=True)
+            arrays = _extract_batch(model, recorder, captured, plan, x)
+            arrays.update(labels=y.numpy().astype(np.int64), skipped=~ok.numpy().astype(bool),
+                          paths=[dataset.paths[int(i)] for i in idx])
+            writer.write_rows(row, arrays)
+            row += len(y)
+            bar.update(len(y))
+    finally:
+        bar.close()
+        head_handle.remove()
+        if recorder is not None:
+            recorder.close()
+    attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return writer.assemble()
+
+
+def _extract_batch(model, recorder, captured, plan, x):
+    """Forward + one backward per objective on batch ``x``; returns ``{dataset path: ndarray}``."""
+    if recorder is not None:
+        recorder.reset()
+    with torch.set_grad_enabled(bool(plan.objectives)):
+        logits = model(x)
+        head_input = captured["x"].flatten(1)
+        for i, objective in enumerate(plan.objectives):
+            recorder.objective = objective
+            objective_value(objective, logits, head_input).backward(
+                retain_graph=i < len(plan.objectives) - 1)
+    out = {"logits": logits.detach().float().cpu().numpy(),
+           "features": head_input.detach().float().cpu().numpy()}
+    if recorder is not None:
+        for (source, layer, stat), value in recorder.records.items():
+            out[stat_path(layer, source, stat)] = value.cpu().numpy()
+    return out

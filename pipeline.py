@@ -1,0 +1,177 @@
+"""gradood: extract gradients once, analyse OOD scores offline.
+
+    pipeline.py extract   run the classifier once over datasets, write HDF5 caches
+    pipeline.py analyze   scores, metrics and tables from caches (CPU, no torch)
+    pipeline.py inspect   readable summary of one cache file
+    pipeline.py demo      the whole pipeline on the embedded offline benchmark
+"""
+import os
+import sys
+import time
+
+import click
+
+from analyze.scores import SCORES
+from store.benchmarks import BENCHMARKS, benchmark, ood_sets
+from store.schema import POLICIES, CacheError
+
+DEFAULT_SCORES = ("gaia_a", "gaia_z", "gradnorm", "msp", "maxlogit", "energy")
+
+
+def _fail(message):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _default_cache_dir(bench, arch):
+    return os.path.join("caches", f"{bench}-{arch}")
+
+
+def _parse_scores(scores):
+    names = []
+    for s in scores:
+        for part in s.split(","):
+            if part == "all":
+                names += [n for n in DEFAULT_SCORES if n not in names]
+            elif part:
+                if part not in SCORES:
+                    _fail(f"unknown score {part!r}; choose from: {', '.join(SCORES)}, all")
+                if part not in names:
+                    names.append(part)
+    return names or list(DEFAULT_SCORES)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli():
+    """Gradient-based OOD detection in two stages: extract once (GPU or CPU), analyse
+    offline (CPU only). Caches are HDF5 files, one per (model, dataset); their layout is
+    documented in store/schema.py."""
+
+
+# ----------------------------------------------------------------------------- extract
+@cli.command()
+@click.option("--benchmark", "bench", default=None, help=f"Preset: {', '.join(BENCHMARKS)}. Gives dataset names, layouts, preprocessing, architecture and class count.")
+@click.option("--dataset", "datasets", multiple=True, help="Dataset to extract: a preset name (with --benchmark; 'all' for every set) or NAME=DIR for an ImageFolder root. Repeatable.")
+@click.option("--data-root", default=None, help="Root folder of the preset datasets. [default: data/<benchmark>]")
+@click.option("--arch", default=None, help="Architecture: resnet18, resnet34, resnet50 (GAIA layout), resnet18_32x32, wrn_40_2, BiT-S-R50x1, BiT-S-R101x1, tv_resnet50, tv_mobilenet_v2.")
+@click.option("--checkpoint", default=None, type=click.Path(), help="Checkpoint file (bare state dict, {'state_dict':...} or {'model':...}, 'module.' prefixes allowed).")
+@click.option("--num-classes", type=int, default=None, help="Classes of the head.")
+@click.option("--preprocess", default=None, help="Evaluation transform: cifar10, cifar100, imagenet_bit, imagenet_tv, demo.")
+@click.option("--image-size", type=int, default=None, help="Override the crop/resize size of --preprocess.")
+@click.option("--cache-dir", default=None, help="Folder of the caches, one <dataset>.h5 each. [default: caches/<benchmark>-<arch>]")
+@click.option("--hook", "hooks", multiple=True, help="Hook set (bn, before_head, before_head_gn) or module name to record besides what the scores need. Repeatable.")
+@click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = the six default scores. Repeatable. [default: all]")
+@click.option("--policy", default="scores", type=click.Choice(list(POLICIES)), show_default=True, help="Storage policy of every hooked layer (scores: only what the scores read; pooled; stats; raw = full maps).")
+@click.option("--store", "store_overrides", multiple=True, help="Per-layer policy, LAYER=POLICY (e.g. layer4=raw). Repeatable.")
+@click.option("--split", default="test", type=click.Choice(["test", "train"]), show_default=True, help="With a preset: the ID training split instead of the test split.")
+@click.option("--limit", type=int, default=None, help="Extract at most N samples (the first N, or class-balanced with --balanced).")
+@click.option("--balanced", is_flag=True, help="With --limit: a class-balanced, seeded subset.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
+@click.option("--dry-run", is_flag=True, help="Print layers, shapes, stored statistics and the size estimate, then stop.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preprocess, image_size,
+            cache_dir, hooks, scores, policy, store_overrides, split, limit, balanced,
+            batch_size, device, skip_bad, dry_run, quiet):
+    """Run the classifier once over each dataset and write its cache.
+
+    One forward pass per batch, then one backward pass per objective the scores need;
+    parameters are frozen and nothing below the earliest hooked layer is backpropagated.
+    An interrupted run resumes where it stopped when the same command is run again.
+
+    \b
+    Examples:
+      pipeline.py extract --benchmark demo --dataset all
+      pipeline.py extract --arch resnet18 --checkpoint ckpt.pth --num-classes 10 \\
+          --preprocess cifar10 --dataset LSUN=data/LSUN --cache-dir caches/c10
+    """
+    options = dict(locals())
+    from extract import cli_support
+    try:
+        cli_support.extract_command(**options)
+    except (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError) as err:
+        _fail(err)
+
+
+# ----------------------------------------------------------------------------- analyze
+@cli.command()
+@click.option("--benchmark", "bench", default=None, help="Preset whose ID and OOD set names to use.")
+@click.option("--arch", default=None, help="With --benchmark: the architecture part of the default cache folder.")
+@click.option("--cache-dir", default=None, help="Folder of the caches. [default: caches/<benchmark>-<arch>]")
+@click.option("--id", "id_name", default=None, help="Name of the ID test cache.")
+@click.option("--ood", "ood_names", multiple=True, help="OOD cache names. [default: every other cache in the folder, training sets excluded]")
+@click.option("--score", "scores", multiple=True, help=f"Scores: {', '.join(SCORES)}, or all. Repeatable. [default: all]")
+@click.option("--metrics", "convention", default="sklearn", type=click.Choice(["sklearn", "gaia"]), show_default=True, help="Metric convention: GradNorm release (scikit-learn) or GAIA release.")
+@click.option("--results", "results_dir", default=None, help="Where tables go. [default: results/<cache folder name>]")
+@click.option("--scores-out", default=None, help="Also write OUT/<score>/<dataset>.csv (index,path,score).")
+@click.option("--allow-partial", is_flag=True, help="Analyse the finished part of unfinished caches.")
+def analyze(bench, arch, cache_dir, id_name, ood_names, scores, convention, results_dir,
+            scores_out, allow_partial):
+    """Compute scores and metrics from caches and print a paper-style table.
+
+    Runs on CPU without torch. Scores are oriented higher = more in-distribution; metrics
+    treat ID as the positive class.
+    """
+    from analyze.report import evaluate, write_report, write_scores_csv
+    try:
+        if bench:
+            preset = benchmark(bench)
+            cache_dir = cache_dir or _default_cache_dir(bench, arch or preset["arch"])
+            id_name = id_name or preset["id"]
+        if not cache_dir or not id_name:
+            _fail("give --benchmark, or --cache-dir and --id")
+        if not ood_names:
+            present = sorted(f[:-3] for f in os.listdir(cache_dir) if f.endswith(".h5"))
+            order = ood_sets(bench) if bench else present
+            ood_names = [n for n in order if n in present and n != id_name and not n.endswith("_train")]
+        if not ood_names:
+            _fail(f"no OOD caches in {cache_dir}; extract some first (pipeline.py extract)")
+        names = _parse_scores(scores)
+        start = time.time()
+        ev = evaluate(cache_dir, id_name, list(ood_names), names, convention, allow_partial)
+        elapsed = time.time() - start
+        out = results_dir or os.path.join("results", os.path.basename(os.path.normpath(cache_dir)))
+        text = write_report(ev, out)
+        if scores_out:
+            write_scores_csv(ev, scores_out)
+    except (ValueError, FileNotFoundError, CacheError) as err:
+        _fail(err)
+    click.echo(text)
+    click.echo(f"\n{len(names)} score(s) on {1 + len(ood_names)} caches in {elapsed:.2f} s; tables in {out}/")
+
+
+# ----------------------------------------------------------------------------- inspect
+@cli.command()
+@click.argument("cache_file", type=click.Path())
+def inspect(cache_file):
+    """Readable summary of a cache: provenance, layers, stored statistics, sizes."""
+    from store.inspect import summary
+    try:
+        click.echo(summary(cache_file))
+    except CacheError as err:
+        _fail(err)
+
+
+# ----------------------------------------------------------------------------- demo
+@cli.command()
+@click.option("--data-root", default="data/demo", show_default=True)
+@click.option("--checkpoint", default="checkpoints/demo_resnet18.pt", show_default=True, help="Trained at first use, reused afterwards.")
+@click.option("--cache-dir", default="caches/demo-resnet18", show_default=True)
+@click.option("--results", "results_dir", default="results/demo-resnet18", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+def demo(data_root, checkpoint, cache_dir, results_dir, device, batch_size):
+    """The whole pipeline on the embedded offline benchmark (sklearn digits vs generated OOD sets)."""
+    from extract import cli_support
+    try:
+        cli_support.demo_command(data_root, checkpoint, cache_dir, device, batch_size)
+    except (ValueError, FileNotFoundError, CacheError, OSError) as err:
+        _fail(err)
+    ctx = click.get_current_context()
+    ctx.invoke(analyze, bench="demo", cache_dir=cache_dir, results_dir=results_dir,
+               scores=("all",), convention="sklearn")
+
+
+if __name__ == "__main__":
+    cli()

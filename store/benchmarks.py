@@ -1,0 +1,61 @@
+"""Benchmark presets: dataset names, layouts under the data root, defaults.
+
+Torch-free, so both stages agree on names. Each set is ``(kind, relative path)``; kinds:
+``folder`` (torchvision ImageFolder), ``cifar10``/``cifar100`` (torchvision's python
+pickles, split ``test``/``train``), ``svhn`` (``test_32x32.mat``).
+"""
+
+# Benchmarks: ID test set, ID training set, OOD sets; each entry is (kind, relative path).
+BENCHMARKS = {
+    "demo": {
+        "id": "digits", "preprocess": "demo", "arch": "resnet18", "num_classes": 10,
+        "sets": {"digits": ("folder", "digits/test"), "digits_train": ("folder", "digits/train"),
+                 "photo_patches": ("folder", "photo_patches"), "textures": ("folder", "textures"),
+                 "noise": ("folder", "noise"), "shapes": ("folder", "shapes")},
+    },
+    "cifar10": {
+        "id": "cifar10", "preprocess": "cifar10", "arch": "resnet18", "num_classes": 10,
+        "sets": {"cifar10": ("cifar10", "test"), "cifar10_train": ("cifar10", "train"),
+                 "SVHN": ("svhn", "test"), "LSUN": ("folder", "LSUN"),
+                 "LSUN_resize": ("folder", "LSUN_resize"), "iSUN": ("folder", "iSUN"),
+                 "Imagenet": ("folder", "Imagenet"), "Imagenet_resize": ("folder", "Imagenet_resize"),
+                 "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")},
+    },
+    "cifar100": {
+        "id": "cifar100", "preprocess": "cifar100", "arch": "resnet18", "num_classes": 100,
+        "sets": {"cifar100": ("cifar100", "test"), "cifar100_train": ("cifar100", "train"),
+                 "SVHN": ("svhn", "test"), "LSUN": ("folder", "LSUN"),
+                 "LSUN_resize": ("folder", "LSUN_resize"), "iSUN": ("folder", "iSUN"),
+                 "Imagenet": ("folder", "Imagenet"), "Imagenet_resize": ("folder", "Imagenet_resize"),
+                 "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")},
+    },
+    "imagenet": {
+        "id": "imagenet", "preprocess": "imagenet_bit", "arch": "BiT-S-R101x1", "num_classes": 1000,
+        "sets": {"imagenet": ("folder", "imagenet/val"), "imagenet_train": ("folder", "imagenet/train"),
+                 "iNaturalist": ("folder", "iNaturalist"), "SUN": ("folder", "SUN"),
+                 "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")},
+    },
+}
+
+WHERE_TO_GET = (
+    "CIFAR-10/100: the python versions from the CIFAR page (cifar-10-python.tar.gz, "
+    "cifar-100-python.tar.gz), unpacked in the data root. SVHN: test_32x32.mat. LSUN, "
+    "LSUN_resize, iSUN, Imagenet, Imagenet_resize: the ODIN release's OOD sets "
+    "(facebookresearch/odin README). Places, Textures (DTD, folder textures/images), "
+    "iNaturalist, SUN: the subsets linked in the GradNorm / MOS READMEs "
+    "(deeplearning-wisc/gradnorm_ood). This tool never downloads data.")
+
+
+
+
+def benchmark(name):
+    """Preset ``name``; unknown names list the valid ones."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+def ood_sets(name):
+    """OOD set names of preset ``name``, in table order (ID test and training sets excluded)."""
+    preset = benchmark(name)
+    return [s for s in preset["sets"] if s != preset["id"] and not s.endswith("_train")]

@@ -1,0 +1,159 @@
+"""Reading and validating caches, in row blocks so memory does not grow with N."""
+import json
+import os
+
+import h5py
+import numpy as np
+
+from .schema import (JSON_ATTRS, REQUIRED_DATASETS, REQUIRED_ROOT_ATTRS, SCHEMA_VERSION,
+                     CacheError, stat_path)
+from .writer import contiguous_rows, list_parts, parts_dir
+
+BLOCK_ROWS = 4096
+
+
+def cache_path(cache_dir, dataset):
+    """Path of the cache file of ``dataset`` inside ``cache_dir``."""
+    return os.path.join(cache_dir, f"{dataset}.h5")
+
+
+def _decode_attrs(raw):
+    attrs = {}
+    for key, value in raw.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if key in JSON_ATTRS and isinstance(value, str):
+            value = json.loads(value)
+        elif isinstance(value, np.generic):
+            value = value.item()
+        attrs[key] = value
+    return attrs
+
+
+class CacheReader:
+    """Read-only view of one cache.
+
+    path: the ``.h5`` file. allow_partial: when the run has not finished, read the rows
+    written so far from its parts folder instead of refusing.
+    Use as a context manager; ``read(name, start, stop)`` returns an array of rows,
+    ``blocks(start=0)`` yields ``(start, stop)`` row ranges of at most BLOCK_ROWS.
+    """
+
+    def __init__(self, path, allow_partial=False):
+        self.path = path
+        self.partial = False
+        self._parts = []
+        self._file = None
+        if os.path.exists(path):
+            self._file = self._open(path)
+            self.attrs = _decode_attrs(self._file.attrs)
+            self._validate()
+            if not self.attrs["complete"]:
+                raise CacheError(f"{path}: cache is not marked complete; rerun the extract "
+                                 "command that made it")
+            self.n_samples = int(self.attrs["n_samples"])
+        elif os.path.isdir(parts_dir(path)):
+            self._open_partial(path, allow_partial)
+        else:
+            raise CacheError(f"cache not found: {path} (run `pipeline.py extract` for this dataset first)")
+
+    def _open(self, path):
+        try:
+            return h5py.File(path, "r")
+        except OSError as err:
+            raise CacheError(f"{path}: not a readable HDF5 cache (truncated or corrupted: {err})") from None
+
+    def _open_partial(self, path, allow_partial):
+        pdir = parts_dir(path)
+        with open(os.path.join(pdir, "run.json")) as f:
+            run = json.load(f)
+        parts = list_parts(pdir)
+        done = contiguous_rows(parts)
+        if not allow_partial:
+            raise CacheError(
+                f"{path} is incomplete: {done} of {run['n_samples']} samples extracted. Rerun "
+                "the same extract command to resume, or pass --allow-partial to analyse the "
+                "finished part")
+        if done == 0:
+            raise CacheError(f"{path}: no finished rows to analyse yet")
+        meta_file = os.path.join(pdir, "attrs.json")
+        with open(meta_file) as f:
+            self.attrs = json.load(f)
+        self.partial = True
+        self.n_samples = done
+        self._parts = [p for p in parts if p[1] <= done]
+        self._constants = np.load(os.path.join(pdir, "head.npz"))
+
+    def _validate(self):
+        missing = [a for a in REQUIRED_ROOT_ATTRS if a not in self.attrs]
+        if missing:
+            raise CacheError(f"{self.path}: not a cache of this tool (missing attributes: {', '.join(missing)})")
+        if self.attrs["schema_version"] != SCHEMA_VERSION:
+            raise CacheError(f"{self.path}: schema version {self.attrs['schema_version']}, this "
+                             f"tool reads version {SCHEMA_VERSION}; re-extract it")
+        absent = [d for d in REQUIRED_DATASETS if d not in self._file]
+        for layer, sources in self.attrs["plan"].items():
+            for source, stats in sources.items():
+                absent += [stat_path(layer, source, s) for s in stats if stat_path(layer, source, s) not in self._file]
+        if absent:
+            raise CacheError(f"{self.path}: damaged cache, datasets missing: {', '.join(absent[:5])}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def has(self, name):
+        if self._file is not None:
+            return name in self._file
+        with h5py.File(self._parts[0][2], "r") as f:
+            return name in f or name in self._constants
+
+    def head(self):
+        """Head weight (K, D) and bias (K,) as float64 arrays."""
+        if self._file is not None:
+            return self.read("head/weight").astype(np.float64), self.read("head/bias").astype(np.float64)
+        return (self._constants["weight"].astype(np.float64), self._constants["bias"].astype(np.float64))
+
+    def read(self, name, start=0, stop=None):
+        """Rows ``[start, stop)`` of dataset ``name`` (whole constant datasets ignore the range)."""
+        stop = self.n_samples if stop is None else stop
+        try:
+            if self._file is not None:
+                ds = self._file[name]
+                if name.startswith("head/"):
+                    return ds[...]
+                out = ds[start:stop]
+            else:
+                out = self._read_parts(name, start, stop)
+        except KeyError:
+            raise CacheError(f"{self.path}: has no dataset {name!r}") from None
+        except OSError as err:
+            raise CacheError(f"{self.path}: damaged data in {name!r} rows {start}-{stop} ({err})") from None
+        if name == "paths":
+            out = np.array([p.decode() if isinstance(p, bytes) else p for p in out], dtype=object)
+        return out
+
+    def _read_parts(self, name, start, stop):
+        pieces = []
+        for p_start, p_stop, path in self._parts:
+            if p_stop <= start or p_start >= stop:
+                continue
+            with h5py.File(path, "r") as f:
+                pieces.append(f[name][max(start, p_start) - p_start:min(stop, p_stop) - p_start])
+        return np.concatenate(pieces)
+
+    def blocks(self, rows=BLOCK_ROWS):
+        """Row ranges ``(start, stop)`` covering all samples, at most ``rows`` each."""
+        for start in range(0, self.n_samples, rows):
+            yield start, min(start + rows, self.n_samples)
+
+    def read_all(self, name):
+        """Whole dataset ``name``, assembled block by block."""
+        return np.concatenate([self.read(name, a, b) for a, b in self.blocks()]) if self.n_samples else np.empty(0)

@@ -1,0 +1,199 @@
+"""Crash-safe cache writing: atomic per-batch part files, assembled into one HDF5 file.
+
+While extraction runs, ``<cache>.h5.parts/`` holds ``run.json`` (the run's identity) and
+one ``rows-<start>-<stop>.h5`` file per batch. Each part is written under a temporary
+name, fsynced and renamed, so after a crash (even ``kill -9``) every part present is
+whole; a rerun of the same command continues after the last contiguous part. When all
+rows are present, ``assemble`` streams the parts into ``<cache>.h5.tmp``, writes the
+attributes, sets ``complete`` last and renames the file to ``<cache>.h5``: the final name
+only ever holds a complete cache. Write errors (disk full included) leave the parts in
+place for a resume and never produce a file marked complete.
+"""
+import json
+import os
+import re
+import shutil
+
+import h5py
+import numpy as np
+
+from .schema import CacheError, dumps
+
+PART_RE = re.compile(r"rows-(\d{9})-(\d{9})\.h5$")
+ROWS_PER_CHUNK = 64
+
+
+def parts_dir(cache_path):
+    return cache_path + ".parts"
+
+
+def _fsync_file(path):
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _atomic_write(path, write):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_parts(directory):
+    """Sorted ``[(start, stop, path)]`` of the whole part files in ``directory``."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        m = PART_RE.match(name)
+        if m:
+            found.append((int(m.group(1)), int(m.group(2)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+def contiguous_rows(parts):
+    """Number of rows covered from row 0 without a gap."""
+    done = 0
+    for start, stop, _ in parts:
+        if start != done:
+            break
+        done = stop
+    return done
+
+
+class CacheWriter:
+    """Writes one cache: ``write_rows`` per batch, then ``assemble``.
+
+    cache_path: final ``.h5`` path. attrs: root attributes (JSON-able values; dicts and
+    lists are stored as JSON strings). layout: ``{dataset path: (row shape, numpy dtype)}``
+    for every per-sample dataset. constants: ``{dataset path: array}`` written once
+    (the head). n_samples: total rows.
+    """
+
+    def __init__(self, cache_path, attrs, layout, constants, n_samples):
+        self.cache_path = cache_path
+        self.dir = parts_dir(cache_path)
+        self.attrs = attrs
+        self.layout = layout
+        self.constants = constants
+        self.n_samples = n_samples
+        self.identity = {"fingerprint": attrs["fingerprint"], "dataset": attrs["dataset"],
+                         "dataset_root": attrs.get("dataset_root"), "split": attrs.get("split"),
+                         "n_samples": n_samples}
+
+    def start(self):
+        """Prepare the parts folder; returns the first row still to write (0 on a fresh run).
+
+        Refuses to resume a run whose identity (model, data, hooks, plan) differs, naming
+        the differing fields.
+        """
+        os.makedirs(self.dir, exist_ok=True)
+        run_file = os.path.join(self.dir, "run.json")
+        if os.path.exists(run_file):
+            with open(run_file) as f:
+                before = json.load(f)
+            now = json.loads(dumps(self.identity))
+            diff = _differing(before, now)
+            if diff:
+                raise CacheError(
+                    f"{self.dir} holds an unfinished run with different settings "
+                    f"({', '.join(diff)}); rerun it with the same settings to resume, or "
+                    f"delete {self.dir} to start over")
+        else:
+            # attrs.json and head.npz let ``--allow-partial`` read an unfinished run.
+            _atomic_write(os.path.join(self.dir, "attrs.json"),
+                          lambda f: f.write(dumps({**self.attrs, "complete": False}).encode()))
+            _atomic_write(os.path.join(self.dir, "head.npz"),
+                          lambda f: np.savez(f, weight=self.constants["head/weight"],
+                                             bias=self.constants["head/bias"]))
+            _atomic_write(run_file, lambda f: f.write(dumps(self.identity).encode()))
+        for name in os.listdir(self.dir):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(self.dir, name))
+        return contiguous_rows(list_parts(self.dir))
+
+    def write_rows(self, start, arrays):
+        """Commit rows ``[start, start + n)``; ``arrays`` maps dataset path to (n, ...) arrays."""
+        n = len(next(iter(arrays.values())))
+        name = os.path.join(self.dir, f"rows-{start:09d}-{start + n:09d}.h5")
+        tmp = name + ".tmp"
+        try:
+            with h5py.File(tmp, "w") as f:
+                for path, value in arrays.items():
+                    if path == "paths":
+                        f.create_dataset(path, data=np.asarray(value, dtype=object),
+                                         dtype=h5py.string_dtype())
+                    else:
+                        f.create_dataset(path, data=value, compression="lzf")
+            _fsync_file(tmp)
+            os.replace(tmp, name)
+        except OSError as err:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise CacheError(f"could not write {name}: {err}. The rows before {start} are "
+                             "kept; free space or fix the error, then rerun the same command "
+                             "to resume") from err
+
+    def assemble(self):
+        """Stream all parts into the final file, mark it complete, remove the parts."""
+        parts = list_parts(self.dir)
+        if contiguous_rows(parts) != self.n_samples:
+            raise CacheError(f"{self.dir}: only {contiguous_rows(parts)} of {self.n_samples} rows "
+                             "written; rerun the extract command to finish")
+        tmp = self.cache_path + ".tmp"
+        try:
+            with h5py.File(tmp, "w") as out:
+                for key, value in self.attrs.items():
+                    out.attrs[key] = _attr_value(value)
+                out.attrs["complete"] = False
+                for path, value in self.constants.items():
+                    out.create_dataset(path, data=value, fletcher32=True)
+                for path, (row_shape, dtype) in self.layout.items():
+                    _create_rows_dataset(out, path, self.n_samples, row_shape, dtype)
+                for start, stop, part in parts:
+                    with h5py.File(part, "r") as src:
+                        for path in self.layout:
+                            out[path][start:stop] = src[path][...]
+                out.flush()
+                out.attrs["complete"] = True
+            _fsync_file(tmp)
+            os.replace(tmp, self.cache_path)
+        except OSError as err:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise CacheError(f"could not assemble {self.cache_path}: {err}. The parts in "
+                             f"{self.dir} are kept; rerun the same command to retry") from err
+        shutil.rmtree(self.dir)
+        return self.cache_path
+
+
+def _attr_value(value):
+    """HDF5-storable form of an attribute: JSON for containers, plain str for str subclasses."""
+    if isinstance(value, (dict, list, tuple)):
+        return dumps(value)
+    if isinstance(value, str):
+        return str(value)
+    return value
+
+
+def _create_rows_dataset(f, path, n, row_shape, dtype):
+    if path == "paths":
+        return f.create_dataset(path, shape=(n,), dtype=h5py.string_dtype())
+    rows = max(1, min(n, ROWS_PER_CHUNK, (1 << 20) // max(1, int(np.prod(row_shape)) * 4)))
+    return f.create_dataset(path, shape=(n, *row_shape), dtype=dtype,
+                            chunks=(rows, *row_shape), compression="gzip",
+                            compression_opts=4, shuffle=True, fletcher32=True)
+
+
+def _differing(a, b, prefix=""):
+    """Dotted names of the fields that differ between two JSON-like dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differing(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(prefix + key)
+    return out
