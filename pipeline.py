@@ -114,6 +114,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, convention, resu
     treat ID as the positive class.
     """
     from analyze.report import evaluate, write_report, write_scores_csv
+    names = _parse_scores(scores)
     try:
         if bench:
             preset = benchmark(bench)
@@ -127,7 +128,6 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, convention, resu
             ood_names = [n for n in order if n in present and n != id_name and not n.endswith("_train")]
         if not ood_names:
             _fail(f"no OOD caches in {cache_dir}; extract some first (pipeline.py extract)")
-        names = _parse_scores(scores)
         start = time.time()
         ev = evaluate(cache_dir, id_name, list(ood_names), names, convention, allow_partial)
         elapsed = time.time() - start

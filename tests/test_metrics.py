@@ -1,0 +1,44 @@
+"""Metrics equal the authors' metric code, ties included."""
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import authors_reference as ref
+from analyze.metrics import METRICS, ood_metrics
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gaia_convention_equals_their_loops(seed):
+    rng = np.random.default_rng(seed)
+    known = np.round(rng.normal(1.0, 1.0, 200 + seed), 1)   # rounding makes many ties
+    novel = np.round(rng.normal(0.0, 1.0, 150), 1)
+    got = ood_metrics(known, novel, "gaia")
+    expected = ref.gaia_metrics(known, novel)
+    for m in METRICS:
+        assert abs(got[m] - expected[m]) <= 1e-10, m
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sklearn_convention_equals_gradnorm_code(seed):
+    rng = np.random.default_rng(seed)
+    known = np.round(rng.normal(1.0, 1.0, 300), 1 if seed % 2 else 6)
+    novel = np.round(rng.normal(0.2, 1.2, 250), 1 if seed % 2 else 6)
+    got = ood_metrics(known, novel, "sklearn")
+    assert got["FPR95"] == pytest.approx(ref.gradnorm_fpr95(known, novel), abs=1e-12)
+    y = np.r_[np.ones(len(known)), np.zeros(len(novel))]
+    assert got["AUROC"] == pytest.approx(roc_auc_score(y, np.r_[known, novel]), abs=1e-12)
+    assert got["DetErr"] == pytest.approx(ref.gaia_metrics(known, novel)["DetErr"], abs=1e-12)
+
+
+def test_perfect_and_reversed_separation():
+    known, novel = np.arange(100, 200.0), np.arange(0, 100.0)
+    for conv in ("sklearn", "gaia"):
+        good = ood_metrics(known, novel, conv)
+        assert good["AUROC"] == pytest.approx(1.0) and good["FPR95"] == 0.0 and good["DetErr"] == 0.0
+        bad = ood_metrics(novel, known, conv)
+        assert bad["AUROC"] == pytest.approx(0.0) and bad["FPR95"] == 1.0
+
+
+def test_unknown_convention_names_the_valid_ones():
+    with pytest.raises(ValueError, match="sklearn, gaia"):
+        ood_metrics([1.0], [0.0], "openood")

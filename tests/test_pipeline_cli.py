@@ -1,0 +1,121 @@
+"""End to end on a slice of the demo benchmark, the torch-free analysis, user-facing errors."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from extract.checkpoint import CheckpointMismatch, load_checkpoint
+from extract.demo_data import build_demo_data
+from extract.models import build_model
+from helpers import randomize_norms
+from pipeline import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo_slice(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo")
+    data = build_demo_data(str(base / "data"))
+    ckpt = str(base / "model.pt")
+    torch.manual_seed(0)
+    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
+    cache = str(base / "cache")
+    res = CliRunner().invoke(cli, ["extract", "--benchmark", "demo", "--data-root", data,
+                                   "--checkpoint", ckpt, "--cache-dir", cache, "--limit", "12",
+                                   "--dataset", "digits", "--dataset", "noise", "--dataset", "shapes",
+                                   "--batch-size", "5", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return base, data, ckpt, cache
+
+
+def run_without_torch(args, cwd):
+    """Run pipeline.py in a subprocess in which importing torch raises ImportError."""
+    code = ("import sys, runpy\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+            "            raise ImportError('torch import blocked: ' + name)\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "sys.argv = ['pipeline.py'] + sys.argv[1:]\n"
+            f"runpy.run_path({os.path.join(ROOT, 'pipeline.py')!r}, run_name='__main__')\n"
+            "assert not any(m.split('.')[0] == 'torch' for m in sys.modules)\n")
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_analyze_runs_without_torch(demo_slice):
+    base, _, _, cache = demo_slice
+    out = str(base / "scores")
+    p = run_without_torch(["analyze", "--benchmark", "demo", "--cache-dir", cache, "--score", "all",
+                           "--results", str(base / "results"), "--scores-out", out], str(base))
+    assert p.returncode == 0, p.stderr
+    for title in ("GAIA-A", "GAIA-Z", "GradNorm", "MSP", "MaxLogit", "Energy"):
+        assert title in p.stdout
+    assert "noise FPR95/AUROC" in p.stdout and "shapes FPR95/AUROC" in p.stdout
+    for ext in ("csv", "md"):
+        assert os.path.exists(base / "results" / f"gaia_z.{ext}")
+    assert os.path.exists(base / "results" / "results.json")
+    with open(os.path.join(out, "gaia_a", "noise.csv")) as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["index", "path", "score"] and len(table) == 13
+    assert table[1][1].endswith(".png")
+
+
+def test_inspect_and_dry_run(demo_slice):
+    base, data, ckpt, cache = demo_slice
+    res = CliRunner().invoke(cli, ["inspect", os.path.join(cache, "digits.h5")])
+    assert res.exit_code == 0 and "12 samples" in res.output and "max_logit: nonzero" in res.output
+    res = CliRunner().invoke(cli, ["extract", "--benchmark", "demo", "--data-root", data,
+                                   "--dataset", "noise", "--dry-run", "--store", "layer4=raw"])
+    assert res.exit_code == 0, res.output
+    assert "KiB per image" in res.output and "layer4" in res.output and "map" in res.output
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["analyze", "--cache-dir", ".", "--id", "x", "--score", "gaia_q"], "gaia_a, gaia_z"),
+    (["extract", "--arch", "resnet99", "--num-classes", "10", "--preprocess", "cifar10",
+      "--dataset", "a=b", "--checkpoint", "x"], "resnet18_32x32"),
+    (["extract", "--benchmark", "demo", "--dataset", "LSUN", "--dry-run"], "digits, digits_train"),
+    (["extract", "--benchmark", "cifar10", "--data-root", "/nonexistent", "--dataset", "LSUN",
+      "--dry-run", "--limit", "1", "--hook", "bnx"], "unknown hook 'bnx'"),
+    (["extract", "--benchmark", "demo", "--dataset", "digits", "--dry-run", "--policy", "zip"], "zip"),
+])
+def test_errors_list_valid_choices(args, expected):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0
+    assert expected in res.output
+
+
+def test_missing_dataset_prints_layout(tmp_path):
+    ckpt = str(tmp_path / "m.pt")
+    torch.save(build_model("resnet18", 10).state_dict(), ckpt)
+    res = CliRunner().invoke(cli, ["extract", "--benchmark", "cifar10", "--data-root", str(tmp_path),
+                                   "--dataset", "LSUN", "--checkpoint", ckpt])
+    assert res.exit_code == 2
+    assert "LSUN/<class folder>/<image files>" in res.output and "never downloads" in res.output
+    res = CliRunner().invoke(cli, ["extract", "--benchmark", "cifar10", "--data-root", str(tmp_path),
+                                   "--dataset", "cifar10", "--checkpoint", ckpt])
+    assert "cifar-10-batches-py" in res.output
+
+
+def test_checkpoint_formats_and_mismatch(tmp_path):
+    model = build_model("resnet18", 10)
+    sd = model.state_dict()
+    for i, obj in enumerate([sd, {"state_dict": sd}, {"model": {f"module.{k}": v for k, v in sd.items()}}]):
+        path = str(tmp_path / f"c{i}.pt")
+        torch.save(obj, path)
+        fresh = build_model("resnet18", 10)
+        assert len(load_checkpoint(fresh, path)) == 64
+        assert torch.equal(fresh.linear.weight, model.linear.weight)
+    with pytest.raises(CheckpointMismatch) as err:
+        load_checkpoint(build_model("resnet18", 100), str(tmp_path / "c0.pt"))
+    assert "mis-shaped" in str(err.value) and "linear.weight" in str(err.value)
+    with pytest.raises(CheckpointMismatch) as err:
+        load_checkpoint(build_model("resnet18_32x32", 10), str(tmp_path / "c0.pt"))
+    assert "missing" in str(err.value) and "fc.weight" in str(err.value)
+    assert "unexpected" in str(err.value) and "linear.weight" in str(err.value)
