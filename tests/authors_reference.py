@@ -44,7 +44,16 @@ def authors_forward(model, x):
     if kind == "ResNetV2":
         feat = model.before_head(model.body(model.root(x)))
         return model.head(feat)[..., 0, 0], feat
-    raise TypeError(kind)
+    # Architectures the GAIA release does not ship (OpenOOD, torchvision): the plain forward,
+    # with the head input taken where the head receives it.
+    captured = {}
+    handle = model.get_submodule(model.head_name).register_forward_pre_hook(
+        lambda m, a: captured.__setitem__("x", a[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return logits, captured["x"]
 
 
 def _fresh(model):

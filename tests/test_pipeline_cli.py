@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -119,3 +120,18 @@ def test_checkpoint_formats_and_mismatch(tmp_path):
         load_checkpoint(build_model("resnet18_32x32", 10), str(tmp_path / "c0.pt"))
     assert "missing" in str(err.value) and "fc.weight" in str(err.value)
     assert "unexpected" in str(err.value) and "linear.weight" in str(err.value)
+
+
+def test_balanced_training_split(demo_slice):
+    base, data, ckpt, _ = demo_slice
+    cache = str(base / "train_cache")
+    res = CliRunner().invoke(cli, ["extract", "--benchmark", "demo", "--data-root", data,
+                                   "--checkpoint", ckpt, "--cache-dir", cache, "--split", "train",
+                                   "--dataset", "digits", "--limit", "20", "--balanced",
+                                   "--score", "msp", "--quiet"])
+    assert res.exit_code == 0, res.output
+    from store.reader import CacheReader
+    with CacheReader(os.path.join(cache, "digits_train.h5")) as r:
+        labels = r.read_all("labels")
+        assert r.attrs["split"] == "train" and r.attrs["objectives"] == []
+    assert sorted(np.bincount(labels, minlength=10).tolist()) == [2] * 10

@@ -87,3 +87,17 @@ def test_bit_textures_hook_is_explicit(tmp_path):
         with pytest.raises(Exception):
             compute_score(r, "gaia_a", layers=names)
     assert np.all(np.isfinite(expected))
+
+
+@pytest.mark.parametrize("arch", ["resnet18_32x32", "tv_mobilenet_v2", "tv_resnet50"])
+def test_other_architectures_gaia_z_and_gradnorm(arch, tmp_path):
+    torch.manual_seed(0)
+    model = randomize_norms(build_model(arch, 5))
+    images = torch.randn(3, 3, 32, 32)
+    path = str(tmp_path / "set.h5")
+    extract_tensor(model, arch, images, path, ["gaia_z", "gradnorm"], batch_size=2)
+    expected_z, _ = ref.gaia_z(model, images, ref.gaia_bn_modules(model))
+    expected_g = ref.gradnorm(model, images)
+    with CacheReader(path) as r:
+        assert rel_err(compute_score(r, "gaia_z"), expected_z) <= 1e-5
+        assert rel_err(compute_score(r, "gradnorm"), expected_g) <= 1e-5
