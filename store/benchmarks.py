@@ -5,6 +5,18 @@ Torch-free, so both stages agree on names. Each set is ``(kind, relative path)``
 pickles, split ``test``/``train``), ``svhn`` (``test_32x32.mat``).
 """
 
+def _cifar(name, num_classes):
+    """CIFAR-10/100 preset: torchvision test/train splits and the ODIN/GAIA OOD folders."""
+    return {
+        "id": name, "preprocess": name, "arch": "resnet18", "num_classes": num_classes,
+        "sets": {name: (name, "test"), f"{name}_train": (name, "train"),
+                 "SVHN": ("svhn", "test"), "LSUN": ("folder", "LSUN"),
+                 "LSUN_resize": ("folder", "LSUN_resize"), "iSUN": ("folder", "iSUN"),
+                 "Imagenet": ("folder", "Imagenet"), "Imagenet_resize": ("folder", "Imagenet_resize"),
+                 "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")},
+    }
+
+
 # Benchmarks: ID test set, ID training set, OOD sets; each entry is (kind, relative path).
 BENCHMARKS = {
     "demo": {
@@ -13,22 +25,8 @@ BENCHMARKS = {
                  "photo_patches": ("folder", "photo_patches"), "textures": ("folder", "textures"),
                  "noise": ("folder", "noise"), "shapes": ("folder", "shapes")},
     },
-    "cifar10": {
-        "id": "cifar10", "preprocess": "cifar10", "arch": "resnet18", "num_classes": 10,
-        "sets": {"cifar10": ("cifar10", "test"), "cifar10_train": ("cifar10", "train"),
-                 "SVHN": ("svhn", "test"), "LSUN": ("folder", "LSUN"),
-                 "LSUN_resize": ("folder", "LSUN_resize"), "iSUN": ("folder", "iSUN"),
-                 "Imagenet": ("folder", "Imagenet"), "Imagenet_resize": ("folder", "Imagenet_resize"),
-                 "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")},
-    },
-    "cifar100": {
-        "id": "cifar100", "preprocess": "cifar100", "arch": "resnet18", "num_classes": 100,
-        "sets": {"cifar100": ("cifar100", "test"), "cifar100_train": ("cifar100", "train"),
-                 "SVHN": ("svhn", "test"), "LSUN": ("folder", "LSUN"),
-                 "LSUN_resize": ("folder", "LSUN_resize"), "iSUN": ("folder", "iSUN"),
-                 "Imagenet": ("folder", "Imagenet"), "Imagenet_resize": ("folder", "Imagenet_resize"),
-                 "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")},
-    },
+    "cifar10": _cifar("cifar10", 10),
+    "cifar100": _cifar("cifar100", 100),
     "imagenet": {
         "id": "imagenet", "preprocess": "imagenet_bit", "arch": "BiT-S-R101x1", "num_classes": 1000,
         "sets": {"imagenet": ("folder", "imagenet/val"), "imagenet_train": ("folder", "imagenet/train"),
