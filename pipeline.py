@@ -5,6 +5,7 @@
     pipeline.py inspect   readable summary of one cache file
     pipeline.py demo      the whole pipeline on the embedded offline benchmark
 """
+import json
 import os
 import sys
 import time
@@ -15,7 +16,10 @@ from analyze.scores import SCORES
 from store.benchmarks import BENCHMARKS, benchmark, ood_sets
 from store.schema import POLICIES, CacheError
 
-DEFAULT_SCORES = ("gaia_a", "gaia_z", "gradnorm", "msp", "maxlogit", "energy")
+# What ``extract`` records when no --score is given: every score except ASH (stores the
+# last feature map) and gradient tracking (K extra backward passes through the network).
+DEFAULT_SCORES = ("gaia_a", "gaia_z", "gradnorm", "nac", "msp", "maxlogit", "energy", "odin",
+                  "mahalanobis", "react", "knn", "vim")
 
 
 def _fail(message):
@@ -27,18 +31,35 @@ def _default_cache_dir(bench, arch):
     return os.path.join("caches", f"{bench}-{arch}")
 
 
-def _parse_scores(scores):
+def _parse_scores(scores, default=DEFAULT_SCORES):
+    """Score names from repeatable, comma-separated --score values; ``all`` = every score."""
     names = []
     for s in scores:
         for part in s.split(","):
             if part == "all":
-                names += [n for n in DEFAULT_SCORES if n not in names]
+                names += [n for n in SCORES if n not in names]
             elif part:
                 if part not in SCORES:
                     _fail(f"unknown score {part!r}; choose from: {', '.join(SCORES)}, all")
                 if part not in names:
                     names.append(part)
-    return names or list(DEFAULT_SCORES)
+    return names or list(default)
+
+
+def _parse_params(items):
+    """``{score: {name: value}}`` from ``SCORE.NAME=VALUE`` items (VALUE parsed as JSON when it can be)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        score, dot, name = key.partition(".")
+        if not sep or not dot or score not in SCORES:
+            _fail(f"--param {item!r}: expected SCORE.NAME=VALUE with SCORE one of {', '.join(SCORES)}")
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = value.split(",") if "," in value else value
+        out.setdefault(score, {})[name] = value
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -63,6 +84,7 @@ def cli():
 @click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = the six default scores. Repeatable. [default: all]")
 @click.option("--policy", default="scores", type=click.Choice(list(POLICIES)), show_default=True, help="Storage policy of every hooked layer (scores: only what the scores read; pooled; stats; raw = full maps).")
 @click.option("--store", "store_overrides", multiple=True, help="Per-layer policy, LAYER=POLICY (e.g. layer4=raw). Repeatable.")
+@click.option("--odin", "odin_pairs", multiple=True, help="ODIN (temperature, epsilon) pair T,EPS to record, each its own perturbed forward pass. Repeatable. [default: the preset's, else 1000,0.0014]")
 @click.option("--split", default="test", type=click.Choice(["test", "train"]), show_default=True, help="With a preset: the ID training split instead of the test split.")
 @click.option("--limit", type=int, default=None, help="Extract at most N samples (the first N, or class-balanced with --balanced).")
 @click.option("--balanced", is_flag=True, help="With --limit: a class-balanced, seeded subset.")
@@ -72,7 +94,7 @@ def cli():
 @click.option("--dry-run", is_flag=True, help="Print layers, shapes, stored statistics and the size estimate, then stop.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preprocess, image_size,
-            cache_dir, hooks, scores, policy, store_overrides, split, limit, balanced,
+            cache_dir, hooks, scores, policy, store_overrides, odin_pairs, split, limit, balanced,
             batch_size, device, skip_bad, dry_run, quiet):
     """Run the classifier once over each dataset and write its cache.
 
@@ -101,20 +123,25 @@ def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preproces
 @click.option("--cache-dir", default=None, help="Folder of the caches. [default: caches/<benchmark>-<arch>]")
 @click.option("--id", "id_name", default=None, help="Name of the ID test cache.")
 @click.option("--ood", "ood_names", multiple=True, help="OOD cache names. [default: every other cache in the folder, training sets excluded]")
-@click.option("--score", "scores", multiple=True, help=f"Scores: {', '.join(SCORES)}, or all. Repeatable. [default: all]")
+@click.option("--score", "scores", multiple=True, help=f"Scores: {', '.join(SCORES)}, or all (every score the caches can serve; the others are listed with what they lack). Repeatable. [default: all]")
+@click.option("--param", "param_items", multiple=True, help="Score hyperparameter, SCORE.NAME=VALUE (e.g. react.percentile=95, knn.k=100, odin.temperature=1000, nac.layers=avgpool,layer3). Repeatable.")
+@click.option("--fit-on", default=None, help="Training cache for the fitted scores (Mahalanobis, ReAct, KNN, ViM, NAC-UE). [default: <id>_train]")
 @click.option("--metrics", "convention", default="sklearn", type=click.Choice(["sklearn", "gaia"]), show_default=True, help="Metric convention: GradNorm release (scikit-learn) or GAIA release.")
 @click.option("--results", "results_dir", default=None, help="Where tables go. [default: results/<cache folder name>]")
 @click.option("--scores-out", default=None, help="Also write OUT/<score>/<dataset>.csv (index,path,score).")
 @click.option("--allow-partial", is_flag=True, help="Analyse the finished part of unfinished caches.")
-def analyze(bench, arch, cache_dir, id_name, ood_names, scores, convention, results_dir,
-            scores_out, allow_partial):
+def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, fit_on, convention,
+            results_dir, scores_out, allow_partial):
     """Compute scores and metrics from caches and print a paper-style table.
 
     Runs on CPU without torch. Scores are oriented higher = more in-distribution; metrics
-    treat ID as the positive class.
+    treat ID as the positive class. Fitted scores are fitted on the ID training cache
+    (<id>_train) once; the fitted arrays are kept in RESULTS/fitted/ and reused.
     """
-    from analyze.report import evaluate, write_report, write_scores_csv
-    names = _parse_scores(scores)
+    from analyze.report import evaluate, unavailable_scores, write_report, write_scores_csv
+    explicit = [p for s in scores for p in s.split(",") if p and p != "all"]
+    names = _parse_scores(scores or ("all",))
+    params = _parse_params(param_items)
     try:
         if bench:
             preset = benchmark(bench)
@@ -128,10 +155,20 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, convention, resu
             ood_names = [n for n in order if n in present and n != id_name and not n.endswith("_train")]
         if not ood_names:
             _fail(f"no OOD caches in {cache_dir}; extract some first (pipeline.py extract)")
-        start = time.time()
-        ev = evaluate(cache_dir, id_name, list(ood_names), names, convention, allow_partial)
-        elapsed = time.time() - start
         out = results_dir or os.path.join("results", os.path.basename(os.path.normpath(cache_dir)))
+        missing = unavailable_scores(cache_dir, id_name, names, fit_on)
+        bad = [s for s in explicit if s in missing]
+        if bad:
+            _fail("; ".join(f"{s}: {missing[s]}" for s in bad))
+        for score, why in missing.items():
+            click.echo(f"note: {score} left out: {why}", err=True)
+        names = [n for n in names if n not in missing]
+        if not names:
+            _fail("none of the requested scores can be computed from these caches")
+        start = time.time()
+        ev = evaluate(cache_dir, id_name, list(ood_names), names, convention, allow_partial,
+                      params, fit_on, os.path.join(out, "fitted"))
+        elapsed = time.time() - start
         text = write_report(ev, out)
         if scores_out:
             write_scores_csv(ev, scores_out)
@@ -170,7 +207,7 @@ def demo(data_root, checkpoint, cache_dir, results_dir, device, batch_size):
         _fail(err)
     ctx = click.get_current_context()
     ctx.invoke(analyze, bench="demo", cache_dir=cache_dir, results_dir=results_dir,
-               scores=("all",), convention="sklearn")
+               scores=("all",), param_items=(), fit_on=None, convention="sklearn")
 
 
 if __name__ == "__main__":

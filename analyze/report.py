@@ -11,10 +11,11 @@ import os
 import numpy as np
 
 from store.reader import CacheReader, cache_path
+from store.recipes import missing_for
 from store.schema import CacheError
 
 from .metrics import METRICS, ood_metrics
-from .scores import SCORE_TITLES, compute_score
+from .scores import SCORE_TITLES, compute_score, fit_score, needs_fit
 
 
 def check_compatible(id_attrs, id_path, attrs, path):
@@ -27,37 +28,102 @@ def check_compatible(id_attrs, id_path, attrs, path):
                          "other's settings")
 
 
-def load_scores(path, scores, allow_partial=False, params=None):
+def load_scores(path, scores, allow_partial=False, params=None, fitted=None):
     """Scores of one cache: dict with ``values`` ({score: float64 (N,)}), ``paths`` (N,),
-    ``skipped`` bool (N,), ``attrs`` and ``partial``."""
+    ``skipped`` bool (N,), ``skip_reasons`` ({path: reason}), ``attrs`` and ``partial``.
+
+    params: ``{score: {parameter: value}}``; fitted: ``{score: fitted arrays}`` for the
+    fitted scores (``fit_score``).
+    """
+    params, fitted = params or {}, fitted or {}
     with CacheReader(path, allow_partial=allow_partial) as reader:
-        return {"values": {s: compute_score(reader, s, **(params or {}).get(s, {})) for s in scores},
-                "paths": reader.read_all("paths"), "skipped": reader.read_all("skipped").astype(bool),
+        skipped = reader.read_all("skipped").astype(bool)
+        paths = reader.read_all("paths")
+        reasons = reader.read_all("skip_reasons") if skipped.any() and reader.has("skip_reasons") else None
+        return {"values": {s: compute_score(reader, s, fitted.get(s), **params.get(s, {})) for s in scores},
+                "paths": paths, "skipped": skipped,
+                "skip_reasons": {str(p): (str(reasons[i]) if reasons is not None else "unreadable")
+                                 for i, p in enumerate(paths) if skipped[i]},
                 "attrs": reader.attrs, "partial": reader.partial}
 
 
+def unavailable_scores(cache_dir, id_name, scores, fit_on=None):
+    """``{score: reason}`` for the scores the ID cache (or the training cache) cannot serve."""
+    out = {}
+    with CacheReader(cache_path(cache_dir, id_name), allow_partial=True) as reader:
+        attrs = reader.attrs
+    train = cache_path(cache_dir, fit_on or f"{id_name}_train")
+    for score in scores:
+        problems = missing_for(score, attrs)
+        if problems:
+            out[score] = "; ".join(problems)
+        elif needs_fit(score) and not os.path.exists(train):
+            out[score] = (f"needs the ID training cache {train} (extract it with --split train "
+                          "--limit 1000 --balanced)")
+    return out
+
+
+def fit_all(cache_dir, id_name, scores, params=None, fit_on=None, fitted_dir=None, id_attrs=None):
+    """Fit every fitted score in ``scores`` on the training cache: ``{score: arrays}``.
+
+    The fitted arrays are saved as ``fitted_dir/<score>.npz`` with the training cache's
+    fingerprint, sample count and the parameters; a later call with the same inputs loads
+    them instead of refitting (so scoring a new OOD set does not refit).
+    """
+    params = params or {}
+    todo = [s for s in scores if needs_fit(s)]
+    if not todo:
+        return {}
+    train_name = fit_on or f"{id_name}_train"
+    train = cache_path(cache_dir, train_name)
+    out = {}
+    with CacheReader(train) as reader:
+        if id_attrs is not None:
+            check_compatible(id_attrs, cache_path(cache_dir, id_name), reader.attrs, train)
+        for score in todo:
+            key = json.dumps({"train": os.path.abspath(train), "n": reader.n_samples,
+                              "fingerprint": reader.attrs["fingerprint"],
+                              "params": params.get(score, {})}, sort_keys=True, default=str)
+            file = os.path.join(fitted_dir, f"{score}.npz") if fitted_dir else None
+            if file and os.path.exists(file):
+                with np.load(file) as saved:
+                    if str(saved["__key__"]) == key:
+                        out[score] = {k: saved[k] for k in saved.files if k != "__key__"}
+                        continue
+            out[score] = fit_score(reader, score, **params.get(score, {}))
+            if file:
+                os.makedirs(fitted_dir, exist_ok=True)
+                np.savez(file + ".tmp.npz", __key__=np.array(key), **out[score])
+                os.replace(file + ".tmp.npz", file)
+    return out
+
+
 def evaluate(cache_dir, id_name, ood_names, scores, convention="sklearn", allow_partial=False,
-             params=None):
+             params=None, fit_on=None, fitted_dir=None):
     """Scores and metrics for the ID cache against each OOD cache in ``cache_dir``.
 
-    params: optional ``{score: {parameter: value}}``. Returns ``{"results": {score: {ood
-    or "Average": {metric: value}}}, "scores": {dataset: {score: array}}, "paths":
-    {dataset: array}, "skipped": {dataset: count}, "partial": [dataset...], "convention",
+    params: optional ``{score: {parameter: value}}``. fit_on: training cache name for the
+    fitted scores (default ``<id>_train``); fitted_dir: where fitted arrays are kept.
+    Returns ``{"results": {score: {ood or "Average": {metric: value}}}, "scores":
+    {dataset: {score: array}}, "paths": {dataset: array}, "skipped": {dataset: count},
+    "skip_reasons": {dataset: {path: reason}}, "partial": [dataset...], "convention",
     "id"}``. Skipped (unreadable) images are left out of the metrics.
     """
-    out = {"results": {}, "scores": {}, "paths": {}, "skipped": {}, "partial": [],
-           "convention": convention, "id": id_name}
+    out = {"results": {}, "scores": {}, "paths": {}, "skipped": {}, "skip_reasons": {},
+           "partial": [], "convention": convention, "id": id_name}
     keep = {}
+    with CacheReader(cache_path(cache_dir, id_name), allow_partial=allow_partial) as reader:
+        id_attrs = reader.attrs
+    fitted = fit_all(cache_dir, id_name, scores, params, fit_on, fitted_dir, id_attrs)
     for name in [id_name, *ood_names]:
-        loaded = load_scores(cache_path(cache_dir, name), scores, allow_partial, params)
-        if name == id_name:
-            id_loaded = loaded
-        else:
-            check_compatible(id_loaded["attrs"], cache_path(cache_dir, id_name),
+        loaded = load_scores(cache_path(cache_dir, name), scores, allow_partial, params, fitted)
+        if name != id_name:
+            check_compatible(id_attrs, cache_path(cache_dir, id_name),
                              loaded["attrs"], cache_path(cache_dir, name))
         out["scores"][name] = loaded["values"]
         out["paths"][name] = loaded["paths"]
         out["skipped"][name] = int(loaded["skipped"].sum())
+        out["skip_reasons"][name] = loaded["skip_reasons"]
         if loaded["partial"]:
             out["partial"].append(name)
         keep[name] = ~loaded["skipped"]
@@ -148,6 +214,7 @@ def write_report(evaluation, out_dir):
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"id": evaluation["id"], "convention": evaluation["convention"],
                    "skipped": evaluation["skipped"], "partial": evaluation["partial"],
+                   "skipped_files": evaluation.get("skip_reasons", {}),
                    "results": evaluation["results"]}, f, indent=2)
     header, rows = summary_table(evaluation)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:

@@ -23,6 +23,20 @@ def _parse_policies(policy, overrides):
     return policies
 
 
+ODIN_DEFAULT = [(1000.0, 0.0014)]
+
+
+def _parse_odin(items):
+    pairs = []
+    for item in items:
+        try:
+            t, eps = (float(v) for v in item.split(","))
+        except ValueError:
+            raise ValueError(f"--odin {item!r}: expected T,EPS, e.g. 1000,0.0014") from None
+        pairs.append((t, eps))
+    return pairs
+
+
 def _dataset_specs(bench, datasets, data_root, split):
     """``[(name, kind, path relative to root, root)]`` for the requested datasets."""
     specs = []
@@ -50,7 +64,7 @@ def _dataset_specs(bench, datasets, data_root, split):
 
 def extract_command(bench, datasets, data_root, arch, checkpoint, num_classes, preprocess,
                     image_size, cache_dir, hooks, scores, policy, store_overrides, split, limit,
-                    balanced, batch_size, device, skip_bad, dry_run, quiet):
+                    balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs=()):
     """Extract every requested dataset to ``cache_dir``; see ``pipeline.py extract --help``."""
     from pipeline import DEFAULT_SCORES, _default_cache_dir, _parse_scores
     preset = benchmark(bench) if bench else {}
@@ -76,7 +90,7 @@ def extract_command(bench, datasets, data_root, arch, checkpoint, num_classes, p
     image_shape = D._probe_shape(transform)
     hook_sets = resolve_hooks(model, arch, hooks, score_names)
     plan = ExtractionPlan(model, arch, hook_sets, score_names, _parse_policies(policy, store_overrides),
-                          image_shape, dev)
+                          image_shape, dev, _parse_odin(odin_pairs) or preset.get("odin") or ODIN_DEFAULT)
     for name, kind, rel, root in _dataset_specs(bench, datasets, data_root, split):
         if dry_run and kind == "folder" and not os.path.isdir(os.path.join(root, rel)):
             n_images = limit or 0
@@ -129,8 +143,11 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size):
     test_set = D.open_dataset(data_root, "folder", "digits/test", transform, "digits")
     print(f"demo classifier test accuracy: {100 * accuracy(model, test_set):.2f}% on {len(test_set)} digits")
     sets = [n for n in benchmark("demo")["sets"] if not n.endswith("_train")]
-    extract_command(bench="demo", datasets=sets, data_root=data_root, arch="resnet18",
-                    checkpoint=checkpoint, num_classes=10, preprocess="demo", image_size=None,
-                    cache_dir=cache_dir, hooks=(), scores=(), policy="scores", store_overrides=(),
-                    split="test", limit=None, balanced=False, batch_size=batch_size,
-                    device=device, skip_bad=False, dry_run=False, quiet=False)
+    # Every score, with all statistics (policy ``stats``) so sweeps can vary reductions;
+    # then a class-balanced 1000-image training subset for the fitted scores.
+    common = dict(bench="demo", data_root=data_root, arch="resnet18", checkpoint=checkpoint,
+                  num_classes=10, preprocess="demo", image_size=None, cache_dir=cache_dir,
+                  hooks=(), scores=("all",), policy="stats", store_overrides=(),
+                  batch_size=batch_size, device=device, skip_bad=False, dry_run=False, quiet=False)
+    extract_command(datasets=sets, split="test", limit=None, balanced=False, **common)
+    extract_command(datasets=["digits_train"], split="test", limit=1000, balanced=True, **common)

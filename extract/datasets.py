@@ -1,8 +1,9 @@
 """Benchmarks, dataset layouts and the authors' evaluation transforms.
 
 All sets live under one data root, laid out as the seed READMEs describe. Every item is
-``(image tensor, label, index, ok)``; ``ok`` is False for an unreadable image when
-``skip_bad`` is on (the tensor is then zeros and the reason is kept in ``bad``).
+``(image tensor, label, index, reason)``; ``reason`` is ``""`` for a readable image and
+the decoder's error message for an unreadable one when ``skip_bad`` is on (the tensor is
+then zeros and the label -1).
 """
 import os
 
@@ -55,7 +56,7 @@ def expected_layout(kind, rel):
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Wraps a torchvision dataset: items ``(x, label, index, ok)``; keeps ``paths``."""
+    """Wraps a torchvision dataset: items ``(x, label, index, reason)``; keeps ``paths``."""
 
     def __init__(self, base, paths, skip_bad=False, image_shape=None):
         self.base, self.paths, self.skip_bad = base, paths, skip_bad
@@ -67,12 +68,12 @@ class ImageSet(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             x, y = self.base[i]
-            return x, y, i, True
+            return x, y, i, ""
         except Exception as err:  # any decoder error: PIL, truncated files, OS errors
             if not self.skip_bad:
                 raise RuntimeError(f"cannot read image {self.paths[i]}: {err}. Remove or "
                                    "replace it, or pass --skip-bad to record it as skipped") from err
-            return torch.zeros(self.image_shape), -1, i, False
+            return torch.zeros(self.image_shape), -1, i, f"{type(err).__name__}: {err}"[:300]
 
 
 def _probe_shape(transform):

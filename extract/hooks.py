@@ -7,6 +7,12 @@ Hook sets, as the authors define them (METHODS.md; GAIA ``hook.py``):
                  in body.block4, then ``before_head``
     before_head_gn  BiT only: as before_head but ending with ``before_head.gn`` (GAIA's
                  choice for GAIA-Z on Textures; never applied implicitly)
+    nac          the stage outputs NAC-UE reads (its ``layer1..4``): ResNets ``layer1..4``,
+                 WRN ``block1..3``, BiT ``body.block1..4``. NAC's ``avgpool`` layer needs no
+                 hook: it is the cached head input and its gradient follows from the head.
+    penultimate  the last feature map, i.e. the input of the global average pool (post
+                 ReLU): ResNets ``layer4``, WRN ``relu``, BiT ``before_head``, MobileNetV2
+                 ``features``. ASH prunes this map.
 Any other module name (``layer1``, ``avgpool``, ...) is hooked as given.
 """
 import torch
@@ -14,7 +20,14 @@ import torch.nn as nn
 
 from .models import FAMILY, is_norm
 
-HOOK_SETS = ("bn", "before_head", "before_head_gn")
+HOOK_SETS = ("bn", "before_head", "before_head_gn", "nac", "penultimate")
+
+_NAC_STAGES = {"cifar_resnet": ["layer1", "layer2", "layer3", "layer4"],
+               "wrn": ["block1", "block2", "block3"],
+               "bit": ["body.block1", "body.block2", "body.block3", "body.block4"]}
+_PENULTIMATE = {"cifar_resnet": "layer4", "wrn": "relu", "bit": "before_head"}
+_TORCHVISION = {"tv_resnet50": (["layer1", "layer2", "layer3", "layer4"], "layer4"),
+                "tv_mobilenet_v2": (None, "features")}
 
 
 def _norms_under(model, prefix, kinds):
@@ -41,6 +54,13 @@ def resolve_hook_set(model, arch, name):
             last = "before_head" if name == "before_head" else "before_head.gn"
             return _norms_under(model, "body.block4", nn.GroupNorm) + [last]
         raise ValueError(f"hook set {name!r} is not defined for architecture {arch!r}")
+    if name == "nac":
+        stages = _TORCHVISION[arch][0] if family == "torchvision" else _NAC_STAGES[family]
+        if stages is None:
+            raise ValueError(f"hook set 'nac' is not defined for architecture {arch!r}")
+        return list(stages)
+    if name == "penultimate":
+        return [_TORCHVISION[arch][1] if family == "torchvision" else _PENULTIMATE[family]]
     modules = dict(model.named_modules())
     if name not in modules or name == "":
         raise ValueError(f"unknown hook {name!r}: use a hook set ({', '.join(HOOK_SETS)}) or a "
@@ -99,6 +119,7 @@ class Recorder:
 
     def __init__(self, model, plan, start_module):
         self.plan = plan
+        self.enabled = True   # off during extra passes (ODIN, gradient tracking)
         self.objective = None
         self.records = {}
         self.shapes = {}
@@ -107,12 +128,15 @@ class Recorder:
         for layer in plan:
             self._handles.append(model.get_submodule(layer).register_forward_hook(self._hook(layer)))
 
-    @staticmethod
-    def _make_leaf(module, args):
+    def _make_leaf(self, module, args):
+        if not self.enabled:
+            return None
         return (args[0].detach().requires_grad_(),) + tuple(args[1:])
 
     def _hook(self, layer):
         def forward_hook(module, args, output):
+            if not self.enabled:
+                return
             self.shapes[layer] = list(output.shape[1:])
             act_stats = self.plan[layer].get("act", [])
             if act_stats:

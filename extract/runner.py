@@ -16,7 +16,7 @@ import torchvision
 from tqdm import tqdm
 
 from store.recipes import SCORE_NEEDS, build_plan, objectives_for
-from store.schema import SCHEMA_VERSION, fingerprint, stat_path
+from store.schema import SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
 from store.writer import CacheWriter
 
 from . import hooks as H
@@ -44,7 +44,7 @@ def resolve_hooks(model, arch, hook_names, scores):
     wanted = list(hook_names)
     for score in scores:
         for set_name, _, _ in SCORE_NEEDS[score]:
-            if set_name != "nac" and set_name not in wanted:
+            if set_name not in wanted:
                 wanted.append(set_name)
     return {name: H.resolve_hook_set(model, arch, name) for name in wanted}
 
@@ -57,8 +57,16 @@ class ExtractionPlan:
     image_shape: (3, H, W) of one preprocessed image.
     """
 
-    def __init__(self, model, arch, hook_sets, scores, policies, image_shape, device):
+    def __init__(self, model, arch, hook_sets, scores, policies, image_shape, device,
+                 odin_pairs=()):
         self.hook_sets = hook_sets
+        self.odin_pairs = [[float(t), float(e)] for t, e in odin_pairs] if "odin" in scores else []
+        if "odin" in scores and not self.odin_pairs:
+            raise ValueError("score odin needs at least one (temperature, epsilon) pair (--odin T,EPS)")
+        self.tracked = []
+        if "tracking" in scores:
+            from .tracking import tracked_parameters
+            self.tracked = tracked_parameters(model)
         self.layers = _module_order(model, {l for ls in hook_sets.values() for l in ls})
         self.objectives = objectives_for(scores) if self.layers else []
         self.policies = {l: policies.get(l, policies.get("*", "scores")) for l in self.layers}
@@ -85,13 +93,18 @@ class ExtractionPlan:
     def layout(self):
         """``{dataset path: (row shape, dtype)}`` of every per-sample dataset."""
         out = {"logits": ((self.num_classes,), np.float32), "features": ((self.feature_dim,), np.float32),
-               "labels": ((), np.int64), "paths": ((), object), "skipped": ((), np.bool_)}
+               "labels": ((), np.int64), "paths": ((), object), "skipped": ((), np.bool_),
+               "skip_reasons": ((), object)}
         for layer, sources in self.plan.items():
             c = self.layer_shapes[layer][0]
             for source, stats in sources.items():
                 for stat in stats:
                     shape = tuple(self.layer_shapes[layer]) if stat == "map" else (c,)
                     out[stat_path(layer, source, stat)] = (shape, np.int32 if stat == "nonzero" else np.float32)
+        for t, eps in self.odin_pairs:
+            out[odin_path(t, eps)] = ((self.num_classes,), np.float32)
+        if self.tracked:
+            out[TRACKING_PATH] = ((self.num_classes, len(self.tracked)), np.float32)
         return out
 
     def bytes_per_image(self):
@@ -104,7 +117,12 @@ class ExtractionPlan:
     def describe(self, n_images):
         """Lines of text for ``--dry-run``: layers, shapes, stored statistics, sizes."""
         lines = [f"objectives: {', '.join(self.objectives) or '(none: logits and features only)'}",
-                 f"backward starts at: {self.start_module or '-'}", "layers:"]
+                 f"backward starts at: {self.start_module or '-'}"]
+        if self.odin_pairs:
+            lines.append("ODIN passes (T, epsilon): " + ", ".join(f"({t:g}, {e:g})" for t, e in self.odin_pairs))
+        if self.tracked:
+            lines.append(f"gradient tracking: {len(self.tracked)} weight tensors x {self.num_classes} labels")
+        lines.append("layers:")
         for layer in self.layers:
             stored = "; ".join(f"{src}: {','.join(st)}" for src, st in self.plan[layer].items()) or "-"
             lines.append(f"  {layer:40s} {str(self.layer_shapes[layer]):18s} "
@@ -148,7 +166,8 @@ def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, dev
         "layers": plan.layers, "layer_shapes": plan.layer_shapes, "hook_sets": plan.hook_sets,
         "plan": plan.plan, "policies": plan.policies, "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__, "device": str(device),
-        "tool_version": TOOL_VERSION, "family": FAMILY[arch], **meta,
+        "tool_version": TOOL_VERSION, "family": FAMILY[arch], "odin": plan.odin_pairs,
+        "tracked_parameters": plan.tracked, **meta,
     }
     attrs["fingerprint"] = fingerprint(attrs)
     writer = CacheWriter(cache_path, attrs, plan.layout(),
@@ -169,10 +188,12 @@ def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, dev
                disable=not progress, dynamic_ncols=True)
     row = done
     try:
-        for x, y, idx, ok in loader:
+        for x, y, idx, reasons in loader:
             x = x.to(device, non_blocking=True)
             arrays = _extract_batch(model, recorder, captured, plan, x)
-            arrays.update(labels=y.numpy().astype(np.int64), skipped=~ok.numpy().astype(bool),
+            arrays.update(labels=y.numpy().astype(np.int64),
+                          skipped=np.array([r != "" for r in reasons], dtype=bool),
+                          skip_reasons=list(reasons),
                           paths=[dataset.paths[int(i)] for i in idx])
             writer.write_rows(row, arrays)
             row += len(y)
@@ -202,4 +223,32 @@ def _extract_batch(model, recorder, captured, plan, x):
     if recorder is not None:
         for (source, layer, stat), value in recorder.records.items():
             out[stat_path(layer, source, stat)] = value.cpu().numpy()
+        recorder.enabled = False
+    try:
+        for t, eps in plan.odin_pairs:
+            z = logits.detach() if eps == 0 else odin_logits(model, x, t, eps)
+            out[odin_path(t, eps)] = z.float().cpu().numpy()
+        if plan.tracked:
+            from .tracking import per_sample_grad_norms
+            out[TRACKING_PATH] = per_sample_grad_norms(model, x, plan.tracked).cpu().numpy()
+    finally:
+        if recorder is not None:
+            recorder.enabled = True
     return out
+
+
+def odin_logits(model, x, temperature, epsilon):
+    """Logits (N, K) of the ODIN-perturbed input, as the GradNorm release's ``iterate_data_odin``.
+
+    x (N, C, H, W) is moved by ``epsilon`` against the sign of the gradient of the
+    cross-entropy of ``z / temperature`` at the predicted class (``grad >= 0`` counts as +1,
+    as their ``torch.ge``); the returned logits are NOT divided by the temperature.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        z = model(x)
+        loss = torch.nn.functional.cross_entropy(z / temperature, z.argmax(dim=1))
+        (grad,) = torch.autograd.grad(loss, x)
+    sign = (grad >= 0).to(x.dtype) * 2 - 1
+    with torch.no_grad():
+        return model(x.detach() - epsilon * sign)

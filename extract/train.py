@@ -14,7 +14,7 @@ BATCH = 64
 
 
 def train_classifier(model, train_set, epochs=EPOCHS, seed=0):
-    """Train ``model`` in place on ``train_set`` (items ``(x, y, index, ok)``); returns seconds."""
+    """Train ``model`` in place on ``train_set`` (items ``(x, y, index, reason)``); returns seconds."""
     torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=BATCH, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
@@ -39,7 +39,7 @@ def train_classifier(model, train_set, epochs=EPOCHS, seed=0):
 
 @torch.no_grad()
 def accuracy(model, dataset, batch_size=256):
-    """Top-1 accuracy of ``model`` on ``dataset`` (items ``(x, y, index, ok)``), in [0, 1]."""
+    """Top-1 accuracy of ``model`` on ``dataset`` (items ``(x, y, index, reason)``), in [0, 1]."""
     model.eval()
     correct = total = 0
     for x, y, _, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):

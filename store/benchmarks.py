@@ -5,10 +5,17 @@ Torch-free, so both stages agree on names. Each set is ``(kind, relative path)``
 pickles, split ``test``/``train``), ``svhn`` (``test_32x32.mat``).
 """
 
+# ODIN (temperature, epsilon): the ODIN paper's CIFAR setting; for ImageNet the GradNorm /
+# MOS releases run ODIN with T=1000 and no input perturbation (epsilon 0).
+ODIN_CIFAR = [(1000.0, 0.0014)]
+ODIN_IMAGENET = [(1000.0, 0.0)]
+
+
 def _cifar(name, num_classes):
     """CIFAR-10/100 preset: torchvision test/train splits and the ODIN/GAIA OOD folders."""
     return {
         "id": name, "preprocess": name, "arch": "resnet18", "num_classes": num_classes,
+        "odin": ODIN_CIFAR,
         "sets": {name: (name, "test"), f"{name}_train": (name, "train"),
                  "SVHN": ("svhn", "test"), "LSUN": ("folder", "LSUN"),
                  "LSUN_resize": ("folder", "LSUN_resize"), "iSUN": ("folder", "iSUN"),
@@ -21,6 +28,7 @@ def _cifar(name, num_classes):
 BENCHMARKS = {
     "demo": {
         "id": "digits", "preprocess": "demo", "arch": "resnet18", "num_classes": 10,
+        "odin": ODIN_CIFAR,
         "sets": {"digits": ("folder", "digits/test"), "digits_train": ("folder", "digits/train"),
                  "photo_patches": ("folder", "photo_patches"), "textures": ("folder", "textures"),
                  "noise": ("folder", "noise"), "shapes": ("folder", "shapes")},
@@ -29,6 +37,7 @@ BENCHMARKS = {
     "cifar100": _cifar("cifar100", 100),
     "imagenet": {
         "id": "imagenet", "preprocess": "imagenet_bit", "arch": "BiT-S-R101x1", "num_classes": 1000,
+        "odin": ODIN_IMAGENET,
         "sets": {"imagenet": ("folder", "imagenet/val"), "imagenet_train": ("folder", "imagenet/train"),
                  "iNaturalist": ("folder", "iNaturalist"), "SUN": ("folder", "SUN"),
                  "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")},

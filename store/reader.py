@@ -5,7 +5,7 @@ import os
 import h5py
 import numpy as np
 
-from .schema import (JSON_ATTRS, REQUIRED_DATASETS, REQUIRED_ROOT_ATTRS, SCHEMA_VERSION,
+from .schema import (JSON_ATTRS, STRING_DATASETS, REQUIRED_DATASETS, REQUIRED_ROOT_ATTRS, SCHEMA_VERSION,
                      CacheError, stat_path)
 from .writer import contiguous_rows, list_parts, parts_dir
 
@@ -136,7 +136,7 @@ class CacheReader:
             raise CacheError(f"{self.path}: has no dataset {name!r}") from None
         except OSError as err:
             raise CacheError(f"{self.path}: damaged data in {name!r} rows {start}-{stop} ({err})") from None
-        if name == "paths":
+        if name in STRING_DATASETS:
             out = np.array([p.decode() if isinstance(p, bytes) else p for p in out], dtype=object)
         return out
 

@@ -13,8 +13,18 @@ SCORE_NEEDS = {
     "gaia_z": [("bn", "max_logit", "nonzero")],
     "gradnorm": [], "msp": [], "maxlogit": [], "energy": [],
     "nac": [("nac", "act", "mean"), ("nac", "log_softmax_sum", "mean")],
+    "odin": [], "mahalanobis": [], "react": [], "knn": [], "vim": [],
+    "ash": [("penultimate", "act", "map")],
+    "tracking": [],
 }
 
+# Extra passes at extraction, stored outside ``layers/``: ODIN's perturbed forward pass
+# (``odin/<pair>/logits``, root attribute ``odin``) and the per-sample weight-gradient
+# norms of gradient tracking (``tracking/norms``, root attribute ``tracked_parameters``).
+SCORE_PASSES = {"odin": "odin", "tracking": "tracking"}
+
+# Scores fitted on the ID training cache (``<id>_train``) before scoring.
+FITTED_SCORES = ("mahalanobis", "react", "knn", "vim", "nac")
 
 
 def objectives_for(scores):
@@ -61,9 +71,15 @@ def _stat_order(stat):
     return (list(STATS) + ["map"]).index(stat)
 
 
-def missing_for(score, hook_sets, plan):
-    """Human-readable list of what a cache lacks for ``score`` (empty when it has all)."""
+def missing_for(score, attrs):
+    """Human-readable list of what a cache (its decoded root ``attrs``) lacks for ``score``
+    (empty when it has all)."""
+    hook_sets, plan = attrs["hook_sets"], attrs["plan"]
     problems = []
+    if SCORE_PASSES.get(score) == "odin" and not attrs.get("odin"):
+        problems.append("no ODIN pass was recorded (extract with --score odin, --odin T,EPS)")
+    if SCORE_PASSES.get(score) == "tracking" and not attrs.get("tracked_parameters"):
+        problems.append("no gradient-tracking norms were recorded (extract with --score tracking)")
     for set_name, source, stat in SCORE_NEEDS[score]:
         layers = hook_sets.get(set_name)
         if not layers:

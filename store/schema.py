@@ -20,6 +20,8 @@ Root attributes (JSON strings where marked; plain h5py/h5dump can read them all)
     fingerprint     JSON, the fields two caches must share to be compared (FINGERPRINT_FIELDS)
     torch_version, torchvision_version, device, created, tool_version
     n_skipped       int, images that could not be read (``--skip-bad``)
+    odin            JSON [[T, epsilon], ...], ODIN passes recorded (may be empty)
+    tracked_parameters  JSON list of parameter names in ``tracking/norms`` (may be empty)
 
 Datasets (float32 unless said; chunked along rows, gzip + shuffle + fletcher32):
     logits              (N, K)
@@ -27,12 +29,21 @@ Datasets (float32 unless said; chunked along rows, gzip + shuffle + fletcher32):
     labels              (N,) int64 (-1 where the dataset has no labels)
     paths               (N,) UTF-8 str, the source file, or ``<set>:<index>`` for array datasets
     skipped             (N,) bool, True where the image was unreadable (row values are zeros)
+    skip_reasons        (N,) UTF-8 str, the decoder's error for skipped rows, "" elsewhere
     head/weight         (K, D)     head weight (a 1x1 conv head is reshaped)
     head/bias           (K,)
     layers/<layer>/act/<stat>               (N, C)  statistic of the forward output
     layers/<layer>/grad/<objective>/<stat>  (N, C)  statistic of d objective / d output
     layers/<layer>/act/map                  (N, C, H, W)  ``raw`` policy only
     layers/<layer>/grad/<objective>/map     (N, C, H, W)  ``raw`` policy only
+    odin/T<T>_eps<epsilon>/logits  (N, K)  logits of the ODIN-perturbed input for one
+                        (temperature, epsilon) pair (root attribute ``odin`` lists the pairs);
+                        not divided by T
+    tracking/norms      (N, K, P)  gradient tracking: L2 norm of the weight gradient of
+                        tracked parameter tensor p (root attribute ``tracked_parameters``)
+                        for the cross-entropy with class k as the label
+    (``layers/<penultimate>/act/map`` is the last feature map ASH prunes: the score ``ash``
+    stores it whatever the policy)
 
 Per-channel statistics over the H x W positions (STATS):
     nonzero   int32, count of entries != 0 (exact: computed before any storage)
@@ -65,14 +76,16 @@ POLICIES = {
 }
 
 FINGERPRINT_FIELDS = ("schema_version", "arch", "num_classes", "checkpoint_sha256",
-                      "preprocess", "objectives", "layers", "plan")
+                      "preprocess", "objectives", "layers", "plan", "odin", "tracked_parameters")
 
 REQUIRED_ROOT_ATTRS = ("schema_version", "complete", "n_samples", "dataset", "arch",
                        "checkpoint_sha256", "preprocess", "objectives", "layers",
                        "layer_shapes", "hook_sets", "plan", "fingerprint")
 REQUIRED_DATASETS = ("logits", "features", "labels", "paths", "skipped", "head/weight", "head/bias")
 JSON_ATTRS = ("preprocess", "objectives", "layers", "layer_shapes", "hook_sets", "plan",
-              "policies", "fingerprint")
+              "policies", "fingerprint", "odin", "tracked_parameters")
+TRACKING_PATH = "tracking/norms"
+STRING_DATASETS = ("paths", "skip_reasons")
 
 
 class CacheError(Exception):
@@ -84,6 +97,11 @@ def stat_path(layer, source, stat):
     if source == "act":
         return f"layers/{layer}/act/{stat}"
     return f"layers/{layer}/grad/{source}/{stat}"
+
+
+def odin_path(temperature, epsilon):
+    """HDF5 path of the perturbed logits of one ODIN (temperature, epsilon) pair."""
+    return f"odin/T{float(temperature):g}_eps{float(epsilon):g}/logits"
 
 
 def fingerprint(attrs):

@@ -17,7 +17,7 @@ import shutil
 import h5py
 import numpy as np
 
-from .schema import CacheError, dumps
+from .schema import STRING_DATASETS, CacheError, dumps
 
 PART_RE = re.compile(r"rows-(\d{9})-(\d{9})\.h5$")
 ROWS_PER_CHUNK = 64
@@ -122,7 +122,7 @@ class CacheWriter:
         try:
             with h5py.File(tmp, "w") as f:
                 for path, value in arrays.items():
-                    if path == "paths":
+                    if path in STRING_DATASETS:
                         f.create_dataset(path, data=np.asarray(value, dtype=object),
                                          dtype=h5py.string_dtype())
                     else:
@@ -179,7 +179,7 @@ def _attr_value(value):
 
 
 def _create_rows_dataset(f, path, n, row_shape, dtype):
-    if path == "paths":
+    if path in STRING_DATASETS:
         return f.create_dataset(path, shape=(n,), dtype=h5py.string_dtype())
     rows = max(1, min(n, ROWS_PER_CHUNK, (1 << 20) // max(1, int(np.prod(row_shape)) * 4)))
     return f.create_dataset(path, shape=(n, *row_shape), dtype=dtype,
