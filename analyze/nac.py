@@ -85,10 +85,15 @@ def pooled_output_and_grad(reader, layer, start, stop):
 
 
 def states(reader, layer, start, stop, alpha):
-    """(n, C) neuron states sigmoid(alpha * O * G), float64."""
+    """(n, C) neuron states sigmoid(alpha * O * G), float32 as the authors compute them.
+
+    Single precision matters: a dead neuron (O*G ~ 1e-9) has state exactly 0.5 in float32,
+    which is one of the thresholds, where float64 would give 0.4999999 and the bin below.
+    """
     o, g = pooled_output_and_grad(reader, layer, start, stop)
+    x = o.astype(np.float32) * g.astype(np.float32)
     with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(-alpha * o * g))
+        return np.float32(1.0) / (np.float32(1.0) + np.exp(np.float32(-alpha) * x))
 
 
 def interval_index(s, grid):

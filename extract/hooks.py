@@ -124,14 +124,16 @@ class Recorder:
         self.records = {}
         self.shapes = {}
         self.head_input = None
-        self._handles = [model.get_submodule(start_module).register_forward_pre_hook(self._make_leaf)]
+        self._handles = ([model.get_submodule(start_module).register_forward_pre_hook(self._make_leaf)]
+                         if start_module else [])
         for layer in plan:
             self._handles.append(model.get_submodule(layer).register_forward_hook(self._hook(layer)))
 
     def _make_leaf(self, module, args):
         if not self.enabled:
             return None
-        return (args[0].detach().requires_grad_(),) + tuple(args[1:])
+        # a clone of the leaf, so an in-place first module (a ReLU) may overwrite it
+        return (args[0].detach().requires_grad_().clone(),) + tuple(args[1:])
 
     def _hook(self, layer):
         def forward_hook(module, args, output):

@@ -73,7 +73,7 @@ class ExtractionPlan:
         self.plan = build_plan(hook_sets, scores, self.policies, self.objectives)
         for layer in self.layers:
             self.plan.setdefault(layer, {})
-        self.start_module = H.graph_start(model, self.layers) if self.layers else None
+        self.start_module = H.graph_start(model, self.layers) if self.objectives else None
         weight, bias = head_weight_bias(model)
         self.num_classes, self.feature_dim = weight.shape
         self.layer_shapes = self._probe_shapes(model, image_shape, device)

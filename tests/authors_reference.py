@@ -192,3 +192,120 @@ def gaia_before_head_modules(model, kind, textures_gn=False):
     if kind == "wrn":
         return [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)] + ["AdaptAvgPool"]
     return gaia_bn_modules(model, bit=True) + ["before_head.gn" if textures_gn else "before_head"]
+
+
+# --------------------------------------------------------------------------- baselines
+def _head(model):
+    return model.get_submodule(model.head_name)
+
+
+def penultimate(model, images):
+    """(features, logits) float32 tensors: the head's input vector and the model output."""
+    captured = {}
+    h = _head(model).register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+    with torch.no_grad():
+        z = model(images)
+    h.remove()
+    return captured["x"].flatten(1).clone(), z
+
+
+def penultimate_map(model, images, module):
+    """Output (N, C, H, W) of ``module`` (the map global average pooling reads)."""
+    captured = {}
+    h = model.get_submodule(module).register_forward_hook(lambda m, a, o: captured.__setitem__("o", o.clone()))
+    with torch.no_grad():
+        model(images)
+    h.remove()
+    return captured["o"]
+
+
+def ash(x, percentile, variant):
+    """ASH-S / ASH-B / ASH-P on (N, C, H, W) maps, as the ASH release defines them: keep the
+    k = n - round(n * p / 100) largest entries (torch.topk); ASH-B fills them with s1 / k;
+    ASH-S multiplies the pruned map by exp(s1 / s2)."""
+    b, c, h, w = x.shape
+    n = c * h * w
+    k = n - int(np.round(n * percentile / 100.0))
+    s1 = x.sum(dim=[1, 2, 3])
+    t = x.reshape(b, n)
+    v, i = torch.topk(t, k, dim=1)
+    if variant == "ash_b":
+        v = torch.ones_like(v) * (s1 / k)[:, None]
+    t = torch.zeros_like(t).scatter_(1, i, v)
+    out = t.reshape(b, c, h, w)
+    if variant == "ash_s":
+        out = out * torch.exp(s1 / out.sum(dim=[1, 2, 3]))[:, None, None, None]
+    return out
+
+
+def odin(model, images, temperature, epsilon):
+    """GradNorm release ``iterate_data_odin`` on one batch: MSP at T of the perturbed input."""
+    x = images.clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = model(x)
+        labels = out.detach().argmax(1)
+        loss = torch.nn.CrossEntropyLoss()(out / temperature, labels)
+        loss.backward()
+    gradient = (torch.ge(x.grad.data, 0).float() - 0.5) * 2
+    with torch.no_grad():
+        out = model(x.data - epsilon * gradient) / temperature
+    out = out.numpy().astype(np.float64)
+    out = out - out.max(axis=1, keepdims=True)
+    p = np.exp(out) / np.exp(out).sum(axis=1, keepdims=True)
+    return p.max(axis=1)
+
+
+def _nac_thresholds(M):
+    """The NAC release's ``logspace(1e3, M)`` grid."""
+    half = int(M / 2)
+    x = np.linspace(1, np.sqrt(1e3), num=half)
+    x_l = np.emath.logn(1e3, x)
+    x = np.concatenate([x_l[:-1], (1 - x_l)[::-1]])
+    x[-1] += 1e-2
+    return torch.from_numpy(np.append(x, 1.2))
+
+
+def _nac_states(model, images, layers, hyper):
+    """{layer: (N, C) float32 states sigmoid(alpha * sum_hw(o) * sum_hw(g))} as NAC computes them:
+    retained module outputs (``avgpool`` = the head's input vector), ``kl_grad`` of
+    sum_n sum_k -(1/K) log_softmax(z), spatial SUM pooling, sigmoid with steepness alpha."""
+    retained = {}
+    handles = [_head(model).register_forward_pre_hook(lambda m, a: retained.__setitem__("avgpool", a[0]))]
+    for l in layers:
+        if l != "avgpool":
+            handles.append(model.get_submodule(l).register_forward_hook(
+                lambda m, a, o, l=l: retained.__setitem__(l, o)))
+    x = images.clone().requires_grad_(True)   # weights are frozen: give the graph a leaf
+    with torch.enable_grad():
+        p = model(x)
+        k = p.shape[-1]
+        out = {}
+        for j, l in enumerate(layers):
+            loss = torch.sum(-(torch.ones_like(p) / k) * torch.log_softmax(p, dim=-1), dim=-1)
+            g = torch.autograd.grad(loss.sum(), retained[l], retain_graph=j < len(layers) - 1)[0]
+            o = retained[l].detach()
+            if o.dim() > 2:
+                o, g = o.sum(dim=[2, 3]), g.sum(dim=[2, 3])
+            M, O, alpha = hyper[l]
+            out[l] = 1 / (1 + torch.exp(-alpha * (o * g)))
+    for h in handles:
+        h.remove()
+    return out
+
+
+def nac(model, train, test, layers, hyper):
+    """NAC-UE scores of ``test`` with coverage built on ``train`` (KMNC / Estimator semantics)."""
+    train_states = _nac_states(model, train, layers, hyper)
+    test_states = _nac_states(model, test, layers, hyper)
+    scores = torch.zeros(len(test), dtype=torch.float64)
+    for l in layers:
+        M, O, _ = hyper[l]
+        thresh = _nac_thresholds(M).view(M, -1)
+        def buckets(s):
+            s = s.unsqueeze(1)
+            return (s >= thresh[:M - 1].unsqueeze(0)) & (s < thresh[1:M].unsqueeze(0))
+        t_act = buckets(train_states[l]).sum(dim=0).double()            # (M-1, C)
+        coverage = torch.minimum(t_act / O, torch.ones_like(t_act))
+        per = (buckets(test_states[l]) * coverage.unsqueeze(0)).sum(dim=1)  # (N, C)
+        scores += per.mean(dim=1) / len(layers)
+    return scores.numpy()
