@@ -11,14 +11,18 @@ DEVICE    ?= auto
 BATCH_SIZE ?= 64
 METRICS   ?= sklearn
 
-.PHONY: install demo extract analyze test clean
+GRID      ?=
+GRID_FILE ?=
+SELECT_ON ?=
+
+.PHONY: install demo extract analyze sweep test clean
 
 install: .venv/.installed
 
 .venv/.installed: setup.cfg pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,plots]'
 	touch $@
 
 demo: install
@@ -32,6 +36,11 @@ extract: install
 analyze: install
 	$(PY) pipeline.py analyze --benchmark $(BENCHMARK) --arch $(ARCH) --cache-dir $(CACHE_DIR) \
 	  --score $(SCORE) --metrics $(METRICS)
+
+sweep: install
+	$(PY) pipeline.py sweep --benchmark $(BENCHMARK) --arch $(ARCH) --cache-dir $(CACHE_DIR) \
+	  $(if $(GRID),--grid '$(GRID)') $(if $(GRID_FILE),--grid-file $(GRID_FILE)) \
+	  $(if $(SELECT_ON),--select-on $(SELECT_ON))
 
 test: install
 	$(PY) -m pytest -q tests

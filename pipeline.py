@@ -2,6 +2,7 @@
 
     pipeline.py extract   run the classifier once over datasets, write HDF5 caches
     pipeline.py analyze   scores, metrics and tables from caches (CPU, no torch)
+    pipeline.py sweep     grids of score variants from caches (CPU, no torch, all cores)
     pipeline.py inspect   readable summary of one cache file
     pipeline.py demo      the whole pipeline on the embedded offline benchmark
 """
@@ -130,8 +131,9 @@ def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preproces
 @click.option("--results", "results_dir", default=None, help="Where tables go. [default: results/<cache folder name>]")
 @click.option("--scores-out", default=None, help="Also write OUT/<score>/<dataset>.csv (index,path,score).")
 @click.option("--allow-partial", is_flag=True, help="Analyse the finished part of unfinished caches.")
+@click.option("--plots", is_flag=True, help="Also write PNG score histograms and ROC curves to RESULTS/plots/ (needs matplotlib).")
 def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, fit_on, convention,
-            results_dir, scores_out, allow_partial):
+            results_dir, scores_out, allow_partial, plots=False):
     """Compute scores and metrics from caches and print a paper-style table.
 
     Runs on CPU without torch. Scores are oriented higher = more in-distribution; metrics
@@ -143,18 +145,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, fit
     names = _parse_scores(scores or ("all",))
     params = _parse_params(param_items)
     try:
-        if bench:
-            preset = benchmark(bench)
-            cache_dir = cache_dir or _default_cache_dir(bench, arch or preset["arch"])
-            id_name = id_name or preset["id"]
-        if not cache_dir or not id_name:
-            _fail("give --benchmark, or --cache-dir and --id")
-        if not ood_names:
-            present = sorted(f[:-3] for f in os.listdir(cache_dir) if f.endswith(".h5"))
-            order = ood_sets(bench) if bench else present
-            ood_names = [n for n in order if n in present and n != id_name and not n.endswith("_train")]
-        if not ood_names:
-            _fail(f"no OOD caches in {cache_dir}; extract some first (pipeline.py extract)")
+        cache_dir, id_name, ood_names = _caches(bench, arch, cache_dir, id_name, ood_names)
         out = results_dir or os.path.join("results", os.path.basename(os.path.normpath(cache_dir)))
         missing = unavailable_scores(cache_dir, id_name, names, fit_on)
         bad = [s for s in explicit if s in missing]
@@ -172,10 +163,85 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, fit
         text = write_report(ev, out)
         if scores_out:
             write_scores_csv(ev, scores_out)
+        if plots:
+            from analyze.plots import roc_curves, score_histograms
+            figures = score_histograms(ev, os.path.join(out, "plots")) + roc_curves(ev, os.path.join(out, "plots"))
     except (ValueError, FileNotFoundError, CacheError) as err:
         _fail(err)
     click.echo(text)
     click.echo(f"\n{len(names)} score(s) on {1 + len(ood_names)} caches in {elapsed:.2f} s; tables in {out}/")
+    if plots:
+        click.echo(f"{len(figures)} figures in {out}/plots/")
+
+
+def _caches(bench, arch, cache_dir, id_name, ood_names):
+    """(cache_dir, id_name, ood_names) from a preset and/or explicit options."""
+    if bench:
+        preset = benchmark(bench)
+        cache_dir = cache_dir or _default_cache_dir(bench, arch or preset["arch"])
+        id_name = id_name or preset["id"]
+    if not cache_dir or not id_name:
+        _fail("give --benchmark, or --cache-dir and --id")
+    if not os.path.isdir(cache_dir):
+        _fail(f"cache folder {cache_dir} does not exist; extract first (pipeline.py extract)")
+    if not ood_names:
+        present = sorted(f[:-3] for f in os.listdir(cache_dir) if f.endswith(".h5"))
+        order = ood_sets(bench) if bench else present
+        ood_names = [n for n in order if n in present and n != id_name and not n.endswith("_train")]
+    if not ood_names:
+        _fail(f"no OOD caches in {cache_dir}; extract some first (pipeline.py extract)")
+    return cache_dir, id_name, list(ood_names)
+
+
+# ----------------------------------------------------------------------------- sweep
+@cli.command()
+@click.option("--benchmark", "bench", default=None, help="Preset whose ID and OOD set names to use.")
+@click.option("--arch", default=None, help="With --benchmark: the architecture part of the default cache folder.")
+@click.option("--cache-dir", default=None, help="Folder of the caches. [default: caches/<benchmark>-<arch>]")
+@click.option("--id", "id_name", default=None, help="Name of the ID test cache.")
+@click.option("--ood", "ood_names", multiple=True, help="OOD cache names. [default: every other cache]")
+@click.option("--grid", "grids", multiple=True, help="Grid for one score, SCORE:KEY=V1,V2;KEY=V3 (e.g. 'gaia_z:spatial=nonzero,l2;channel=sq_mean,max;layers=all,each'). Repeatable. [default: the built-in grid over GAIA-Z, GAIA-A, NAC-UE and the baselines]")
+@click.option("--grid-file", type=click.Path(exists=True, dir_okay=False), default=None, help="TOML grid: one [score] table (or [[score]] tables) of KEY = [values].")
+@click.option("--fit-on", default=None, help="Training cache for fitted scores. [default: <id>_train]")
+@click.option("--select-on", default=None, help="Validation OOD set: rank variants on it only and report the others (no test leakage).")
+@click.option("--metric", default="FPR95", type=click.Choice(["FPR95", "AUROC"]), show_default=True, help="Ranking metric.")
+@click.option("--workers", type=int, default=None, help="Processes. [default: all cores]")
+@click.option("--top", type=int, default=15, show_default=True, help="Rows printed (the files hold all).")
+@click.option("--results", "results_dir", default=None, help="Where the sweep goes. [default: results/<cache folder name>/sweep]")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Per-layer contribution bar charts (needs matplotlib).")
+def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, fit_on, select_on, metric,
+          workers, top, results_dir, plots):
+    """Evaluate a grid of score variants from the caches alone (CPU, no torch, all cores).
+
+    Variants: layer subsets and single layers, spatial reduction (nonzero, mean, sum,
+    max, l1, l2), channel aggregation (sq_mean, mean, l1, l2, max), objective, NAC's M,
+    O and alpha, temperatures and the baselines' hyperparameters. The published
+    configurations are always included and marked. Writes sweep.md / .csv / .json.
+    """
+    from analyze.sweep import DEFAULT_GRID, load_grid_file, parse_grid_text, run_sweep, sweep_table, write_sweep
+    from analyze.report import plain
+    try:
+        cache_dir, id_name, ood_names = _caches(bench, arch, cache_dir, id_name, ood_names)
+        grid = {}
+        if grid_file:
+            grid.update(load_grid_file(grid_file))
+        for score, tables in parse_grid_text(grids).items():
+            grid.setdefault(score, []).extend(tables)
+        result = run_sweep(cache_dir, id_name, ood_names, grid or DEFAULT_GRID, fit_on, workers,
+                           select_on, metric)
+        out = results_dir or os.path.join("results", os.path.basename(os.path.normpath(cache_dir)), "sweep")
+        path = write_sweep(result, out)
+        figures = []
+        if plots:
+            from analyze.plots import layer_contribution
+            figures = layer_contribution(result, out)
+    except (ValueError, FileNotFoundError, CacheError, RuntimeError) as err:
+        _fail(err)
+    header, rows = sweep_table(result, top)
+    click.echo(plain(header, rows))
+    click.echo(f"\n{result['n_variants']} variants ({len(result['errors'])} not servable) in "
+               f"{result['seconds']:.1f} s on {result['workers']} processes; table in {path}"
+               + (f"; {len(figures)} figures in {out}/" if figures else ""))
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -207,7 +273,11 @@ def demo(data_root, checkpoint, cache_dir, results_dir, device, batch_size):
         _fail(err)
     ctx = click.get_current_context()
     ctx.invoke(analyze, bench="demo", cache_dir=cache_dir, results_dir=results_dir,
-               scores=("all",), param_items=(), fit_on=None, convention="sklearn")
+               scores=("all",), param_items=(), fit_on=None, convention="sklearn", plots=True)
+    click.echo("")
+    ctx.invoke(sweep, bench="demo", cache_dir=cache_dir, results_dir=os.path.join(results_dir, "sweep"),
+               grids=(), grid_file=None, fit_on=None, select_on=None, metric="FPR95", workers=None,
+               top=15, plots=True)
 
 
 if __name__ == "__main__":

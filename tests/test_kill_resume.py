@@ -52,3 +52,40 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
         assert list(a.read_all("paths")) == list(b.read_all("paths"))
         for score in ("gaia_z", "gaia_a", "gradnorm"):
             np.testing.assert_array_equal(compute_score(a, score), compute_score(b, score))
+
+
+def test_disk_full_leaves_a_resumable_cache(tmp_path, monkeypatch):
+    """A write error (ENOSPC) mid-run: clear message, no final file, rerun resumes to the same cache."""
+    import errno
+
+    import pytest
+
+    from helpers import extract_tensor
+    from store.schema import CacheError
+    import store.writer as W
+
+    torch.manual_seed(0)
+    model = randomize_norms(build_model("resnet18", 10))
+    images = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    ref = extract_tensor(model, "resnet18", images, str(tmp_path / "ref" / "s.h5"), ["gaia_z"], batch_size=3)
+    target = str(tmp_path / "run" / "s.h5")
+    original = W._fsync_file
+    calls = []
+
+    def failing(path):   # the third part file hits a full disk
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(path)
+
+    monkeypatch.setattr(W, "_fsync_file", failing)
+    with pytest.raises(CacheError, match="No space left on device.*rerun the same command to resume"):
+        extract_tensor(model, "resnet18", images, target, ["gaia_z"], batch_size=3)
+    assert not os.path.exists(target)
+    assert [p[:2] for p in list_parts(parts_dir(target))] == [(0, 3), (3, 6)]
+    assert not [f for f in os.listdir(parts_dir(target)) if f.endswith(".tmp")]
+    monkeypatch.setattr(W, "_fsync_file", original)
+    extract_tensor(model, "resnet18", images, target, ["gaia_z"], batch_size=3)
+    with CacheReader(ref) as a, CacheReader(target) as b:
+        assert b.attrs["complete"]
+        np.testing.assert_array_equal(compute_score(a, "gaia_z"), compute_score(b, "gaia_z"))

@@ -135,3 +135,61 @@ def test_balanced_training_split(demo_slice):
         labels = r.read_all("labels")
         assert r.attrs["split"] == "train" and r.attrs["objectives"] == []
     assert sorted(np.bincount(labels, minlength=10).tolist()) == [2] * 10
+
+
+def test_sweep_runs_without_torch_and_selects_on_validation(demo_slice):
+    base, data, ckpt, cache = demo_slice
+    res = CliRunner().invoke(cli, ["extract", "--benchmark", "demo", "--data-root", data,
+                                   "--checkpoint", ckpt, "--cache-dir", cache, "--split", "train",
+                                   "--dataset", "digits", "--limit", "20", "--balanced",
+                                   "--batch-size", "10", "--quiet"])
+    assert res.exit_code == 0, res.output
+    out = base / "sweep"
+    p = run_without_torch(["sweep", "--benchmark", "demo", "--cache-dir", cache, "--results", str(out),
+                           "--grid", "gaia_z:spatial=nonzero,l2;channel=sq_mean,max;layers=all,each",
+                           "--grid", "knn:k=1,5", "--select-on", "noise", "--workers", "2",
+                           "--no-plots"], str(base))
+    assert p.returncode == 0, p.stderr
+    text = (out / "sweep.md").read_text()
+    assert "GAIA-Z (paper) *" in text and "NAC-UE (paper, CIFAR-10 config) *" in text
+    assert "validation set noise" in text and "Selected per score" in text
+    import json
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["reported"] == ["shapes"]            # the validation set is not reported
+    labels = [r["label"] for r in sweep["rows"]]
+    n_bn = 20                                          # BatchNorm2d layers of the CIFAR ResNet-18
+    assert sum(l.startswith("GAIA-Z layers=") for l in labels) == n_bn
+    ranks = [r["rank_value"] for r in sweep["rows"]]
+    assert ranks == sorted(ranks)                      # FPR95 on the validation set, best first
+    # the paper variant's numbers equal the analyze command's
+    row = next(r for r in sweep["rows"] if r["label"] == "GAIA-Z (paper)")
+    p = run_without_torch(["analyze", "--benchmark", "demo", "--cache-dir", cache, "--score", "gaia_z",
+                           "--results", str(base / "results_z")], str(base))
+    assert p.returncode == 0, p.stderr
+    res = json.loads((base / "results_z" / "results.json").read_text())
+    assert abs(row["per_set"]["shapes"]["AUROC"] - res["results"]["gaia_z"]["shapes"]["AUROC"]) < 1e-12
+
+
+def test_unreadable_image_stops_or_is_skipped(tmp_path):
+    root = tmp_path / "set" / "a"
+    root.mkdir(parents=True)
+    from PIL import Image
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 10, 10)).save(root / f"ok{i}.png")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    ckpt = str(tmp_path / "m.pt")
+    torch.save(build_model("resnet18", 10).state_dict(), ckpt)
+    args = ["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10",
+            "--preprocess", "demo", "--dataset", f"odd={tmp_path / 'set'}", "--cache-dir",
+            str(tmp_path / "c"), "--score", "gaia_z", "--quiet"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2 and "broken.png" in res.output and "--skip-bad" in res.output
+    res = CliRunner().invoke(cli, args + ["--skip-bad"])
+    assert res.exit_code == 0, res.output
+    from store.reader import CacheReader
+    with CacheReader(str(tmp_path / "c" / "odd.h5")) as r:
+        skipped = r.read_all("skipped")
+        reasons = r.read_all("skip_reasons")
+        paths = r.read_all("paths")
+    assert skipped.sum() == 1 and paths[skipped][0].endswith("broken.png")
+    assert "UnidentifiedImageError" in reasons[skipped][0] and reasons[~skipped].tolist() == ["", "", ""]

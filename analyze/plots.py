@@ -1,0 +1,113 @@
+"""PNG figures from an evaluation or a sweep (matplotlib, the optional ``plots`` extra).
+
+* ``score_histograms``: per score, the ID score distribution against each OOD set's.
+* ``roc_curves``: per score, the ROC curve (ID positive) against each OOD set.
+* ``layer_contribution``: from a sweep, average AUROC of every single-layer variant.
+"""
+import os
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from .scores import SCORE_TITLES
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install -e '.[plots]' (make demo installs it)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _finite(v):
+    return v[np.isfinite(v)]
+
+
+def score_histograms(evaluation, out_dir):
+    """``out_dir/hist_<score>.png`` for every score of ``evaluation``; returns the paths."""
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    id_name = evaluation["id"]
+    oods = [n for n in evaluation["scores"] if n != id_name]
+    paths = []
+    for score in evaluation["results"]:
+        fig, axes = plt.subplots(1, len(oods), figsize=(3.2 * len(oods), 2.8), squeeze=False)
+        ref = _finite(evaluation["scores"][id_name][score])
+        for ax, name in zip(axes[0], oods):
+            other = _finite(evaluation["scores"][name][score])
+            both = np.concatenate([ref, other])
+            bins = np.linspace(both.min(), both.max(), 40) if np.ptp(both) > 0 else 10
+            ax.hist(ref, bins=bins, alpha=0.6, density=True, label=f"{id_name} (ID)")
+            ax.hist(other, bins=bins, alpha=0.6, density=True, label=name)
+            auroc = evaluation["results"][score][name]["AUROC"]
+            ax.set_title(f"{name}: AUROC {100 * auroc:.1f}", fontsize=9)
+            ax.legend(fontsize=7)
+            ax.tick_params(labelsize=7)
+        fig.suptitle(f"{SCORE_TITLES.get(score, score)} (higher = more in-distribution)", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"hist_{score}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def roc_curves(evaluation, out_dir):
+    """``out_dir/roc_<score>.png`` (ID positive) for every score; returns the paths."""
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    id_name = evaluation["id"]
+    paths = []
+    for score in evaluation["results"]:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ref = evaluation["scores"][id_name][score]
+        for name, values in evaluation["scores"].items():
+            if name == id_name:
+                continue
+            s = np.nan_to_num(np.concatenate([ref, values[score]]), nan=-1e300, posinf=1e300, neginf=-1e300)
+            y = np.r_[np.ones(len(ref)), np.zeros(len(values[score]))]
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, label=f"{name} ({100 * evaluation['results'][score][name]['AUROC']:.1f})")
+        ax.axhline(0.95, color="grey", lw=0.5, ls="--")
+        ax.set_xlabel("false positive rate (OOD accepted)")
+        ax.set_ylabel("true positive rate (ID accepted)")
+        ax.set_title(f"ROC, {SCORE_TITLES.get(score, score)}", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"roc_{score}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def layer_contribution(sweep, out_dir):
+    """``out_dir/layers_<score>.png``: average AUROC of each single-layer variant (default
+    parameters otherwise) of every layered score in the sweep; returns the paths."""
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    by_score = {}
+    for r in sweep["rows"]:
+        p = r["params"]
+        if len(p.get("layers") or []) == 1 and set(p) <= {"layers", "hyper"}:
+            by_score.setdefault(r["score"], {})[p["layers"][0]] = r["average"]["AUROC"]
+    module_order = {}
+    paths = []
+    for score, values in by_score.items():
+        layers = sorted(values, key=lambda l: module_order.setdefault(l, len(module_order)))
+        fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(layers) + 1.5), 3.2))
+        ax.bar(range(len(layers)), [100 * values[l] for l in layers], color="tab:blue")
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=70, fontsize=7, ha="right")
+        ax.set_ylabel("average AUROC (%)")
+        ax.set_ylim(max(0, 100 * min(values.values()) - 5), 100)
+        ax.set_title(f"{SCORE_TITLES.get(score, score)}: one layer at a time", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"layers_{score}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
