@@ -143,11 +143,14 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size):
     test_set = D.open_dataset(data_root, "folder", "digits/test", transform, "digits")
     print(f"demo classifier test accuracy: {100 * accuracy(model, test_set):.2f}% on {len(test_set)} digits")
     sets = [n for n in benchmark("demo")["sets"] if not n.endswith("_train")]
-    # Every score, with all statistics (policy ``stats``) so sweeps can vary reductions;
-    # then a class-balanced 1000-image training subset for the fitted scores.
+    # Every score but gradient tracking (ten extra backward passes per batch would double
+    # the demo's extraction time; `--score tracking` records it), with all statistics
+    # (policy ``stats``) so sweeps can vary reductions; then a class-balanced 1000-image
+    # training subset for the fitted scores.
+    from analyze.scores import SCORES
     common = dict(bench="demo", data_root=data_root, arch="resnet18", checkpoint=checkpoint,
                   num_classes=10, preprocess="demo", image_size=None, cache_dir=cache_dir,
-                  hooks=(), scores=("all",), policy="stats", store_overrides=(),
+                  hooks=(), scores=(",".join(s for s in SCORES if s != "tracking"),), policy="stats", store_overrides=(),
                   batch_size=batch_size, device=device, skip_bad=False, dry_run=False, quiet=False)
     extract_command(datasets=sets, split="test", limit=None, balanced=False, **common)
     extract_command(datasets=["digits_train"], split="test", limit=1000, balanced=True, **common)
