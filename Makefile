@@ -15,7 +15,7 @@ GRID      ?=
 GRID_FILE ?=
 SELECT_ON ?=
 
-.PHONY: install demo extract analyze sweep test clean
+.PHONY: install demo extract analyze sweep test bench clean
 
 install: .venv/.installed
 
@@ -44,6 +44,9 @@ sweep: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/run.py
 
 clean:
 	rm -rf caches results .pytest_cache

@@ -74,7 +74,7 @@ def gaia_z(model, x, module_names):
     for h in hooks:
         h.close()
     value = torch.cat(fractions, dim=1).pow(2).mean(dim=-1)
-    return (-value).numpy(), [c.numpy() for c in counts]
+    return (-value).cpu().numpy(), [c.cpu().numpy() for c in counts]
 
 
 def gaia_a(model, x, module_names):
@@ -90,7 +90,7 @@ def gaia_a(model, x, module_names):
     inner = torch.abs(torch.cat([h.data.mean(dim=(-1, -2)) for h in hooks[:-1]], dim=1))
     for h in hooks:
         h.close()
-    return (-(inner / out).pow(2).mean(dim=1)).detach().numpy()
+    return (-(inner / out).pow(2).mean(dim=1)).detach().cpu().numpy()
 
 
 def gradnorm(model, x, temperature=1.0):
@@ -103,7 +103,7 @@ def gradnorm(model, x, temperature=1.0):
         m.zero_grad()
         y, _ = authors_forward(m, inp)
         k = y.shape[1]
-        loss = torch.mean(torch.sum(-torch.ones(1, k) * torch.log_softmax(y / temperature, dim=-1), dim=-1))
+        loss = torch.mean(torch.sum(-torch.ones(1, k, device=y.device) * torch.log_softmax(y / temperature, dim=-1), dim=-1))
         loss.backward()
         scores.append(head.weight.grad.abs().sum().item())
     return np.array(scores)
