@@ -10,6 +10,9 @@ CACHE_DIR ?= caches/$(BENCHMARK)-$(ARCH)
 DEVICE    ?= auto
 BATCH_SIZE ?= 64
 METRICS   ?= sklearn
+NPROC     ?= 1
+# NPROC > 1: one process per GPU (or CPU share) on this machine, launched by torchrun.
+EXTRACT_LAUNCH = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC),$(PY))
 
 GRID      ?=
 GRID_FILE ?=
@@ -29,7 +32,7 @@ demo: install
 	$(PY) pipeline.py demo
 
 extract: install
-	$(PY) pipeline.py extract --benchmark $(BENCHMARK) --arch $(ARCH) --checkpoint $(CHECKPOINT) \
+	$(EXTRACT_LAUNCH) pipeline.py extract --benchmark $(BENCHMARK) --arch $(ARCH) --checkpoint $(CHECKPOINT) \
 	  --data-root $(DATA_ROOT) --cache-dir $(CACHE_DIR) --dataset $(DATASET) \
 	  --device $(DEVICE) --batch-size $(BATCH_SIZE)
 

@@ -10,6 +10,7 @@ from store.reader import cache_path
 from . import datasets as D
 from .checkpoint import load_checkpoint, sha256_of
 from .models import build_model
+from .distributed import init_shard
 from .runner import ExtractionPlan, resolve_hooks, run_extraction, select_device
 
 
@@ -77,6 +78,17 @@ def extract_command(bench, datasets, data_root, arch, checkpoint, num_classes, p
         raise ValueError(f"missing {', '.join(missing)} (or give --benchmark)")
     cache_dir = cache_dir or _default_cache_dir(bench or "custom", arch)
     score_names = _parse_scores(scores) if scores else list(DEFAULT_SCORES)
+    shard, device = init_shard(device)
+    # On an error this rank exits without the final barrier; torchrun then stops the others.
+    _extract_all(shard, bench, preset, datasets, data_root, arch, checkpoint, num_classes,
+                 preprocess, image_size, cache_dir, hooks, score_names, policy, store_overrides,
+                 split, limit, balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs)
+    shard.close()
+
+
+def _extract_all(shard, bench, preset, datasets, data_root, arch, checkpoint, num_classes,
+                 preprocess, image_size, cache_dir, hooks, score_names, policy, store_overrides,
+                 split, limit, balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs):
     dev = select_device(device)
     model = build_model(arch, num_classes)
     if checkpoint:
@@ -103,12 +115,15 @@ def extract_command(bench, datasets, data_root, arch, checkpoint, num_classes, p
                        else list(range(min(limit, len(ds)))))
             n_images = len(indices)
         if dry_run:
+            if not shard.is_main:
+                continue
             print(f"{name}: {n_images} images -> {cache_path(cache_dir, name)}")
             print("\n".join("  " + line for line in plan.describe(n_images)))
             continue
         target = cache_path(cache_dir, name)
         if os.path.exists(target):
-            print(f"{name}: {target} is complete; delete it to re-extract")
+            if shard.is_main:
+                print(f"{name}: {target} is complete; delete it to re-extract")
             continue
         meta = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": sha,
                 "preprocess": description, "dataset": name,
@@ -116,9 +131,11 @@ def extract_command(bench, datasets, data_root, arch, checkpoint, num_classes, p
                 "split": "train" if name.endswith("_train") else split,
                 "subset": {"limit": limit, "balanced": balanced}}
         start = time.time()
-        run_extraction(model, arch, ds, plan, target, meta, batch_size, dev, indices, progress=not quiet)
-        print(f"{name}: {n_images} images in {time.time() - start:.1f} s -> {target} "
-              f"({os.path.getsize(target) / max(n_images, 1) / 1024:.1f} KiB/image)")
+        run_extraction(model, arch, ds, plan, target, meta, batch_size, dev, indices,
+                       progress=not quiet, shard=shard)
+        if shard.is_main:
+            print(f"{name}: {n_images} images in {time.time() - start:.1f} s -> {target} "
+                  f"({os.path.getsize(target) / max(n_images, 1) / 1024:.1f} KiB/image)")
 
 
 def demo_command(data_root, checkpoint, cache_dir, device, batch_size):

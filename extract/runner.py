@@ -3,7 +3,9 @@
 Per batch: forward with hooks (activation statistics), then for each objective a
 backward pass that starts at the graph leaf placed by ``hooks.graph_start`` (parameters
 are frozen, so no weight gradient is ever computed), then the rows are committed to the
-cache as an atomic part (store.writer). Progress bar in images/second.
+cache as an atomic part (store.writer) by a background thread while the next batch
+computes. Progress bar in images/second. Under torchrun each rank extracts its share of
+the batches (extract.distributed).
 """
 import datetime
 import os
@@ -17,9 +19,10 @@ from tqdm import tqdm
 
 from store.recipes import SCORE_NEEDS, build_plan, objectives_for
 from store.schema import SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
-from store.writer import CacheWriter
+from store.writer import BackgroundWriter, CacheWriter
 
 from . import hooks as H
+from .distributed import Shard, grid_batches
 from .models import FAMILY, head_module, head_weight_bias
 from .objectives import objective_value
 
@@ -27,15 +30,24 @@ TOOL_VERSION = "0.1.0"
 
 
 def select_device(name):
-    """``torch.device`` for ``auto``/``cpu``/``cuda[:i]``; CUDA math set to exact fp32."""
+    """``torch.device`` for ``auto``/``cpu``/``cuda[:i]``; CUDA math set to exact, repeatable fp32.
+
+    On CUDA: TF32 off for matmul and cuDNN (TF32 rounds inputs to 10 mantissa bits,
+    enough to flip exact zeros of gradients and so GAIA-Z's counts), cuDNN in
+    deterministic mode without autotuning, so the same batch gives the same bits on
+    every run. Atomics-based kernels that remain non-deterministic are not used by the
+    backward passes of the supported models (convolution, batch norm, linear, ReLU).
+    """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError("--device cuda requested but no CUDA device is available; use --device cpu")
-        # TF32 would perturb gradients enough to flip exact zeros to non-zeros and back.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.set_float32_matmul_precision("highest")
     return torch.device(name)
 
 
@@ -150,13 +162,19 @@ def check_disk(path, needed_bytes):
 
 
 def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, device,
-                   indices=None, progress=True):
+                   indices=None, progress=True, shard=None):
     """Extract ``dataset`` (an ImageSet) into ``cache_path``; resumes an interrupted run.
 
     meta: provenance attributes (checkpoint, checkpoint_sha256, preprocess, dataset,
     dataset_root, split). indices: optional subset of dataset rows (kept in order).
+    shard: ``extract.distributed.Shard`` of a torchrun launch (default: one process);
+    every rank calls this with the same arguments, extracts its range of grid batches,
+    and rank 0 assembles the cache once all ranks are done. Batches are always the rows
+    ``[k * batch_size, (k + 1) * batch_size)`` so a resumed or sharded run computes
+    every image in the same batch as an uninterrupted single-process run.
     Returns the path of the complete cache.
     """
+    shard = shard or Shard()
     indices = list(range(len(dataset))) if indices is None else list(indices)
     n = len(indices)
     weight, bias = head_weight_bias(model)
@@ -167,44 +185,65 @@ def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, dev
         "plan": plan.plan, "policies": plan.policies, "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__, "device": str(device),
         "tool_version": TOOL_VERSION, "family": FAMILY[arch], "odin": plan.odin_pairs,
-        "tracked_parameters": plan.tracked, **meta,
+        "tracked_parameters": plan.tracked, "batch_size": int(batch_size),
+        "world_size": shard.world_size, **meta,
     }
     attrs["fingerprint"] = fingerprint(attrs)
     writer = CacheWriter(cache_path, attrs, plan.layout(),
                          {"head/weight": weight.cpu().numpy().astype(np.float32),
                           "head/bias": bias.cpu().numpy().astype(np.float32)}, n)
-    done = writer.start()
-    if done < n:
-        check_disk(cache_path, 2 * plan.bytes_per_image() * (n - done))
-    subset = torch.utils.data.Subset(dataset, indices[done:])
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False,
-                                         num_workers=min(4, os.cpu_count() or 1) if device.type == "cuda" else 0,
-                                         pin_memory=device.type == "cuda")
+    if shard.is_main:
+        writer.start()
+    shard.barrier()
+    if not shard.is_main:
+        writer.start(prepare=False)
+    lo, hi = shard.row_range(n, batch_size)
+    batches = grid_batches(writer.missing(lo, hi), batch_size)
+    todo = sum(b - a for a, b in batches)
+    if todo:
+        check_disk(cache_path, (2 if shard.is_main else 1) * plan.bytes_per_image() * todo)
+    if shard.world_size > 1:
+        print(f"{meta['dataset']}: rank {shard.rank} of {shard.world_size} extracts rows "
+              f"{lo}-{hi} ({hi - lo - todo} already done)", flush=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_sampler=[list(range(a, b)) for a, b in batches],
+        num_workers=min(4, os.cpu_count() or 1) if device.type == "cuda" else 0,
+        pin_memory=device.type == "cuda")
     recorder = H.Recorder(model, plan.plan, plan.start_module) if plan.layers else None
     captured = {}
     head_handle = head_module(model).register_forward_pre_hook(
         lambda m, args: captured.__setitem__("x", args[0]))
-    bar = tqdm(total=n, initial=done, unit="img", desc=f"extract {meta['dataset']}",
-               disable=not progress, dynamic_ncols=True)
-    row = done
+    bar = tqdm(total=hi - lo, initial=hi - lo - todo, unit="img", desc=f"extract {meta['dataset']}",
+               disable=not (progress and shard.is_main), dynamic_ncols=True)
+    background = BackgroundWriter(writer)
     try:
-        for x, y, idx, reasons in loader:
+        for (row, _), (x, y, idx, reasons) in zip(batches, loader):
             x = x.to(device, non_blocking=True)
             arrays = _extract_batch(model, recorder, captured, plan, x)
             arrays.update(labels=y.numpy().astype(np.int64),
                           skipped=np.array([r != "" for r in reasons], dtype=bool),
                           skip_reasons=list(reasons),
                           paths=[dataset.paths[int(i)] for i in idx])
-            writer.write_rows(row, arrays)
-            row += len(y)
+            background.put(row, arrays)
             bar.update(len(y))
+    except BaseException:
+        try:
+            background.close()      # keep every batch already computed
+        except BaseException:
+            pass
+        raise
     finally:
         bar.close()
         head_handle.remove()
         if recorder is not None:
             recorder.close()
-    attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return writer.assemble()
+    background.close()
+    shard.barrier()
+    if shard.is_main:
+        attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        writer.assemble()
+    shard.barrier()
+    return cache_path
 
 
 def _extract_batch(model, recorder, captured, plan, x):

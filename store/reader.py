@@ -7,7 +7,7 @@ import numpy as np
 
 from .schema import (JSON_ATTRS, STRING_DATASETS, REQUIRED_DATASETS, REQUIRED_ROOT_ATTRS, SCHEMA_VERSION,
                      CacheError, stat_path)
-from .writer import contiguous_rows, list_parts, parts_dir
+from .writer import contiguous_rows, covered_rows, list_parts, parts_dir
 
 BLOCK_ROWS = 4096
 
@@ -71,9 +71,9 @@ class CacheReader:
         done = contiguous_rows(parts)
         if not allow_partial:
             raise CacheError(
-                f"{path} is incomplete: {done} of {run['n_samples']} samples extracted. Rerun "
-                "the same extract command to resume, or pass --allow-partial to analyse the "
-                "finished part")
+                f"{path} is incomplete: {covered_rows(parts)} of {run['n_samples']} samples "
+                "extracted. Rerun the same extract command to resume, or pass --allow-partial "
+                f"to analyse the finished part (the first {done} rows)")
         if done == 0:
             raise CacheError(f"{path}: no finished rows to analyse yet")
         meta_file = os.path.join(pdir, "attrs.json")

@@ -19,6 +19,8 @@ Root attributes (JSON strings where marked; plain h5py/h5dump can read them all)
     policies        JSON {layer: policy}; policies in POLICIES
     fingerprint     JSON, the fields two caches must share to be compared (FINGERPRINT_FIELDS)
     torch_version, torchvision_version, device, created, tool_version
+    batch_size      int, rows per batch (batches are rows [k*batch_size, (k+1)*batch_size))
+    world_size      int, processes of the (last) extraction run; 1 unless run under torchrun
     n_skipped       int, images that could not be read (``--skip-bad``)
     odin            JSON [[T, epsilon], ...], ODIN passes recorded (may be empty)
     tracked_parameters  JSON list of parameter names in ``tracking/norms`` (may be empty)

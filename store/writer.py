@@ -1,9 +1,10 @@
 """Crash-safe cache writing: atomic per-batch part files, assembled into one HDF5 file.
 
 While extraction runs, ``<cache>.h5.parts/`` holds ``run.json`` (the run's identity) and
-one ``rows-<start>-<stop>.h5`` file per batch. Each part is written under a temporary
-name, fsynced and renamed, so after a crash (even ``kill -9``) every part present is
-whole; a rerun of the same command continues after the last contiguous part. When all
+one ``rows-<start>-<stop>.h5`` file per batch (rows numbered in dataset order, so ranks
+of a sharded run share the folder). Each part is written under a temporary name, fsynced
+and renamed, so after a crash (even ``kill -9``) every part present is whole; a rerun of
+the same command extracts only the rows no part holds. When all
 rows are present, ``assemble`` streams the parts into ``<cache>.h5.tmp``, writes the
 attributes, sets ``complete`` last and renames the file to ``<cache>.h5``: the final name
 only ever holds a complete cache. Write errors (disk full included) leave the parts in
@@ -53,6 +54,25 @@ def list_parts(directory):
     return sorted(found)
 
 
+def missing_intervals(parts, lo, hi):
+    """Row ranges ``[(start, stop)]`` inside ``[lo, hi)`` that no part covers."""
+    out, at = [], lo
+    for start, stop, _ in parts:
+        if stop <= at or start >= hi:
+            continue
+        if start > at:
+            out.append((at, start))
+        at = max(at, stop)
+    if at < hi:
+        out.append((at, hi))
+    return out
+
+
+def covered_rows(parts):
+    """Number of rows held by the parts (they never overlap)."""
+    return sum(stop - start for start, stop, _ in parts)
+
+
 def contiguous_rows(parts):
     """Number of rows covered from row 0 without a gap."""
     done = 0
@@ -83,14 +103,20 @@ class CacheWriter:
                          "dataset_root": attrs.get("dataset_root"), "split": attrs.get("split"),
                          "n_samples": n_samples}
 
-    def start(self):
-        """Prepare the parts folder; returns the first row still to write (0 on a fresh run).
+    def start(self, prepare=True):
+        """Prepare the parts folder; returns the rows written from row 0 without a gap.
 
         Refuses to resume a run whose identity (model, data, hooks, plan) differs, naming
-        the differing fields.
+        the differing fields. prepare=False (ranks other than 0 of a sharded run, after
+        rank 0 prepared the folder) only checks the identity and touches nothing.
         """
-        os.makedirs(self.dir, exist_ok=True)
         run_file = os.path.join(self.dir, "run.json")
+        if not prepare:
+            if not os.path.exists(run_file):
+                raise CacheError(f"{run_file} is missing: rank 0 did not prepare {self.dir} "
+                                 "(on several nodes the cache folder must be on a shared file system)")
+        else:
+            os.makedirs(self.dir, exist_ok=True)
         if os.path.exists(run_file):
             with open(run_file) as f:
                 before = json.load(f)
@@ -109,10 +135,15 @@ class CacheWriter:
                           lambda f: np.savez(f, weight=self.constants["head/weight"],
                                              bias=self.constants["head/bias"]))
             _atomic_write(run_file, lambda f: f.write(dumps(self.identity).encode()))
-        for name in os.listdir(self.dir):
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(self.dir, name))
+        if prepare:
+            for name in os.listdir(self.dir):
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(self.dir, name))
         return contiguous_rows(list_parts(self.dir))
+
+    def missing(self, lo=0, hi=None):
+        """Row ranges of ``[lo, hi)`` (default: all rows) that are still to write."""
+        return missing_intervals(list_parts(self.dir), lo, self.n_samples if hi is None else hi)
 
     def write_rows(self, start, arrays):
         """Commit rows ``[start, start + n)``; ``arrays`` maps dataset path to (n, ...) arrays."""
@@ -140,7 +171,7 @@ class CacheWriter:
         """Stream all parts into the final file, mark it complete, remove the parts."""
         parts = list_parts(self.dir)
         if contiguous_rows(parts) != self.n_samples:
-            raise CacheError(f"{self.dir}: only {contiguous_rows(parts)} of {self.n_samples} rows "
+            raise CacheError(f"{self.dir}: only {covered_rows(parts)} of {self.n_samples} rows "
                              "written; rerun the extract command to finish")
         tmp = self.cache_path + ".tmp"
         try:
@@ -156,6 +187,8 @@ class CacheWriter:
                     with h5py.File(part, "r") as src:
                         for path in self.layout:
                             out[path][start:stop] = src[path][...]
+                if "skipped" in self.layout:
+                    out.attrs["n_skipped"] = int(np.count_nonzero(out["skipped"][...]))
                 out.flush()
                 out.attrs["complete"] = True
             _fsync_file(tmp)
@@ -167,6 +200,50 @@ class CacheWriter:
                              f"{self.dir} are kept; rerun the same command to retry") from err
         shutil.rmtree(self.dir)
         return self.cache_path
+
+
+class BackgroundWriter:
+    """Commits parts on a thread, so compression and fsync overlap the next batch's compute.
+
+    writer: a started ``CacheWriter``. ``put(start, arrays)`` queues rows (blocking while
+    ``depth`` parts wait). The first write error stops the thread: later parts are not
+    written (so the rows on disk stay a clean prefix of the queue) and the error is
+    raised by the next ``put`` or by ``close``. ``close`` writes what is queued, then
+    returns; use it in a ``finally`` so no computed batch is lost.
+    """
+
+    def __init__(self, writer, depth=2):
+        import queue
+        import threading
+        self.writer = writer
+        self.error = None
+        self.queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.writer.write_rows(*item)
+                except BaseException as err:   # handed to the main thread
+                    self.error = err
+
+    def put(self, start, arrays):
+        """Queue rows ``[start, start + n)``; raises the writer's error if one happened."""
+        if self.error is not None:
+            raise self.error
+        self.queue.put((start, arrays))
+
+    def close(self):
+        """Write what is queued, stop the thread, raise the first write error if any."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _attr_value(value):

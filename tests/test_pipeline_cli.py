@@ -195,5 +195,7 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path):
         skipped = r.read_all("skipped")
         reasons = r.read_all("skip_reasons")
         paths = r.read_all("paths")
+        n_skipped = r.attrs["n_skipped"]
     assert skipped.sum() == 1 and paths[skipped][0].endswith("broken.png")
+    assert n_skipped == 1
     assert "UnidentifiedImageError" in reasons[skipped][0] and reasons[~skipped].tolist() == ["", "", ""]
