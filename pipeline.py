@@ -82,10 +82,13 @@ def cli():
 @click.option("--image-size", type=int, default=None, help="Override the crop/resize size of --preprocess.")
 @click.option("--cache-dir", default=None, help="Folder of the caches, one <dataset>.h5 each. [default: caches/<benchmark>-<arch>]")
 @click.option("--hook", "hooks", multiple=True, help="Hook set (bn, before_head, before_head_gn) or module name to record besides what the scores need. Repeatable.")
-@click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = the six default scores. Repeatable. [default: all]")
+@click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = every score (mahalanobis_ens only with --maha-fit). Repeatable. [default: every score but ash, tracking and mahalanobis_ens]")
 @click.option("--policy", default="scores", type=click.Choice(list(POLICIES)), show_default=True, help="Storage policy of every hooked layer (scores: only what the scores read; pooled; stats; raw = full maps).")
 @click.option("--store", "store_overrides", multiple=True, help="Per-layer policy, LAYER=POLICY (e.g. layer4=raw). Repeatable.")
 @click.option("--odin", "odin_pairs", multiple=True, help="ODIN (temperature, epsilon) pair T,EPS to record, each its own perturbed forward pass. Repeatable. [default: the preset's, else 1000,0.0014]")
+@click.option("--maha-fit", type=click.Path(), default=None, help="Record the multi-layer, input-preprocessed Mahalanobis scores (score mahalanobis_ens) with class Gaussians of the stage outputs fitted on this ID training cache (.h5).")
+@click.option("--maha-magnitude", "maha_magnitudes", type=float, multiple=True, help="Noise magnitude of the Mahalanobis input preprocessing. Repeatable. [default: the GradNorm release's 0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005]")
+@click.option("--maha-adversarial", is_flag=True, help="Also record the scores of pseudo-OOD copies (FGSM, noise 0.05, as the release) that the ensemble's logistic regression is fitted on: give it for the validation set (default: the ID test set).")
 @click.option("--split", default="test", type=click.Choice(["test", "train"]), show_default=True, help="With a preset: the ID training split instead of the test split.")
 @click.option("--limit", type=int, default=None, help="Extract at most N samples (the first N, or class-balanced with --balanced).")
 @click.option("--balanced", is_flag=True, help="With --limit: a class-balanced, seeded subset.")
@@ -95,8 +98,8 @@ def cli():
 @click.option("--dry-run", is_flag=True, help="Print layers, shapes, stored statistics and the size estimate, then stop.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preprocess, image_size,
-            cache_dir, hooks, scores, policy, store_overrides, odin_pairs, split, limit, balanced,
-            batch_size, device, skip_bad, dry_run, quiet):
+            cache_dir, hooks, scores, policy, store_overrides, odin_pairs, maha_fit, maha_magnitudes,
+            maha_adversarial, split, limit, balanced, batch_size, device, skip_bad, dry_run, quiet):
     """Run the classifier once over each dataset and write its cache.
 
     One forward pass per batch, then one backward pass per objective the scores need;

@@ -51,16 +51,45 @@ def _features(reader, start, stop):
 
 
 # ------------------------------------------------------------------------- Mahalanobis
-def fit_mahalanobis(train_reader):
-    """Class means (K', D), their class ids (K',) and the shared precision (D, D)."""
-    x, y = training_arrays(train_reader, "features", "labels")
+def _class_gaussian(x, y, where):
+    """Class means (K', D), class ids (K',), shared precision (D, D) of rows ``x`` labelled ``y``.
+
+    The covariance is that of the class-centred rows (divided by n, as scikit-learn's
+    ``EmpiricalCovariance`` the authors use); its pseudo-inverse is the precision.
+    """
     if np.any(y < 0):
-        raise CacheError(f"{train_reader.path}: Mahalanobis needs labelled training samples")
+        raise CacheError(f"{where}: Mahalanobis needs labelled training samples")
     classes = np.unique(y)
     means = np.stack([x[y == c].mean(axis=0) for c in classes])
     centred = x - means[np.searchsorted(classes, y)]
     cov = centred.T @ centred / len(x)
-    return {"means": means, "classes": classes, "precision": np.linalg.pinv(cov, hermitian=True)}
+    return means, classes, np.linalg.pinv(cov, hermitian=True)
+
+
+def fit_mahalanobis(train_reader):
+    """Class means (K', D), their class ids (K',) and the shared precision (D, D)."""
+    x, y = training_arrays(train_reader, "features", "labels")
+    means, classes, precision = _class_gaussian(x, y, train_reader.path)
+    return {"means": means, "classes": classes, "precision": precision}
+
+
+def fit_layer_gaussians(train_reader, layers):
+    """Per layer: class means and shared precision of the spatial means of its output.
+
+    For the multi-layer Mahalanobis recorded at extraction (``extract.mahalanobis``).
+    Reads ``layers/<layer>/act/mean`` of the training cache. Returns ``{"layers": (L,)
+    str, "classes": (K',), "means_<i>": (K', C_i), "precision_<i>": (C_i, C_i)}``.
+    """
+    (y,) = training_arrays(train_reader, "labels")
+    out = {"layers": np.array(layers)}
+    for i, layer in enumerate(layers):
+        path = stat_path(layer, "act", "mean")
+        if not train_reader.has(path):
+            raise CacheError(f"{train_reader.path} has no {path}; extract the training set with "
+                             "the default scores (NAC-UE stores the stage outputs' means)")
+        (x,) = training_arrays(train_reader, path)
+        out[f"means_{i}"], out["classes"], out[f"precision_{i}"] = _class_gaussian(x, y, train_reader.path)
+    return out
 
 
 def score_mahalanobis(reader, start, stop, fitted):

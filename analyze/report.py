@@ -15,7 +15,7 @@ from store.recipes import missing_for
 from store.schema import CacheError
 
 from .metrics import METRICS, ood_metrics
-from .scores import SCORE_TITLES, compute_score, fit_score, needs_fit
+from .scores import SCORE_TITLES, SCORES, compute_score, fit_score, fit_source, needs_fit
 
 
 def check_compatible(id_attrs, id_path, attrs, path):
@@ -52,14 +52,19 @@ def unavailable_scores(cache_dir, id_name, scores, fit_on=None):
     out = {}
     with CacheReader(cache_path(cache_dir, id_name), allow_partial=True) as reader:
         attrs = reader.attrs
-    train = cache_path(cache_dir, fit_on or f"{id_name}_train")
     for score in scores:
         problems = missing_for(score, attrs)
+        source = cache_path(cache_dir, fit_source(score, id_name, fit_on)[0]) if needs_fit(score) else None
         if problems:
             out[score] = "; ".join(problems)
-        elif needs_fit(score) and not os.path.exists(train):
-            out[score] = (f"needs the ID training cache {train} (extract it with --split train "
+        elif source and not os.path.exists(source):
+            out[score] = (f"needs the ID training cache {source} (extract it with --split train "
                           "--limit 1000 --balanced)")
+        elif source and SCORES[score].fit_source == "validation":
+            with CacheReader(source) as reader:
+                if not (reader.attrs.get("mahalanobis") or {}).get("adversarial"):
+                    out[score] = (f"the validation cache {source} has no pseudo-OOD copies "
+                                  "(extract it with --maha-fit TRAIN_CACHE --maha-adversarial)")
     return out
 
 
@@ -74,15 +79,16 @@ def fit_all(cache_dir, id_name, scores, params=None, fit_on=None, fitted_dir=Non
     todo = [s for s in scores if needs_fit(s)]
     if not todo:
         return {}
-    train_name = fit_on or f"{id_name}_train"
-    train = cache_path(cache_dir, train_name)
     out = {}
-    with CacheReader(train) as reader:
-        if id_attrs is not None:
-            check_compatible(id_attrs, cache_path(cache_dir, id_name), reader.attrs, train)
-        for score in todo:
+    for score in todo:
+        source_name, score_params = fit_source(score, id_name, fit_on, params.get(score))
+        train = cache_path(cache_dir, source_name)
+        with CacheReader(train) as reader:
+            if id_attrs is not None:
+                check_compatible(id_attrs, cache_path(cache_dir, id_name), reader.attrs, train)
             key = json.dumps({"train": os.path.abspath(train), "n": reader.n_samples,
                               "fingerprint": reader.attrs["fingerprint"],
+                              "recipe": reader.attrs.get("mahalanobis"),
                               "params": params.get(score, {})}, sort_keys=True, default=str)
             file = os.path.join(fitted_dir, f"{score}.npz") if fitted_dir else None
             if file and os.path.exists(file):
@@ -90,7 +96,7 @@ def fit_all(cache_dir, id_name, scores, params=None, fit_on=None, fitted_dir=Non
                     if str(saved["__key__"]) == key:
                         out[score] = {k: saved[k] for k in saved.files if k != "__key__"}
                         continue
-            out[score] = fit_score(reader, score, **params.get(score, {}))
+            out[score] = fit_score(reader, score, **score_params)
             if file:
                 os.makedirs(fitted_dir, exist_ok=True)
                 np.savez(file + ".tmp.npz", __key__=np.array(key), **out[score])

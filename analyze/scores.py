@@ -24,6 +24,7 @@ from store.schema import TRACKING_PATH, CacheError, odin_path
 
 from . import aggregate as A
 from . import feature_scores as F
+from . import maha_ensemble as ME
 from . import nac as N
 from . import tracking as TR
 from .logits import energy, log_softmax
@@ -151,10 +152,16 @@ def score_gaia_a(reader, start, stop, layers=None, spatial="mean", channel="sq_m
 
 
 class ScoreSpec(NamedTuple):
-    """A score: its table title, ``compute`` and, for fitted scores, ``fit``."""
+    """A score: its table title, ``compute`` and, for fitted scores, ``fit``.
+
+    fit_source: ``train`` (fitted on the ID training cache, ``--fit-on``) or
+    ``validation`` (fitted on a validation cache named by the score's ``validation``
+    parameter, default the ID test cache).
+    """
     title: str
     compute: Callable
     fit: Optional[Callable] = None
+    fit_source: str = "train"
 
 
 SCORES = {
@@ -172,6 +179,7 @@ SCORES = {
     "ash": ScoreSpec("ASH", F.score_ash),
     "knn": ScoreSpec("KNN", F.score_knn, F.fit_knn),
     "vim": ScoreSpec("ViM", F.score_vim, F.fit_vim),
+    "mahalanobis_ens": ScoreSpec("Mahalanobis-LR", ME.score_ensemble, ME.fit_ensemble, "validation"),
 }
 SCORE_TITLES = {name: spec.title for name, spec in SCORES.items()}
 
@@ -188,6 +196,15 @@ def needs_fit(score):
     return SCORES[score].fit is not None
 
 
+def fit_source(score, id_name, fit_on=None, params=None):
+    """``(cache name, params)``: the cache ``score`` is fitted on, and its parameters
+    without the ``validation`` choice (which names that cache for validation-fitted scores)."""
+    params = dict(params or {})
+    if SCORES[score].fit_source == "validation":
+        return params.pop("validation", id_name), params
+    return fit_on or f"{id_name}_train", params
+
+
 def check_cache_serves(reader, score):
     """Raise CacheError when the cache lacks what ``score`` reads, saying how to re-extract."""
     problems = missing_for(score, reader.attrs)
@@ -202,6 +219,7 @@ def fit_score(train_reader, score, **params):
     if SCORES[score].fit is None:
         return {}
     check_cache_serves(train_reader, score)
+    params.pop("validation", None)
     return SCORES[score].fit(train_reader, **params)
 
 
@@ -213,6 +231,7 @@ def compute_score(reader, score, fitted=None, **params):
     check_score(score)
     check_cache_serves(reader, score)
     spec = SCORES[score]
+    params.pop("validation", None)
     if spec.fit is not None:
         if fitted is None:
             raise ValueError(f"score {score} must be fitted on an ID training cache first (fit_score)")

@@ -23,7 +23,7 @@ from store.reader import CacheReader, cache_path
 
 from .metrics import ood_metrics
 from .nac import AVGPOOL
-from .scores import SCORE_TITLES, SCORES, compute_score, fit_score, needs_fit
+from .scores import SCORE_TITLES, SCORES, compute_score, fit_score, fit_source, needs_fit
 
 # The published configurations, by label.
 PAPER_VARIANTS = {
@@ -194,7 +194,15 @@ def _evaluate_variant(args):
     readers = _STATE["readers"]
     start = time.perf_counter()
     try:
-        fitted = fit_score(_STATE["train"], score, **params) if needs_fit(score) else None
+        fitted = None
+        if needs_fit(score):
+            source = _STATE["train"]
+            if SCORES[score].fit_source == "validation":
+                name = fit_source(score, id_name, None, params)[0]
+                if name not in readers:
+                    raise ValueError(f"validation cache {name!r} is not among the swept caches")
+                source = readers[name]
+            fitted = fit_score(source, score, **params)
         values = {n: compute_score(readers[n], score, fitted, **params) for n in [id_name, *ood_names]}
     except Exception as err:   # a variant the caches cannot serve is reported, not fatal
         return {"label": label, "score": score, "params": params, "error": f"{type(err).__name__}: {err}"}

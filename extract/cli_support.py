@@ -65,7 +65,8 @@ def _dataset_specs(bench, datasets, data_root, split):
 
 def extract_command(bench, datasets, data_root, arch, checkpoint, num_classes, preprocess,
                     image_size, cache_dir, hooks, scores, policy, store_overrides, split, limit,
-                    balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs=()):
+                    balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs=(),
+                    maha_fit=None, maha_magnitudes=(), maha_adversarial=False):
     """Extract every requested dataset to ``cache_dir``; see ``pipeline.py extract --help``."""
     from pipeline import DEFAULT_SCORES, _default_cache_dir, _parse_scores
     preset = benchmark(bench) if bench else {}
@@ -78,17 +79,24 @@ def extract_command(bench, datasets, data_root, arch, checkpoint, num_classes, p
         raise ValueError(f"missing {', '.join(missing)} (or give --benchmark)")
     cache_dir = cache_dir or _default_cache_dir(bench or "custom", arch)
     score_names = _parse_scores(scores) if scores else list(DEFAULT_SCORES)
+    asked = {part for item in scores for part in item.split(",")}
+    if not maha_fit and ("mahalanobis_ens" in asked or maha_magnitudes or maha_adversarial):
+        raise ValueError("the multi-layer Mahalanobis ensemble needs --maha-fit TRAIN_CACHE (the "
+                         "ID training cache, e.g. caches/<benchmark>-<arch>/<id>_train.h5)")
+    maha_options = (maha_fit, tuple(maha_magnitudes), maha_adversarial)
     shard, device = init_shard(device)
     # On an error this rank exits without the final barrier; torchrun then stops the others.
     _extract_all(shard, bench, preset, datasets, data_root, arch, checkpoint, num_classes,
                  preprocess, image_size, cache_dir, hooks, score_names, policy, store_overrides,
-                 split, limit, balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs)
+                 split, limit, balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs,
+                 maha_options)
     shard.close()
 
 
 def _extract_all(shard, bench, preset, datasets, data_root, arch, checkpoint, num_classes,
                  preprocess, image_size, cache_dir, hooks, score_names, policy, store_overrides,
-                 split, limit, balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs):
+                 split, limit, balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs,
+                 maha_options):
     dev = select_device(device)
     model = build_model(arch, num_classes)
     if checkpoint:
@@ -101,8 +109,10 @@ def _extract_all(shard, bench, preset, datasets, data_root, arch, checkpoint, nu
     transform, description = D.build_transform(preprocess, image_size)
     image_shape = D._probe_shape(transform)
     hook_sets = resolve_hooks(model, arch, hooks, score_names)
+    maha = _maha_setup(model, arch, sha, description, dev, *maha_options) if maha_options[0] else None
     plan = ExtractionPlan(model, arch, hook_sets, score_names, _parse_policies(policy, store_overrides),
-                          image_shape, dev, _parse_odin(odin_pairs) or preset.get("odin") or ODIN_DEFAULT)
+                          image_shape, dev, _parse_odin(odin_pairs) or preset.get("odin") or ODIN_DEFAULT,
+                          maha)
     for name, kind, rel, root in _dataset_specs(bench, datasets, data_root, split):
         if dry_run and kind == "folder" and not os.path.isdir(os.path.join(root, rel)):
             n_images = limit or 0
@@ -138,6 +148,33 @@ def _extract_all(shard, bench, preset, datasets, data_root, arch, checkpoint, nu
                   f"({os.path.getsize(target) / max(n_images, 1) / 1024:.1f} KiB/image)")
 
 
+def _maha_setup(model, arch, sha, preprocess, device, fit_cache, magnitudes, adversarial):
+    """``{"gaussians", "recipe"}`` for the multi-layer Mahalanobis pass (extract.mahalanobis).
+
+    The class means and precisions of the ``nac`` stage outputs are fitted on ``fit_cache``,
+    which must come from the same checkpoint and preprocessing.
+    """
+    import json
+
+    from analyze.feature_scores import fit_layer_gaussians
+    from store.reader import CacheReader
+
+    from .hooks import resolve_hook_set
+    from .mahalanobis import ADV_NOISE, RELEASE_MAGNITUDES, LayerGaussians
+    layers = resolve_hook_set(model, arch, "nac")
+    with CacheReader(fit_cache) as reader:
+        same = (reader.attrs["checkpoint_sha256"] == sha and
+                json.dumps(reader.attrs["preprocess"], sort_keys=True) == json.dumps(preprocess, sort_keys=True))
+        if not same and sha != "random-init":
+            raise ValueError(f"--maha-fit {fit_cache}: made with another checkpoint or preprocessing "
+                             "than this extraction; use the training cache of the same model")
+        fitted = fit_layer_gaussians(reader, layers)
+        recipe = {"layers": layers, "magnitudes": [float(m) for m in magnitudes or RELEASE_MAGNITUDES],
+                  "fit_cache": os.path.abspath(fit_cache), "fit_fingerprint": reader.attrs["fingerprint"],
+                  "fit_n": int(reader.n_samples), "adversarial": bool(adversarial), "adv_noise": ADV_NOISE}
+    return {"gaussians": LayerGaussians(fitted, device), "recipe": recipe}
+
+
 def demo_command(data_root, checkpoint, cache_dir, device, batch_size):
     """Build the demo data, train the classifier at first use, extract every demo set."""
     from .demo_data import build_demo_data
@@ -167,7 +204,7 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size):
     from analyze.scores import SCORES
     common = dict(bench="demo", data_root=data_root, arch="resnet18", checkpoint=checkpoint,
                   num_classes=10, preprocess="demo", image_size=None, cache_dir=cache_dir,
-                  hooks=(), scores=(",".join(s for s in SCORES if s != "tracking"),), policy="stats", store_overrides=(),
+                  hooks=(), scores=(",".join(s for s in SCORES if s not in ("tracking", "mahalanobis_ens")),), policy="stats", store_overrides=(),
                   batch_size=batch_size, device=device, skip_bad=False, dry_run=False, quiet=False)
     extract_command(datasets=sets, split="test", limit=None, balanced=False, **common)
     extract_command(datasets=["digits_train"], split="test", limit=1000, balanced=True, **common)

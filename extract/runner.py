@@ -18,7 +18,8 @@ import torchvision
 from tqdm import tqdm
 
 from store.recipes import SCORE_NEEDS, build_plan, objectives_for
-from store.schema import SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
+from store.schema import (MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint,
+                          odin_path, stat_path)
 from store.writer import BackgroundWriter, CacheWriter
 
 from . import hooks as H
@@ -70,8 +71,10 @@ class ExtractionPlan:
     """
 
     def __init__(self, model, arch, hook_sets, scores, policies, image_shape, device,
-                 odin_pairs=()):
+                 odin_pairs=(), maha=None):
         self.hook_sets = hook_sets
+        # maha: {"gaussians": LayerGaussians, "recipe": root attribute ``mahalanobis``} or None
+        self.maha = maha
         self.odin_pairs = [[float(t), float(e)] for t, e in odin_pairs] if "odin" in scores else []
         if "odin" in scores and not self.odin_pairs:
             raise ValueError("score odin needs at least one (temperature, epsilon) pair (--odin T,EPS)")
@@ -117,6 +120,11 @@ class ExtractionPlan:
             out[odin_path(t, eps)] = ((self.num_classes,), np.float32)
         if self.tracked:
             out[TRACKING_PATH] = ((self.num_classes, len(self.tracked)), np.float32)
+        if self.maha:
+            shape = (len(self.maha["recipe"]["magnitudes"]), len(self.maha["recipe"]["layers"]))
+            out[MAHA_SCORES] = (shape, np.float32)
+            if self.maha["recipe"]["adversarial"]:
+                out[MAHA_ADVERSARIAL] = (shape, np.float32)
         return out
 
     def bytes_per_image(self):
@@ -134,6 +142,11 @@ class ExtractionPlan:
             lines.append("ODIN passes (T, epsilon): " + ", ".join(f"({t:g}, {e:g})" for t, e in self.odin_pairs))
         if self.tracked:
             lines.append(f"gradient tracking: {len(self.tracked)} weight tensors x {self.num_classes} labels")
+        if self.maha:
+            r = self.maha["recipe"]
+            lines.append(f"multi-layer Mahalanobis: layers {', '.join(r['layers'])}; magnitudes "
+                         f"{', '.join(f'{m:g}' for m in r['magnitudes'])}"
+                         + ("; with pseudo-OOD copies" if r["adversarial"] else ""))
         lines.append("layers:")
         for layer in self.layers:
             stored = "; ".join(f"{src}: {','.join(st)}" for src, st in self.plan[layer].items()) or "-"
@@ -186,6 +199,7 @@ def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, dev
         "torchvision_version": torchvision.__version__, "device": str(device),
         "tool_version": TOOL_VERSION, "family": FAMILY[arch], "odin": plan.odin_pairs,
         "tracked_parameters": plan.tracked, "batch_size": int(batch_size),
+        **({"mahalanobis": plan.maha["recipe"]} if plan.maha else {}),
         "world_size": shard.world_size, **meta,
     }
     attrs["fingerprint"] = fingerprint(attrs)
@@ -219,7 +233,7 @@ def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, dev
     try:
         for (row, _), (x, y, idx, reasons) in zip(batches, loader):
             x = x.to(device, non_blocking=True)
-            arrays = _extract_batch(model, recorder, captured, plan, x)
+            arrays = _extract_batch(model, recorder, captured, plan, x, y.to(device))
             arrays.update(labels=y.numpy().astype(np.int64),
                           skipped=np.array([r != "" for r in reasons], dtype=bool),
                           skip_reasons=list(reasons),
@@ -246,8 +260,9 @@ def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, dev
     return cache_path
 
 
-def _extract_batch(model, recorder, captured, plan, x):
-    """Forward + one backward per objective on batch ``x``; returns ``{dataset path: ndarray}``."""
+def _extract_batch(model, recorder, captured, plan, x, labels):
+    """Forward + one backward per objective on batch ``x`` (labels: (N,) int64, used by the
+    Mahalanobis pseudo-OOD copies), plus the extra passes; returns ``{dataset path: ndarray}``."""
     if recorder is not None:
         recorder.reset()
     with torch.set_grad_enabled(bool(plan.objectives)):
@@ -270,6 +285,13 @@ def _extract_batch(model, recorder, captured, plan, x):
         if plan.tracked:
             from .tracking import per_sample_grad_norms
             out[TRACKING_PATH] = per_sample_grad_norms(model, x, plan.tracked).cpu().numpy()
+        if plan.maha:
+            from .mahalanobis import adversarial_images, layer_scores
+            gauss, recipe = plan.maha["gaussians"], plan.maha["recipe"]
+            out[MAHA_SCORES] = layer_scores(model, x, gauss, recipe["magnitudes"]).cpu().numpy()
+            if recipe["adversarial"]:
+                adv = adversarial_images(model, x, labels, recipe["adv_noise"])
+                out[MAHA_ADVERSARIAL] = layer_scores(model, adv, gauss, recipe["magnitudes"]).cpu().numpy()
     finally:
         if recorder is not None:
             recorder.enabled = True

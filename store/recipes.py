@@ -15,16 +15,19 @@ SCORE_NEEDS = {
     "nac": [("nac", "act", "mean"), ("nac", "log_softmax_sum", "mean")],
     "odin": [], "mahalanobis": [], "react": [], "knn": [], "vim": [],
     "ash": [("penultimate", "act", "map")],
-    "tracking": [],
+    "tracking": [], "mahalanobis_ens": [],
 }
 
 # Extra passes at extraction, stored outside ``layers/``: ODIN's perturbed forward pass
 # (``odin/<pair>/logits``, root attribute ``odin``) and the per-sample weight-gradient
-# norms of gradient tracking (``tracking/norms``, root attribute ``tracked_parameters``).
-SCORE_PASSES = {"odin": "odin", "tracking": "tracking"}
+# norms of gradient tracking (``tracking/norms``, root attribute ``tracked_parameters``),
+# the multi-layer Mahalanobis scores (``mahalanobis/...``, root attribute ``mahalanobis``).
+SCORE_PASSES = {"odin": "odin", "tracking": "tracking", "mahalanobis_ens": "mahalanobis"}
 
 # Scores fitted on the ID training cache (``<id>_train``) before scoring.
 FITTED_SCORES = ("mahalanobis", "react", "knn", "vim", "nac")
+# Fitted on validation data (the ID test cache by default): the Mahalanobis ensemble.
+VALIDATION_FITTED_SCORES = ("mahalanobis_ens",)
 
 
 def objectives_for(scores):
@@ -80,6 +83,9 @@ def missing_for(score, attrs):
         problems.append("no ODIN pass was recorded (extract with --score odin, --odin T,EPS)")
     if SCORE_PASSES.get(score) == "tracking" and not attrs.get("tracked_parameters"):
         problems.append("no gradient-tracking norms were recorded (extract with --score tracking)")
+    if SCORE_PASSES.get(score) == "mahalanobis" and not attrs.get("mahalanobis"):
+        problems.append("no multi-layer Mahalanobis scores were recorded (extract with "
+                        "--maha-fit TRAIN_CACHE; the validation set also with --maha-adversarial)")
     for set_name, source, stat in SCORE_NEEDS[score]:
         layers = hook_sets.get(set_name)
         if not layers:

@@ -24,6 +24,10 @@ Root attributes (JSON strings where marked; plain h5py/h5dump can read them all)
     n_skipped       int, images that could not be read (``--skip-bad``)
     odin            JSON [[T, epsilon], ...], ODIN passes recorded (may be empty)
     tracked_parameters  JSON list of parameter names in ``tracking/norms`` (may be empty)
+    mahalanobis     JSON or absent: the multi-layer Mahalanobis recipe (``--maha-fit``):
+                    {"layers": [L names], "magnitudes": [M], "fit_cache": path,
+                    "fit_fingerprint": {...}, "fit_n": int, "adversarial": bool,
+                    "adv_noise": float}
 
 Datasets (float32 unless said; chunked along rows, gzip + shuffle + fletcher32):
     logits              (N, K)
@@ -44,6 +48,10 @@ Datasets (float32 unless said; chunked along rows, gzip + shuffle + fletcher32):
     tracking/norms      (N, K, P)  gradient tracking: L2 norm of the weight gradient of
                         tracked parameter tensor p (root attribute ``tracked_parameters``)
                         for the cross-entropy with class k as the label
+    mahalanobis/scores  (M, L) per row: input-preprocessed Mahalanobis score of layer l at
+                        noise magnitude m (root attribute ``mahalanobis``; extract.mahalanobis)
+    mahalanobis/adversarial_scores  (M, L) the same for the row's pseudo-OOD copy
+                        (``--maha-adversarial``; validation caches of the ensemble)
     (``layers/<penultimate>/act/map`` is the last feature map ASH prunes: the score ``ash``
     stores it whatever the policy)
 
@@ -85,8 +93,10 @@ REQUIRED_ROOT_ATTRS = ("schema_version", "complete", "n_samples", "dataset", "ar
                        "layer_shapes", "hook_sets", "plan", "fingerprint")
 REQUIRED_DATASETS = ("logits", "features", "labels", "paths", "skipped", "head/weight", "head/bias")
 JSON_ATTRS = ("preprocess", "objectives", "layers", "layer_shapes", "hook_sets", "plan",
-              "policies", "fingerprint", "odin", "tracked_parameters")
+              "policies", "fingerprint", "odin", "tracked_parameters", "mahalanobis")
 TRACKING_PATH = "tracking/norms"
+MAHA_SCORES = "mahalanobis/scores"
+MAHA_ADVERSARIAL = "mahalanobis/adversarial_scores"
 STRING_DATASETS = ("paths", "skip_reasons")
 
 

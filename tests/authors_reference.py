@@ -309,3 +309,70 @@ def nac(model, train, test, layers, hyper):
         per = (buckets(test_states[l]) * coverage.unsqueeze(0)).sum(dim=1)  # (N, C)
         scores += per.mean(dim=1) / len(layers)
     return scores.numpy()
+
+
+# ------------------------------------------------------------ multi-layer Mahalanobis
+# Lee et al. as the GradNorm release runs it (``utils/mahalanobis_lib.py``: sample_estimator,
+# get_Mahalanobis_score; ``tune_mahalanobis_hyperparameter.py``: the FGSM pseudo-OOD data).
+def _stage_means(model, x, layers):
+    """Spatial means of the stage outputs, one full forward pass (no early stop)."""
+    modules = dict(model.named_modules())
+    feats = {}
+    handles = [modules[l].register_forward_hook(
+        lambda m, i, o, name=l: feats.__setitem__(name, o.view(o.size(0), o.size(1), -1).mean(2)))
+        for l in layers]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [feats[l] for l in layers]
+
+
+def maha_sample_estimator(model, images, labels, layers, num_classes):
+    """Per layer: class means (K, C) float32 and the precision of sklearn's
+    EmpiricalCovariance(assume_centered=False) fitted on the class-centred features."""
+    import sklearn.covariance
+    with torch.no_grad():
+        feats = _stage_means(model, images, layers)
+    means, precisions = [], []
+    for f in feats:
+        mu = torch.stack([f[labels == c].mean(0) for c in range(num_classes)])
+        centred = (f - mu[labels]).numpy().astype(np.float64)
+        est = sklearn.covariance.EmpiricalCovariance(assume_centered=False).fit(centred)
+        means.append(mu)
+        precisions.append(torch.from_numpy(est.precision_).float())
+    return means, precisions
+
+
+def maha_layer_scores(model, x, layers, means, precisions, magnitude):
+    """(N, L): for each layer separately, as their loop: Gaussian scores per class, the
+    closest class, the input step against the sign of the gradient, the best class score
+    of the perturbed input."""
+    out = []
+    for i, layer in enumerate(layers):
+        data = x.clone().requires_grad_(True)
+        f = _stage_means(model, data, [layer])[0]
+        gauss = torch.stack([-0.5 * torch.mm(torch.mm(f.detach() - means[i][c], precisions[i]),
+                                             (f.detach() - means[i][c]).t()).diag()
+                             for c in range(len(means[i]))], dim=1)
+        pred = gauss.max(1)[1]
+        zero_f = f - means[i].index_select(0, pred)
+        pure = -0.5 * torch.mm(torch.mm(zero_f, precisions[i]), zero_f.t()).diag()
+        torch.mean(-pure).backward()
+        step = (torch.ge(data.grad, 0).float() - 0.5) * 2
+        with torch.no_grad():
+            g = _stage_means(model, data.detach() - magnitude * step, [layer])[0]
+            noisy = torch.stack([-0.5 * torch.mm(torch.mm(g - means[i][c], precisions[i]),
+                                                 (g - means[i][c]).t()).diag()
+                                 for c in range(len(means[i]))], dim=1)
+        out.append(noisy.max(1)[0])
+    return torch.stack(out, dim=1).numpy()
+
+
+def maha_adversarial(model, x, labels, noise=0.05):
+    """The release's pseudo-OOD data: x + 0.05 * sign(dCE/dx) at the label, clamped to [0, 1]."""
+    inputs = x.clone().requires_grad_(True)
+    F.cross_entropy(model(inputs), labels).backward()
+    step = (torch.ge(inputs.grad, 0).float() - 0.5) * 2
+    return torch.clamp(inputs.detach() + noise * step, 0.0, 1.0)

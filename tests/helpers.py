@@ -41,12 +41,12 @@ def image_set(images, labels=None):
 
 
 def extract_tensor(model, arch, images, cache_file, scores, hooks=(), policies=None,
-                   batch_size=4, name="set", labels=None, odin_pairs=((1000.0, 0.0014),)):
+                   batch_size=4, name="set", labels=None, odin_pairs=((1000.0, 0.0014),), maha=None):
     """Extract ``images`` with ``model`` into ``cache_file``; returns the path."""
     model = model.eval().requires_grad_(False)
     hook_sets = resolve_hooks(model, arch, hooks, scores)
     plan = ExtractionPlan(model, arch, hook_sets, scores, policies or {}, tuple(images.shape[1:]),
-                          torch.device("cpu"), odin_pairs)
+                          torch.device("cpu"), odin_pairs, maha)
     meta = {"checkpoint": "in-memory", "checkpoint_sha256": "test", "preprocess": {"name": "none"},
             "dataset": name, "dataset_root": "", "split": "test"}
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
