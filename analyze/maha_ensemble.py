@@ -8,7 +8,7 @@ magnitude. As the GradNorm release's ``tune_mahalanobis_hyperparams``:
   pseudo-OOD copies (``mahalanobis/adversarial_scores``, recorded with
   ``--maha-adversarial``) train the regression; the next ``m`` rows and their copies
   choose the magnitude;
-* for each magnitude, in the release's order, ``LogisticRegressionCV(n_jobs=-1)`` is fit
+* for each magnitude, in the release's order, ``LogisticRegressionCV`` (its defaults) is fit
   on [ID rows, label 0; copies, label 1]; the confidence is ``-P(label 1)``; the
   magnitude with the lowest FPR at 95% ID recall on the selection rows wins (first on
   ties).
@@ -67,7 +67,9 @@ def fit_ensemble(val_reader, m=500, magnitude=None):
             # The release's defaults (L2, lbfgs, accuracy); newer scikit-learn warns that
             # some defaults will change, which this pins by leaving them as they are now.
             warnings.simplefilter("ignore", FutureWarning)
-            reg = LogisticRegressionCV(n_jobs=-1).fit(np.concatenate([clean[:m, j], adv[:m, j]]), y)
+            # The release passes n_jobs=-1; the fit does not depend on it, and serial
+            # fitting keeps sweep workers from starting process pools of their own.
+            reg = LogisticRegressionCV().fit(np.concatenate([clean[:m, j], adv[:m, j]]), y)
         coef[j], intercept[j] = reg.coef_[0], reg.intercept_[0]
         conf_in = -reg.predict_proba(clean[m:, j])[:, 1]
         conf_out = -reg.predict_proba(adv[m:, j])[:, 1]
