@@ -22,6 +22,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, out_dir, name):
+    """Lay out, write ``out_dir/name`` at 110 dpi, close the figure; returns the path."""
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _finite(v):
     return v[np.isfinite(v)]
 
@@ -47,11 +56,7 @@ def score_histograms(evaluation, out_dir):
             ax.legend(fontsize=7)
             ax.tick_params(labelsize=7)
         fig.suptitle(f"{SCORE_TITLES.get(score, score)} (higher = more in-distribution)", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"hist_{score}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out_dir, f"hist_{score}.png"))
     return paths
 
 
@@ -76,11 +81,7 @@ def roc_curves(evaluation, out_dir):
         ax.set_ylabel("true positive rate (ID accepted)")
         ax.set_title(f"ROC, {SCORE_TITLES.get(score, score)}", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"roc_{score}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out_dir, f"roc_{score}.png"))
     return paths
 
 
@@ -105,9 +106,5 @@ def layer_contribution(sweep, out_dir):
         ax.set_ylabel("average AUROC (%)")
         ax.set_ylim(max(0, 100 * min(values.values()) - 5), 100)
         ax.set_title(f"{SCORE_TITLES.get(score, score)}: one layer at a time", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"layers_{score}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(plt, fig, out_dir, f"layers_{score}.png"))
     return paths
