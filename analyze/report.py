@@ -54,7 +54,7 @@ def unavailable_scores(cache_dir, id_name, scores, fit_on=None):
         attrs = reader.attrs
     for score in scores:
         problems = missing_for(score, attrs)
-        source = cache_path(cache_dir, fit_source(score, id_name, fit_on)[0]) if needs_fit(score) else None
+        source = cache_path(cache_dir, fit_source(score, id_name, fit_on)) if needs_fit(score) else None
         if problems:
             out[score] = "; ".join(problems)
         elif source and not os.path.exists(source):
@@ -81,8 +81,7 @@ def fit_all(cache_dir, id_name, scores, params=None, fit_on=None, fitted_dir=Non
         return {}
     out = {}
     for score in todo:
-        source_name, score_params = fit_source(score, id_name, fit_on, params.get(score))
-        train = cache_path(cache_dir, source_name)
+        train = cache_path(cache_dir, fit_source(score, id_name, fit_on, params.get(score)))
         with CacheReader(train) as reader:
             if id_attrs is not None:
                 check_compatible(id_attrs, cache_path(cache_dir, id_name), reader.attrs, train)
@@ -96,7 +95,7 @@ def fit_all(cache_dir, id_name, scores, params=None, fit_on=None, fitted_dir=Non
                     if str(saved["__key__"]) == key:
                         out[score] = {k: saved[k] for k in saved.files if k != "__key__"}
                         continue
-            out[score] = fit_score(reader, score, **score_params)
+            out[score] = fit_score(reader, score, **params.get(score, {}))
             if file:
                 os.makedirs(fitted_dir, exist_ok=True)
                 np.savez(file + ".tmp.npz", __key__=np.array(key), **out[score])

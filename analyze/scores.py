@@ -197,12 +197,12 @@ def needs_fit(score):
 
 
 def fit_source(score, id_name, fit_on=None, params=None):
-    """``(cache name, params)``: the cache ``score`` is fitted on, and its parameters
-    without the ``validation`` choice (which names that cache for validation-fitted scores)."""
-    params = dict(params or {})
+    """Name of the cache ``score`` is fitted on: the ``validation`` parameter (default the
+    ID test cache) for validation-fitted scores, else ``fit_on`` or ``<id>_train``.
+    ``fit_score`` and ``compute_score`` ignore the ``validation`` parameter."""
     if SCORES[score].fit_source == "validation":
-        return params.pop("validation", id_name), params
-    return fit_on or f"{id_name}_train", params
+        return (params or {}).get("validation", id_name)
+    return fit_on or f"{id_name}_train"
 
 
 def check_cache_serves(reader, score):

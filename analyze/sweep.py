@@ -198,7 +198,7 @@ def _evaluate_variant(args):
         if needs_fit(score):
             source = _STATE["train"]
             if SCORES[score].fit_source == "validation":
-                name = fit_source(score, id_name, None, params)[0]
+                name = fit_source(score, id_name, None, params)
                 if name not in readers:
                     raise ValueError(f"validation cache {name!r} is not among the swept caches")
                 source = readers[name]
