@@ -9,7 +9,7 @@ import os
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from .scores import SCORE_TITLES
+from .report import title
 
 
 def _pyplot():
@@ -55,7 +55,9 @@ def score_histograms(evaluation, out_dir):
             ax.set_title(f"{name}: AUROC {100 * auroc:.1f}", fontsize=9)
             ax.legend(fontsize=7)
             ax.tick_params(labelsize=7)
-        fig.suptitle(f"{SCORE_TITLES.get(score, score)} (higher = more in-distribution)", fontsize=10)
+            ax.set_xlabel("score", fontsize=8)
+            ax.set_ylabel("density", fontsize=8)
+        fig.suptitle(f"{title(score)} (higher = more in-distribution)", fontsize=10)
         paths.append(_save(plt, fig, out_dir, f"hist_{score}.png"))
     return paths
 
@@ -79,32 +81,35 @@ def roc_curves(evaluation, out_dir):
         ax.axhline(0.95, color="grey", lw=0.5, ls="--")
         ax.set_xlabel("false positive rate (OOD accepted)")
         ax.set_ylabel("true positive rate (ID accepted)")
-        ax.set_title(f"ROC, {SCORE_TITLES.get(score, score)}", fontsize=10)
+        ax.set_title(f"ROC, {title(score)}", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
         paths.append(_save(plt, fig, out_dir, f"roc_{score}.png"))
     return paths
 
 
 def layer_contribution(sweep, out_dir):
-    """``out_dir/layers_<score>.png``: average AUROC of each single-layer variant (default
-    parameters otherwise) of every layered score in the sweep; returns the paths."""
+    """``out_dir/layers_<score>.png``: for every layered score in the sweep, the best average
+    AUROC over the single-layer variants of each layer (whatever their other parameters),
+    bars in network order; returns the paths."""
     plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     by_score = {}
     for r in sweep["rows"]:
-        p = r["params"]
-        if len(p.get("layers") or []) == 1 and set(p) <= {"layers", "hyper"}:
-            by_score.setdefault(r["score"], {})[p["layers"][0]] = r["average"]["AUROC"]
-    module_order = {}
+        layers = r["params"].get("layers") or []
+        if len(layers) == 1:
+            best = by_score.setdefault(r["score"], {})
+            best[layers[0]] = max(best.get(layers[0], -1.0), r["average"]["AUROC"])
     paths = []
     for score, values in by_score.items():
-        layers = sorted(values, key=lambda l: module_order.setdefault(l, len(module_order)))
+        order = sweep.get("layer_order", {}).get(score, [])
+        layers = [l for l in order if l in values] + [l for l in values if l not in order]
         fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(layers) + 1.5), 3.2))
         ax.bar(range(len(layers)), [100 * values[l] for l in layers], color="tab:blue")
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, rotation=70, fontsize=7, ha="right")
-        ax.set_ylabel("average AUROC (%)")
+        ax.set_xlabel("layer (network order)", fontsize=8)
+        ax.set_ylabel("best average AUROC (%)")
         ax.set_ylim(max(0, 100 * min(values.values()) - 5), 100)
-        ax.set_title(f"{SCORE_TITLES.get(score, score)}: one layer at a time", fontsize=10)
+        ax.set_title(f"{title(score)}: one layer at a time", fontsize=10)
         paths.append(_save(plt, fig, out_dir, f"layers_{score}.png"))
     return paths

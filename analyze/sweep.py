@@ -1,17 +1,23 @@
 """Sweeps: many variants of the scores evaluated from the caches alone, on all CPU cores.
 
-A variant is a score name plus parameters (``analyze.scores``, ``analyze.nac``,
-``analyze.feature_scores``). A grid gives, per score, lists of values whose product is
-swept; the special ``layers`` values are ``all`` (the score's default layers), ``each``
-(every layer of the score's hook set on its own: the per-layer contribution) or names
-joined by ``+``. NAC's ``M``, ``O`` and ``alpha`` apply to every layer of the variant.
+A variant is a score name plus parameters. A grid gives, per score, lists of values whose
+product is swept; its keys are the score's parameters (``analyze.registry``), so a
+plugin's keyword parameters are sweepable too. The special ``layers`` values are ``all``
+(the score's default layers), ``each`` (every layer of the score's ``layer_set`` on its
+own: the per-layer contribution) or names joined by ``+``.
 
 Grids come from TOML (one table per score) or the command line
-(``gaia_z:spatial=nonzero,mean;channel=sq_mean,l2;layers=all,each``). ``PAPER_VARIANTS``
-are always added so every table shows where the published choice stands.
+(``gaia_z:spatial=nonzero,mean;channel=sq_mean,l2;layers=all,each``). Every entry's
+published configurations (``paper``) are always added so each table shows where the
+published choice stands; the default grid is the union of the entries' ``grid``.
+
+Workers are started with the ``forkserver`` method: a fresh interpreter per worker, never
+a fork of a process whose OpenMP or BLAS thread pools are already running (a forked
+child can deadlock in them).
 """
 import itertools
 import json
+import multiprocessing
 import os
 import time
 import tomllib
@@ -19,61 +25,41 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from store.benchmarks import preset_params
 from store.reader import CacheReader, cache_path
+from store.recipes import missing
 
+from .evaluation import fit_estimator, fit_source, score_cache
 from .metrics import ood_metrics
-from .nac import AVGPOOL
-from .scores import SCORE_TITLES, SCORES, compute_score, fit_score, fit_source, needs_fit
+from .registry import ScoreError, all_entries, default_grid, entry, load_plugin, paper_variants
 
-# The published configurations, by label.
-PAPER_VARIANTS = {
-    "GAIA-Z (paper)": ("gaia_z", {}),
-    "GAIA-A (paper)": ("gaia_a", {}),
-    "NAC-UE (paper, CIFAR-10 config)": ("nac", {}),
-    "GradNorm (paper)": ("gradnorm", {}),
-    "MSP": ("msp", {}), "Energy (T=1)": ("energy", {}),
-    "ODIN (recorded pair)": ("odin", {}),
-    "Mahalanobis": ("mahalanobis", {}), "ReAct (p=90)": ("react", {}),
-    "ASH-S (p=90)": ("ash", {}), "KNN (k=50)": ("knn", {}), "ViM (paper dim)": ("vim", {}),
-}
 
-DEFAULT_GRID = {
-    "gaia_z": [
-        {"layers": ["all"], "objective": ["max_logit", "log_softmax_sum", "feature_sum"],
-         "spatial": ["nonzero", "mean", "l1", "l2", "max"],
-         "channel": ["sq_mean", "mean", "l1", "l2", "max"]},
-        {"layers": ["each"]},
-    ],
-    "gaia_a": [
-        {"layers": ["all"], "spatial": ["mean", "l1", "l2", "max", "nonzero"],
-         "channel": ["sq_mean", "mean", "l1", "l2", "max"]},
-        {"layers": ["each"]},
-    ],
-    "nac": [
-        {"layers": ["each"], "M": [10, 50, 500], "O": [1, 5, 50], "alpha": [0.001, 1, 100, 1000]},
-    ],
-    "energy": [{"temperature": [1, 10, 100, 1000]}],
-    "react": [{"percentile": [70, 80, 85, 90, 95, 99]}],
-    "ash": [{"variant": ["ash_s", "ash_b", "ash_p"], "percentile": [65, 80, 90, 95]}],
-    "knn": [{"k": [1, 5, 10, 50, 100]}],
-    "vim": [{"dim": [16, 64, 128, 256]}],
-}
+def _check_table(name, table, where):
+    e = entry(name)
+    for key, values in table.items():
+        if key not in e.params:
+            raise ValueError(f"{where}: {name} has no parameter {key!r} (its parameters: "
+                             f"{', '.join(e.params) or 'none'})")
+        if key != "layers":
+            for v in values:
+                e.resolve({key: v})
 
 
 def parse_grid_text(items):
     """``{score: [table]}`` from command-line grids ``score:key=v1,v2;key=v3``."""
     grid = {}
     for item in items:
-        score, sep, body = item.partition(":")
-        if score not in SCORES:
-            raise ValueError(f"--grid {item!r}: unknown score {score!r}; choose one of: {', '.join(SCORES)}")
+        name, sep, body = item.partition(":")
+        if name not in all_entries():
+            raise ValueError(f"--grid {item!r}: unknown score {name!r}; choose one of: {', '.join(all_entries())}")
         table = {}
         for part in filter(None, body.split(";")):
             key, eq, values = part.partition("=")
             if not eq:
                 raise ValueError(f"--grid {item!r}: expected key=v1,v2 in {part!r}")
             table[key.strip()] = [_value(v) for v in values.split(",")]
-        grid.setdefault(score, []).append(table)
+        _check_table(name, table, f"--grid {item!r}")
+        grid.setdefault(name, []).append(table)
     return grid
 
 
@@ -90,59 +76,44 @@ def load_grid_file(path):
     with open(path, "rb") as f:
         raw = tomllib.load(f)
     grid = {}
-    for score, tables in raw.items():
-        if score not in SCORES:
-            raise ValueError(f"{path}: unknown score table [{score}]; choose from: {', '.join(SCORES)}")
+    for name, tables in raw.items():
+        if name not in all_entries():
+            raise ValueError(f"{path}: unknown score table [{name}]; choose from: {', '.join(all_entries())}")
         for table in tables if isinstance(tables, list) else [tables]:
-            grid.setdefault(score, []).append({k: v if isinstance(v, list) else [v] for k, v in table.items()})
+            table = {k: v if isinstance(v, list) else [v] for k, v in table.items()}
+            _check_table(name, table, path)
+            grid.setdefault(name, []).append(table)
     return grid
 
 
-def _score_layers(score, attrs):
-    sets = attrs["hook_sets"]
-    if score == "gaia_z":
-        return sets.get("bn", [])
-    if score == "gaia_a":
-        return sets.get("before_head", [])[:-1]
-    if score == "nac":
-        return [AVGPOOL, *sets.get("nac", [])]
-    return []
+def _label(name, params):
+    shown = ", ".join(f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in params.items()
+                      if k != "hyper")
+    return f"{entry(name).title} {shown}".strip()
 
 
 def expand(grid, attrs):
     """List of ``(label, score, params)`` variants of ``grid`` for a cache with ``attrs``."""
     out = []
-    for score, tables in grid.items():
+    for name, tables in grid.items():
+        e = entry(name)
         for table in tables:
             keys = list(table)
             for combo in itertools.product(*(table[k] for k in keys)):
-                for params in _layer_params(score, dict(zip(keys, combo)), attrs):
-                    label = f"{SCORE_TITLES[score]} " + ", ".join(
-                        f"{k}={'+'.join(v) if isinstance(v, list) else v}" for k, v in params.items()
-                        if k != "hyper")
-                    call = {k: v for k, v in params.items() if k not in ("M", "O", "alpha")}
-                    out.append((label.strip(), score, call))
+                params = dict(zip(keys, combo))
+                layers = params.pop("layers", "all")
+                if layers == "all":
+                    choices = [None]
+                elif layers == "each":
+                    if e.layer_set is None:
+                        raise ValueError(f"{name} has no per-layer variants (layers=each)")
+                    choices = [[l] for l in e.layer_set(attrs)]
+                else:
+                    choices = [layers.split("+") if isinstance(layers, str) else list(layers)]
+                for chosen in choices:
+                    p = dict({"layers": chosen} if chosen is not None else {}, **params)
+                    out.append((_label(name, p), name, p))
     return out
-
-
-def _layer_params(score, params, attrs):
-    layers = params.pop("layers", "all")
-    nac_h = {k: params.pop(k) for k in ("M", "O", "alpha") if k in params} if score == "nac" else {}
-    if layers == "all":
-        choices = [None]
-    elif layers == "each":
-        choices = [[l] for l in _score_layers(score, attrs)]
-    else:
-        choices = [layers.split("+") if isinstance(layers, str) else list(layers)]
-    for chosen in choices:
-        p = dict(params)
-        if chosen is not None:
-            p["layers"] = chosen
-        if nac_h:
-            names = chosen or [AVGPOOL]
-            p["hyper"] = {l: (nac_h.get("M", 50), nac_h.get("O", 50), nac_h.get("alpha", 100.0)) for l in names}
-            p.update({k: v for k, v in nac_h.items()})
-        yield p
 
 
 class MemoReader:
@@ -152,16 +123,16 @@ class MemoReader:
     ``max_bytes`` are read from the file each time.
     """
 
-    def __init__(self, path, max_bytes=256 << 20):
-        self._reader = CacheReader(path)
+    def __init__(self, path, allow_partial=False, max_bytes=256 << 20):
+        self._reader = CacheReader(path, allow_partial=allow_partial)
         self.path, self.attrs, self.n_samples = path, self._reader.attrs, self._reader.n_samples
-        self.partial = False
+        self.partial = self._reader.partial
         self._memo, self._max = {}, max_bytes
 
     def read(self, name, start=0, stop=None):
         stop = self.n_samples if stop is None else stop
         if name not in self._memo:
-            ds = self._reader._file[name] if self._reader._file is not None else None
+            ds = self._reader._file[name] if self._reader._file is not None and name in self._reader._file else None
             if ds is not None and ds.size * ds.dtype.itemsize > self._max:
                 return self._reader.read(name, start, stop)
             self._memo[name] = self._reader.read(name) if name.startswith("head/") else self._reader.read_all(name)
@@ -171,7 +142,7 @@ class MemoReader:
     def read_all(self, name):
         return self.read(name)
 
-    def blocks(self, rows=1 << 30):
+    def blocks(self, rows=None):
         yield 0, self.n_samples
 
     def head(self):
@@ -184,76 +155,103 @@ class MemoReader:
 _STATE = {}
 
 
-def _init_worker(paths, train_path):
-    _STATE["readers"] = {name: MemoReader(p) for name, p in paths.items()}
+def _init_worker(paths, train_path, plugins, allow_partial):
+    for plugin in plugins:
+        load_plugin(plugin)
+    _STATE["readers"] = {name: MemoReader(p, allow_partial) for name, p in paths.items()}
     _STATE["train"] = MemoReader(train_path) if train_path else None
 
 
 def _evaluate_variant(args):
-    label, score, params, id_name, ood_names = args
+    label, name, params, id_name, ood_names = args
     readers = _STATE["readers"]
     start = time.perf_counter()
     try:
-        fitted = None
-        if needs_fit(score):
+        e = entry(name)
+        problems = missing(e.needs_for(params), e.passes, readers[id_name].attrs)
+        if problems:
+            raise ScoreError("; ".join(problems))
+        if e.fitted:
             source = _STATE["train"]
-            if SCORES[score].fit_source == "validation":
-                name = fit_source(score, id_name, None, params)
-                if name not in readers:
-                    raise ValueError(f"validation cache {name!r} is not among the swept caches")
-                source = readers[name]
-            fitted = fit_score(source, score, **params)
-        values = {n: compute_score(readers[n], score, fitted, **params) for n in [id_name, *ood_names]}
+            if e.fit_on == "validation":
+                vname = fit_source(name, id_name, None, params)
+                if vname not in readers:
+                    raise ValueError(f"validation cache {vname!r} is not among the swept caches")
+                source = readers[vname]
+            if source is None:
+                raise ScoreError("needs the ID training cache (<id>_train or --fit-on)")
+            est = fit_estimator(source, name, params)
+        else:
+            est = e.make(params)
+        values = {n: score_cache(readers[n], name, est, params) for n in [id_name, *ood_names]}
     except Exception as err:   # a variant the caches cannot serve is reported, not fatal
-        return {"label": label, "score": score, "params": params, "error": f"{type(err).__name__}: {err}"}
+        return {"label": label, "score": name, "params": params, "error": f"{type(err).__name__}: {err}"}
     keep = {n: ~readers[n].read_all("skipped").astype(bool) for n in values}
     per = {}
     for n in ood_names:
-        m = ood_metrics(values[id_name][keep[id_name]], values[n][keep[n]], "sklearn")
+        known, novel = values[id_name][keep[id_name]], values[n][keep[n]]
+        if not (np.isfinite(known).all() and np.isfinite(novel).all()):
+            return {"label": label, "score": name, "params": params,
+                    "error": f"non-finite scores on {n if np.isfinite(known).all() else id_name}"}
+        m = ood_metrics(known, novel, "sklearn")
         per[n] = {"FPR95": m["FPR95"], "AUROC": m["AUROC"]}
-    return {"label": label, "score": score, "params": params, "per_set": per,
+    return {"label": label, "score": name, "params": params, "per_set": per,
             "seconds": time.perf_counter() - start}
 
 
-def run_sweep(cache_dir, id_name, ood_names, grid, fit_on=None, workers=None, select_on=None,
-              metric="FPR95"):
-    """Evaluate every variant of ``grid`` (plus PAPER_VARIANTS); returns a dict with
-    ``rows`` (sorted best first by the average ``metric`` over the reported sets),
-    ``errors``, ``reported`` (OOD sets in the averages), ``select_on``, ``seconds``.
+def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=None, select_on=None,
+              metric="FPR95", plugins=(), allow_partial=False):
+    """Evaluate every variant of ``grid`` (default: every entry's grid) plus the published
+    configurations; returns a dict with ``rows`` (sorted best first by the average
+    ``metric`` over the reported sets), ``errors``, ``reported`` (OOD sets in the
+    averages), ``select_on``, ``seconds``.
 
     select_on: an OOD set used only to rank variants (validation); it is left out of the
     reported averages, and ``selected`` names the best variant of each score on it.
+    plugins: plugin files the workers load. Benchmark presets' score parameters (recorded
+    in the ID cache) apply to every variant unless the variant sets them.
     """
+    if metric not in ("FPR95", "AUROC"):
+        raise ValueError(f"unknown ranking metric {metric!r}; choose FPR95 or AUROC")
     if select_on and select_on not in ood_names:
         raise ValueError(f"--select-on {select_on!r} is not one of the OOD sets: {', '.join(ood_names)}")
+    if id_name in ood_names:
+        raise ValueError(f"{id_name!r} is the ID set; it cannot also be an OOD set")
     paths = {n: cache_path(cache_dir, n) for n in [id_name, *ood_names]}
     train_path = cache_path(cache_dir, fit_on or f"{id_name}_train")
     train_path = train_path if os.path.exists(train_path) else None
-    with CacheReader(paths[id_name]) as r:
+    with CacheReader(paths[id_name], allow_partial=allow_partial) as r:
         attrs = r.attrs
-    variants = [(label, s, p) for label, (s, p) in PAPER_VARIANTS.items()]
-    variants += [v for v in expand(grid, attrs) if v[0] not in {x[0] for x in variants}]
+    preset = preset_params(attrs)
+    variants = [(label, s, p) for label, (s, p) in paper_variants().items()]
+    variants += [v for v in expand(grid or default_grid(), attrs) if v[0] not in {x[0] for x in variants}]
+    variants = [(label, s, {**preset.get(s, {}), **p}) for label, s, p in variants]
     jobs = [(label, s, p, id_name, list(ood_names)) for label, s, p in variants]
     start = time.perf_counter()
-    workers = workers or os.cpu_count() or 1
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(paths, train_path)) as pool:
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(paths, train_path, tuple(os.path.abspath(p) for p in plugins),
+                                       allow_partial)) as pool:
         results = list(pool.map(_evaluate_variant, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
     seconds = time.perf_counter() - start
     rows = [r for r in results if "error" not in r]
     errors = [r for r in results if "error" in r]
     reported = [n for n in ood_names if n != select_on]
     higher = metric == "AUROC"
+    papers = set(paper_variants())
     for r in rows:
         r["average"] = {m: float(np.mean([r["per_set"][n][m] for n in reported])) for m in ("FPR95", "AUROC")}
         r["rank_value"] = r["per_set"][select_on][metric] if select_on else r["average"][metric]
-        r["paper"] = r["label"] in PAPER_VARIANTS
+        r["paper"] = r["label"] in papers
     rows.sort(key=lambda r: (-r["rank_value"] if higher else r["rank_value"], r["label"]))
     selected = {}
     for r in rows:
         selected.setdefault(r["score"], r["label"])
+    layer_order = {s: e.layer_set(attrs) for s, e in all_entries().items() if e.layer_set}
     return {"rows": rows, "errors": errors, "reported": reported, "select_on": select_on,
             "metric": metric, "selected": selected if select_on else {}, "seconds": seconds,
-            "n_variants": len(jobs), "workers": workers, "id": id_name}
+            "n_variants": len(jobs), "workers": workers, "id": id_name, "layer_order": layer_order}
 
 
 def sweep_table(sweep, top=None):
@@ -285,13 +283,13 @@ def write_sweep(sweep, out_dir):
         csv.writer(f).writerows([header, *rows])
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(sweep, f, indent=1, default=_json_default)
-    cap = (f"ID = {sweep['id']}. {sweep['n_variants']} variants in {sweep['seconds']:.1f} s on "
-           f"{sweep['workers']} processes, from the caches only. Sorted by "
+    cap = (f"ID = {sweep['id']}; OOD sets: {', '.join(sweep['reported'])}. {sweep['n_variants']} variants in "
+           f"{sweep['seconds']:.1f} s on {sweep['workers']} processes, from the caches only. Sorted by "
            + (f"{sweep['metric']} on the validation set {sweep['select_on']} (left out of the "
               "averages)" if sweep["select_on"] else f"average {sweep['metric']}")
            + "; * marks the published configurations. Metrics in %, scikit-learn convention.")
     if sweep["selected"]:
-        cap += " Selected per score: " + "; ".join(f"{SCORE_TITLES[s]}: {l}" for s, l in sweep["selected"].items()) + "."
+        cap += " Selected per score: " + "; ".join(f"{entry(s).title}: {l}" for s, l in sweep["selected"].items()) + "."
     path = os.path.join(out_dir, "sweep.md")
     with open(path, "w") as f:
         f.write(f"{cap}\n\n{markdown(header, rows)}\n")

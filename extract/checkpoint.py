@@ -7,6 +7,7 @@ prefixed by ``module.`` (saved from ``nn.DataParallel``), e.g. GradNorm's
 """
 import hashlib
 import os
+import pickle
 
 import torch
 
@@ -55,20 +56,61 @@ def describe_mismatch(model, state_dict, limit=20):
     return "\n".join(lines)
 
 
-def load_checkpoint(model, path):
-    """Load the checkpoint at ``path`` into ``model`` strictly; returns its SHA-256.
+def weights_sha256(model):
+    """Hex SHA-256 of a model's state dict as loaded: names, shapes and float32 values in
+    order. Equal for the same weights whatever the file (fp16 copies of fp32 values,
+    ``module.`` prefixes, another container)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu()
+        t = t.float() if t.is_floating_point() else t
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
-    Raises ``FileNotFoundError`` naming the path, or ``CheckpointMismatch`` listing the
-    missing, unexpected and mis-shaped keys.
-    """
+
+def _read(path):
+    """The object in a checkpoint file, loaded weights-only; one-line errors for the usual faults."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = unwrap_state_dict(obj)
+    if os.path.getsize(path) == 0:
+        raise CheckpointMismatch(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err) or "weights_only" in str(err):
+            raise CheckpointMismatch(
+                f"checkpoint {path} holds Python objects besides tensors, which weights-only "
+                "loading refuses (they could run code). If you trust the file, re-save just the "
+                "weights: torch.save(torch.load(path, weights_only=False)['state_dict'], "
+                "'weights.pt')") from None
+        raise CheckpointMismatch(f"checkpoint {path} is not a PyTorch checkpoint ({err})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, AttributeError, IndexError) as err:
+        raise CheckpointMismatch(f"checkpoint {path} is not a readable PyTorch checkpoint "
+                                 f"({type(err).__name__}: {err}); is it truncated or another "
+                                 "kind of file?") from None
+
+
+def load_checkpoint(model, path):
+    """Load the checkpoint at ``path`` into ``model`` strictly; returns ``(file SHA-256,
+    weights SHA-256)`` (``weights_sha256``).
+
+    Raises ``FileNotFoundError`` naming the path, or ``CheckpointMismatch`` for a file that
+    is not a weights checkpoint, whose keys or shapes do not fit (listing the missing,
+    unexpected and mis-shaped keys), or whose tensors hold NaN or infinite values (naming
+    them).
+    """
+    state_dict = unwrap_state_dict(_read(path))
     problems = describe_mismatch(model, state_dict)
     if problems:
         raise CheckpointMismatch(
             f"checkpoint {path} does not fit architecture {type(model).__name__}:\n{problems}\n"
             "Check --arch and --num-classes.")
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointMismatch(f"checkpoint {path} holds non-finite values (NaN or inf) in "
+                                 f"{len(bad)} tensor(s): {', '.join(bad[:5])}"
+                                 + (" ..." if len(bad) > 5 else "") + "; it cannot give meaningful scores")
     model.load_state_dict(state_dict, strict=True)
-    return sha256_of(path)
+    return sha256_of(path), weights_sha256(model)

@@ -1,51 +1,110 @@
-"""The ``extract`` and ``demo`` commands' work, kept apart from the click declarations."""
+"""The ``extract`` and ``demo`` commands' work, kept apart from the click declarations.
+
+``pipeline.py`` parses options and turns score names into needs and passes
+(``analyze.requirements``); everything here takes those as data and raises on bad input.
+Messages for the user go through ``log``.
+"""
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 from store.benchmarks import benchmark
 from store.reader import cache_path
+from store.schema import CacheError, differing
+from store.writer import parts_dir, run_identity
 
 from . import datasets as D
-from .checkpoint import load_checkpoint, sha256_of
-from .models import build_model
+from .checkpoint import load_checkpoint
+from .config import ODIN_DEFAULT, ExtractConfig, Provenance
 from .distributed import init_shard
-from .runner import ExtractionPlan, resolve_hooks, run_extraction, select_device
+from .models import build_model
+from .runner import ExtractionPlan, cache_attrs, extract_to_cache, select_device
 
 
-def _parse_policies(policy, overrides):
-    policies = {"*": policy}
-    for item in overrides:
+@dataclass
+class ExtractRequest:
+    """The extract command's options (``pipeline.py extract --help`` explains each)."""
+    needs: list
+    passes: tuple
+    bench: Optional[str] = None
+    datasets: tuple = ()
+    data_root: Optional[str] = None
+    arch: Optional[str] = None
+    checkpoint: Optional[str] = None
+    num_classes: Optional[int] = None
+    preprocess: Optional[str] = None
+    image_size: Optional[int] = None
+    cache_dir: Optional[str] = None
+    hooks: tuple = ()
+    policy: str = "scores"
+    store: tuple = ()
+    odin: tuple = ()
+    maha_fit: Optional[str] = None
+    maha_magnitudes: tuple = ()
+    maha_adversarial: bool = False
+    split: str = "test"
+    limit: Optional[int] = None
+    balanced: bool = False
+    batch_size: int = 64
+    device: str = "auto"
+    skip_bad: bool = False
+    dry_run: bool = False
+    quiet: bool = False
+    overwrite: bool = False
+    log: object = field(default=print, repr=False)
+
+
+def parse_policies(items):
+    """``{layer: policy}`` from ``LAYER=POLICY`` items."""
+    out = {}
+    for item in items:
         layer, sep, value = item.partition("=")
         if not sep or value not in ("scores", "pooled", "stats", "raw"):
             raise ValueError(f"--store {item!r}: expected LAYER=POLICY with POLICY one of scores, pooled, stats, raw")
-        policies[layer] = value
-    return policies
+        out[layer] = value
+    return out
 
 
-ODIN_DEFAULT = [(1000.0, 0.0014)]
-
-
-def _parse_odin(items):
-    pairs = []
+def parse_odin(items):
+    """``[(T, epsilon, std_divided)]`` from ``T,EPS`` or ``T,EPS,std`` items."""
+    passes = []
     for item in items:
+        parts = [p.strip() for p in item.split(",")]
         try:
-            t, eps = (float(v) for v in item.split(","))
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "std"):
+                raise ValueError
+            t, eps = float(parts[0]), float(parts[1])
         except ValueError:
-            raise ValueError(f"--odin {item!r}: expected T,EPS, e.g. 1000,0.0014") from None
-        pairs.append((t, eps))
-    return pairs
+            raise ValueError(f"--odin {item!r}: expected T,EPS or T,EPS,std, e.g. 1000,0.0014 or "
+                             "1000,0.0014,std (std: divide the sign gradient by the normalisation "
+                             "std, as the original ODIN code and OpenOOD)") from None
+        if t <= 0 or eps < 0:
+            raise ValueError(f"--odin {item!r}: the temperature must be > 0 and epsilon >= 0")
+        passes.append((t, eps, len(parts) == 3))
+    return passes
 
 
-def _dataset_specs(bench, datasets, data_root, split):
-    """``[(name, kind, path relative to root, root)]`` for the requested datasets."""
+def dataset_specs(bench, datasets, data_root, split):
+    """``[(name, kind, path relative to root, root)]`` for the requested datasets.
+
+    ``NAME=DIR`` is an ImageFolder root (``NAME=LIST.txt`` an image list); with
+    ``--split train`` its cache is named ``NAME_train`` (the name analysis looks for).
+    Preset names come from the benchmark; ``all`` is every set of it.
+    """
     specs = []
     preset = benchmark(bench) if bench else None
     for item in datasets or (["all"] if preset else []):
         name, sep, folder = item.partition("=")
         if sep:
-            specs.append((name, "folder", folder, ""))
+            if not name or not folder:
+                raise ValueError(f"--dataset {item!r}: expected NAME=DIR")
+            if split == "train" and not name.endswith("_train"):
+                name = f"{name}_train"
+            kind = "list" if folder.endswith(".txt") else "folder"
+            specs.append((name, kind, folder, ""))
             continue
         if preset is None:
             raise ValueError(f"--dataset {item!r}: give NAME=DIR, or name a --benchmark preset")
@@ -60,129 +119,181 @@ def _dataset_specs(bench, datasets, data_root, split):
             specs.append((n, kind, rel, data_root))
     if not specs:
         raise ValueError("no dataset given: use --dataset NAME=DIR (repeatable) or --benchmark")
-    return specs
+    seen = {}
+    for name, kind, rel, root in specs:
+        if name in seen and seen[name] != (kind, rel, root):
+            raise ValueError(f"--dataset: two different sources for {name!r} ({seen[name][1]} and {rel}); "
+                             "give each dataset its own name")
+        seen[name] = (kind, rel, root)
+    return list(dict.fromkeys(specs))
 
 
-def extract_command(bench, datasets, data_root, arch, checkpoint, num_classes, preprocess,
-                    image_size, cache_dir, hooks, scores, policy, store_overrides, split, limit,
-                    balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs=(),
-                    maha_fit=None, maha_magnitudes=(), maha_adversarial=False):
-    """Extract every requested dataset to ``cache_dir``; see ``pipeline.py extract --help``."""
-    from pipeline import DEFAULT_SCORES, _default_cache_dir, _parse_scores
-    preset = benchmark(bench) if bench else {}
-    arch = arch or preset.get("arch")
-    num_classes = num_classes or preset.get("num_classes")
-    preprocess = preprocess or preset.get("preprocess")
-    data_root = data_root or (os.path.join("data", bench) if bench else "")
+def _odin_std(description):
+    for step in description["steps"]:
+        if step[0] == "Normalize":
+            return tuple(float(v) for v in step[2])
+    return None
+
+
+def check_existing(target, attrs, overwrite, log):
+    """Decide what to do with an existing cache file ``target`` for a run writing ``attrs``:
+    True = it is complete and equal (skip), False = extract (after removing it with
+    ``overwrite``); raises CacheError naming the differing fields otherwise."""
+    if not os.path.exists(target):
+        return False
+    if overwrite:
+        os.remove(target)
+        log(f"{attrs['dataset']}: --overwrite: removed {target}")
+        return False
+    from store.reader import CacheReader
+    try:
+        with CacheReader(target) as r:
+            old = r.attrs
+    except CacheError as err:
+        raise CacheError(f"{target} exists but cannot be used ({err}); pass --overwrite to "
+                         "re-extract it") from None
+    diff = differing(run_identity(old), run_identity(attrs))
+    if diff:
+        raise CacheError(f"{target} exists and was extracted with different settings (differing: "
+                         f"{', '.join(diff)}); pass --overwrite to replace it, or choose another "
+                         "--cache-dir or dataset name")
+    log(f"{attrs['dataset']}: {target} is complete and up to date (same model, data and plan); skipped")
+    return True
+
+
+def extract_command(req):
+    """Extract every requested dataset to the cache folder; see ``pipeline.py extract --help``."""
+    preset = benchmark(req.bench) if req.bench else {}
+    arch = req.arch or preset.get("arch")
+    num_classes = req.num_classes or preset.get("num_classes")
+    preprocess = req.preprocess or preset.get("preprocess")
+    data_root = req.data_root or (os.path.join("data", req.bench) if req.bench else "")
+    checkpoint = req.checkpoint or preset.get("checkpoint")
     missing = [n for n, v in (("--arch", arch), ("--num-classes", num_classes), ("--preprocess", preprocess)) if not v]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --benchmark)")
-    cache_dir = cache_dir or _default_cache_dir(bench or "custom", arch)
-    score_names = _parse_scores(scores) if scores else list(DEFAULT_SCORES)
-    asked = {part for item in scores for part in item.split(",")}
-    if not maha_fit and ("mahalanobis_ens" in asked or maha_magnitudes or maha_adversarial):
-        raise ValueError("the multi-layer Mahalanobis ensemble needs --maha-fit TRAIN_CACHE (the "
-                         "ID training cache, e.g. caches/<benchmark>-<arch>/<id>_train.h5)")
-    maha_options = (maha_fit, tuple(maha_magnitudes), maha_adversarial)
-    shard, device = init_shard(device)
-    # On an error this rank exits without the final barrier; torchrun then stops the others.
-    _extract_all(shard, bench, preset, datasets, data_root, arch, checkpoint, num_classes,
-                 preprocess, image_size, cache_dir, hooks, score_names, policy, store_overrides,
-                 split, limit, balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs,
-                 maha_options)
+    if req.limit is not None and req.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {req.limit}")
+    cache_dir = req.cache_dir or os.path.join("caches", f"{req.bench or 'custom'}-{arch}")
+    if req.maha_adversarial or req.maha_magnitudes:
+        if not req.maha_fit:
+            raise ValueError("--maha-magnitude and --maha-adversarial need --maha-fit TRAIN_CACHE")
+    specs = dataset_specs(req.bench, req.datasets, data_root, req.split)
+    shard, device = init_shard(req.device)
+    dev = select_device(device)
+    model = build_model(arch, num_classes)
+    if checkpoint and (os.path.exists(checkpoint) or not req.dry_run):
+        sha, weights = load_checkpoint(model, checkpoint)
+    elif req.dry_run:
+        sha, weights = "random-init", "random-init"
+    else:
+        raise ValueError("--checkpoint is required (a randomly initialised model is only allowed with --dry-run)")
+    model.to(dev).eval().requires_grad_(False)
+    transform, description = D.build_transform(preprocess, req.image_size)
+    image_shape = D.probe_shape(transform)
+    passes = tuple(req.passes) + (("mahalanobis",) if req.maha_fit and "mahalanobis" not in req.passes else ())
+    maha = _maha_setup(model, arch, weights, description, dev, req) if req.maha_fit else None
+    config = ExtractConfig(arch=arch, needs=req.needs, passes=passes, hooks=tuple(req.hooks),
+                           policy=req.policy, store=parse_policies(req.store),
+                           odin=tuple(parse_odin(req.odin)) or tuple((t, e, False) for t, e in preset.get("odin", ()))
+                           or ODIN_DEFAULT,
+                           odin_std=_odin_std(description), maha=maha, batch_size=req.batch_size,
+                           device=str(dev), progress=not req.quiet)
+    plan = ExtractionPlan(model, config, image_shape, dev)
+    for name, kind, rel, root in specs:
+        _extract_one(req, shard, model, plan, config, name, kind, rel, root, transform, description,
+                     checkpoint, sha, weights, cache_dir, dev)
     shard.close()
 
 
-def _extract_all(shard, bench, preset, datasets, data_root, arch, checkpoint, num_classes,
-                 preprocess, image_size, cache_dir, hooks, score_names, policy, store_overrides,
-                 split, limit, balanced, batch_size, device, skip_bad, dry_run, quiet, odin_pairs,
-                 maha_options):
-    dev = select_device(device)
-    model = build_model(arch, num_classes)
-    if checkpoint:
-        sha = load_checkpoint(model, checkpoint)
-    elif dry_run:
-        sha = "random-init"
+def _extract_one(req, shard, model, plan, config, name, kind, rel, root, transform, description,
+                 checkpoint, sha, weights, cache_dir, dev):
+    log = req.log
+    if req.dry_run and kind in ("folder", "list") and not os.path.exists(os.path.join(root, rel)):
+        ds, n_images = None, req.limit or 0
     else:
-        raise ValueError("--checkpoint is required (a randomly initialised model is only allowed with --dry-run)")
-    model.to(dev).requires_grad_(False)
-    transform, description = D.build_transform(preprocess, image_size)
-    image_shape = D._probe_shape(transform)
-    hook_sets = resolve_hooks(model, arch, hooks, score_names)
-    maha = _maha_setup(model, arch, sha, description, dev, *maha_options) if maha_options[0] else None
-    plan = ExtractionPlan(model, arch, hook_sets, score_names, _parse_policies(policy, store_overrides),
-                          image_shape, dev, _parse_odin(odin_pairs) or preset.get("odin") or ODIN_DEFAULT,
-                          maha)
-    for name, kind, rel, root in _dataset_specs(bench, datasets, data_root, split):
-        if dry_run and kind == "folder" and not os.path.isdir(os.path.join(root, rel)):
-            n_images = limit or 0
-        else:
-            ds = D.open_dataset(root, kind, rel, transform, name, skip_bad)
-            n_images = len(ds)
-        indices = None
-        if limit is not None and not dry_run:
-            indices = (D.balanced_subset(D.dataset_labels(ds), limit) if balanced
-                       else list(range(min(limit, len(ds)))))
-            n_images = len(indices)
-        if dry_run:
-            if not shard.is_main:
-                continue
-            print(f"{name}: {n_images} images -> {cache_path(cache_dir, name)}")
-            print("\n".join("  " + line for line in plan.describe(n_images)))
-            continue
-        target = cache_path(cache_dir, name)
-        if os.path.exists(target):
-            if shard.is_main:
-                print(f"{name}: {target} is complete; delete it to re-extract")
-            continue
-        meta = {"checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": sha,
-                "preprocess": description, "dataset": name,
-                "dataset_root": os.path.abspath(os.path.join(root, rel)) if kind == "folder" else os.path.abspath(root),
-                "split": "train" if name.endswith("_train") else split,
-                "subset": {"limit": limit, "balanced": balanced}}
-        start = time.time()
-        run_extraction(model, arch, ds, plan, target, meta, batch_size, dev, indices,
-                       progress=not quiet, shard=shard)
+        ds = D.open_dataset(root, kind, rel, transform, name, req.skip_bad)
+        n_images = len(ds)
+    indices = None
+    if req.limit is not None and ds is not None:
+        indices = (D.balanced_subset(D.dataset_labels(ds), req.limit) if req.balanced
+                   else list(range(min(req.limit, len(ds)))))
+        n_images = len(indices)
+    target = cache_path(cache_dir, name)
+    if req.dry_run:
         if shard.is_main:
-            print(f"{name}: {n_images} images in {time.time() - start:.1f} s -> {target} "
-                  f"({os.path.getsize(target) / max(n_images, 1) / 1024:.1f} KiB/image)")
+            log(f"{name}: {n_images} images -> {target}")
+            log("\n".join("  " + line for line in plan.describe(n_images)))
+        return
+    source = ds.root if hasattr(ds, "root") else os.path.join(root, rel)
+    provenance = Provenance(dataset=name, checkpoint=os.path.abspath(checkpoint), checkpoint_sha256=sha,
+                            weights_sha256=weights, preprocess=description,
+                            dataset_root=os.path.abspath(source),
+                            split="train" if name.endswith("_train") else req.split,
+                            subset={"limit": req.limit, "balanced": req.balanced}, benchmark=req.bench or "")
+    attrs = cache_attrs(plan, provenance, n_images, dev, shard.world_size)
+    if check_existing(target, attrs, req.overwrite and shard.is_main, log if shard.is_main else (lambda m: None)):
+        return
+    start = time.time()
+    try:
+        extract_to_cache(model, ds, target, config, provenance, indices, plan, shard)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{name}: interrupted; the finished batches are kept in "
+                                f"{parts_dir(target)}: rerun the same command to resume") from None
+    if shard.is_main:
+        skipped = _count_skipped(target)
+        log(f"{name}: {n_images} images" + (f" ({skipped} skipped: unreadable)" if skipped else "")
+            + f" in {time.time() - start:.1f} s -> {target} "
+            f"({os.path.getsize(target) / max(n_images, 1) / 1024:.1f} KiB/image)")
 
 
-def _maha_setup(model, arch, sha, preprocess, device, fit_cache, magnitudes, adversarial):
+def _count_skipped(path):
+    from store.reader import CacheReader
+    with CacheReader(path) as r:
+        return int(r.attrs.get("n_skipped", 0))
+
+
+def _maha_setup(model, arch, weights, preprocess, device, req):
     """``{"gaussians", "recipe"}`` for the multi-layer Mahalanobis pass (extract.mahalanobis).
 
-    The class means and precisions of the ``nac`` stage outputs are fitted on ``fit_cache``,
-    which must come from the same checkpoint and preprocessing.
+    The class means and precisions of the ``nac`` stage outputs are fitted on the
+    ``--maha-fit`` cache, which must come from the same weights and preprocessing.
     """
-    import json
-
-    from analyze.feature_scores import fit_layer_gaussians
+    from store.gaussian import fit_layer_gaussians
     from store.reader import CacheReader
+    from store.schema import identity
 
     from .hooks import resolve_hook_set
     from .mahalanobis import ADV_NOISE, RELEASE_MAGNITUDES, LayerGaussians
     layers = resolve_hook_set(model, arch, "nac")
-    with CacheReader(fit_cache) as reader:
-        same = (reader.attrs["checkpoint_sha256"] == sha and
-                json.dumps(reader.attrs["preprocess"], sort_keys=True) == json.dumps(preprocess, sort_keys=True))
-        if not same and sha != "random-init":
-            raise ValueError(f"--maha-fit {fit_cache}: made with another checkpoint or preprocessing "
-                             "than this extraction; use the training cache of the same model")
+    with CacheReader(req.maha_fit) as reader:
+        ident = identity(reader.attrs)
+        diff = [k for k, v in (("weights", weights), ("preprocess", preprocess)) if ident[k] != v]
+        if diff and weights != "random-init":
+            raise ValueError(f"--maha-fit {req.maha_fit}: made with other {' and '.join(diff)} than "
+                             "this extraction; use the training cache of the same model")
         fitted = fit_layer_gaussians(reader, layers)
-        recipe = {"layers": layers, "magnitudes": [float(m) for m in magnitudes or RELEASE_MAGNITUDES],
-                  "fit_cache": os.path.abspath(fit_cache), "fit_fingerprint": reader.attrs["fingerprint"],
-                  "fit_n": int(reader.n_samples), "adversarial": bool(adversarial), "adv_noise": ADV_NOISE}
+        recipe = {"layers": layers, "magnitudes": [float(m) for m in req.maha_magnitudes or RELEASE_MAGNITUDES],
+                  "fit_cache": os.path.abspath(req.maha_fit), "fit_fingerprint": reader.attrs["fingerprint"],
+                  "fit_n": int(reader.n_samples), "adversarial": bool(req.maha_adversarial), "adv_noise": ADV_NOISE}
     return {"gaussians": LayerGaussians(fitted, device), "recipe": recipe}
 
 
-def demo_command(data_root, checkpoint, cache_dir, device, batch_size):
-    """Build the demo data, train the classifier at first use, extract every demo set."""
+def demo_command(data_root, checkpoint, cache_dir, device, batch_size, needs, passes, log=print):
+    """Build the demo data, train the classifier at first use, extract every demo set.
+
+    needs, passes: what the demo's scores read (``analyze.requirements``). Returns the
+    seconds of each stage: ``{"data", "train", "extract"}``.
+    """
     from .demo_data import build_demo_data
     from .train import accuracy, train_classifier
+    times = {}
     t0 = time.time()
     build_demo_data(data_root)
-    print(f"demo data ready in {data_root} ({time.time() - t0:.1f} s)")
+    times["data"] = time.time() - t0
+    log(f"demo data ready in {data_root} ({times['data']:.1f} s)")
     transform, _ = D.build_transform("demo")
+    t0 = time.time()
     if not os.path.exists(checkpoint):
         torch.manual_seed(0)
         model = build_model("resnet18", 10)
@@ -191,20 +302,17 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size):
         os.makedirs(os.path.dirname(checkpoint) or ".", exist_ok=True)
         torch.save(model.state_dict(), checkpoint + ".tmp")
         os.replace(checkpoint + ".tmp", checkpoint)
-        print(f"trained the demo ResNet-18 in {seconds:.1f} s -> {checkpoint}")
+        log(f"trained the demo ResNet-18 in {seconds:.1f} s -> {checkpoint}")
     model = build_model("resnet18", 10)
     load_checkpoint(model, checkpoint)
     test_set = D.open_dataset(data_root, "folder", "digits/test", transform, "digits")
-    print(f"demo classifier test accuracy: {100 * accuracy(model, test_set):.2f}% on {len(test_set)} digits")
+    log(f"demo classifier test accuracy: {100 * accuracy(model, test_set):.2f}% on {len(test_set)} digits")
+    times["train"] = time.time() - t0
+    t0 = time.time()
     sets = [n for n in benchmark("demo")["sets"] if not n.endswith("_train")]
-    # Every score but gradient tracking (ten extra backward passes per batch would double
-    # the demo's extraction time; `--score tracking` records it), with all statistics
-    # (policy ``stats``) so sweeps can vary reductions; then a class-balanced 1000-image
-    # training subset for the fitted scores.
-    from analyze.scores import SCORES
-    common = dict(bench="demo", data_root=data_root, arch="resnet18", checkpoint=checkpoint,
-                  num_classes=10, preprocess="demo", image_size=None, cache_dir=cache_dir,
-                  hooks=(), scores=(",".join(s for s in SCORES if s not in ("tracking", "mahalanobis_ens")),), policy="stats", store_overrides=(),
-                  batch_size=batch_size, device=device, skip_bad=False, dry_run=False, quiet=False)
-    extract_command(datasets=sets, split="test", limit=None, balanced=False, **common)
-    extract_command(datasets=["digits_train"], split="test", limit=1000, balanced=True, **common)
+    common = dict(needs=needs, passes=passes, bench="demo", data_root=data_root, checkpoint=checkpoint,
+                  cache_dir=cache_dir, batch_size=batch_size, device=device, log=log)
+    extract_command(ExtractRequest(datasets=tuple(sets), **common))
+    extract_command(ExtractRequest(datasets=("digits_train",), limit=1000, balanced=True, **common))
+    times["extract"] = time.time() - t0
+    return times

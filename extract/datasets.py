@@ -52,15 +52,19 @@ def expected_layout(kind, rel):
         return "cifar-100-python/{train,test,meta}"
     if kind == "svhn":
         return "test_32x32.mat"
+    if kind == "list":
+        return f"{rel} (lines 'relative/path label'), images under the data root"
     return f"{rel}/<class folder>/<image files>  (torchvision ImageFolder)"
 
 
 class ImageSet(torch.utils.data.Dataset):
-    """Wraps a torchvision dataset: items ``(x, label, index, reason)``; keeps ``paths``."""
+    """Wraps a torchvision dataset: items ``(x, label, index, reason)``; keeps ``paths``
+    (one per item) and ``root`` (the folder or list file the items come from)."""
 
-    def __init__(self, base, paths, skip_bad=False, image_shape=None):
-        self.base, self.paths, self.skip_bad = base, paths, skip_bad
+    def __init__(self, base, paths, skip_bad=False, image_shape=None, root=""):
+        self.base, self.paths, self.skip_bad = base, [storable_path(p) for p in paths], skip_bad
         self.image_shape = image_shape
+        self.root = root
 
     def __len__(self):
         return len(self.base)
@@ -76,21 +80,117 @@ class ImageSet(torch.utils.data.Dataset):
             return torch.zeros(self.image_shape), -1, i, f"{type(err).__name__}: {err}"[:300]
 
 
-def _probe_shape(transform):
+def storable_path(path):
+    """``path`` as valid UTF-8 text: bytes a file system name holds that are not UTF-8
+    (decoded by Python as surrogates) are written as ``\\xNN`` escapes."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def probe_shape(transform):
+    """(C, H, W) of one image after ``transform``."""
     return tuple(transform(Image.new("RGB", (500, 500))).shape)
 
 
+def load_rgb(path):
+    """An image file as an RGB PIL image. 16-bit (``I;16``) and 32-bit integer images are
+    scaled to 8 bits first (PIL's RGB conversion would clip them: a 16-bit PNG becomes
+    nearly all white); float images are taken as [0, 1]."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        import numpy as np
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(np.round(arr * 255.0 / top), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        import numpy as np
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Images named in a list file, one ``relative/path [label]`` per line (OpenOOD's
+    ``benchmark_imglist`` format), paths relative to ``images_root``, in list order.
+
+    A missing label, or -1, means unlabelled (OOD lists). Blank lines are ignored; the
+    path is everything before the last space-separated field when that field is an
+    integer label, so paths with spaces are read whole.
+    """
+
+    def __init__(self, list_file, images_root, transform):
+        self.list_file, self.root, self.transform = list_file, images_root, transform
+        self.samples = []
+        with open(list_file, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                rel, _, last = line.rpartition(" ")
+                try:
+                    label = int(last)
+                except ValueError:
+                    rel, label = line, -1
+                if not rel:
+                    rel, label = line, -1
+                if os.path.isabs(rel):
+                    raise ValueError(f"{list_file}:{number}: absolute path {rel!r}; list paths are "
+                                     "relative to the images folder")
+                self.samples.append((os.path.join(images_root, rel), label))
+        if not self.samples:
+            raise FileNotFoundError(f"image list {list_file} names no images")
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(load_rgb(path)), label
+
+
+IMAGE_EXTENSIONS = tvd.folder.IMG_EXTENSIONS
+
+
+def _folder(path, transform, name, data_root, kind, rel):
+    """An ImageFolder at ``path`` with errors that say what is wrong."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"dataset {name!r} not found: no folder {path}.\n"
+            f"Expected layout: {data_root or '.'}/{expected_layout(kind, rel)}\n{WHERE_TO_GET}")
+    try:
+        return tvd.ImageFolder(path, transform=transform, loader=load_rgb, allow_empty=False)
+    except (FileNotFoundError, RuntimeError) as err:
+        classes = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
+        if not classes:
+            raise FileNotFoundError(
+                f"dataset {name!r}: folder {path} has no class sub-folders; put the images in "
+                f"{path}/<class>/<image files> (one sub-folder is enough for an OOD set)") from None
+        raise FileNotFoundError(
+            f"dataset {name!r}: no image files in the class folders of {path} ({err}); "
+            f"image extensions read: {', '.join(IMAGE_EXTENSIONS)}") from None
+
+
 def open_dataset(data_root, kind, rel, transform, name, skip_bad=False):
-    """Dataset ``name`` of kind ``folder``/``cifar10``/``cifar100``/``svhn`` as an ImageSet.
+    """Dataset ``name`` of kind ``folder``/``list``/``cifar10``/``cifar100``/``svhn`` as an
+    ImageSet. ``list``: ``rel`` is an image-list file (absolute, or under ``data_root``)
+    whose paths are relative to ``data_root``.
 
     Raises FileNotFoundError with the expected layout and where to get the files.
     """
-    path = os.path.join(data_root, rel) if kind == "folder" else data_root
+    path = os.path.join(data_root, rel) if kind in ("folder", "list") else data_root
+    if kind == "folder":
+        base = _folder(path, transform, name, data_root, kind, rel)
+        paths = [p for p, _ in base.samples]
+        return ImageSet(base, paths, skip_bad, probe_shape(transform), root=path)
+    if kind == "list":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"dataset {name!r}: image list {path} not found.\n{WHERE_TO_GET}")
+        base = ImageList(path, data_root, transform)
+        return ImageSet(base, [p for p, _ in base.samples], skip_bad, probe_shape(transform), root=path)
     try:
-        if kind == "folder":
-            base = tvd.ImageFolder(path, transform=transform, allow_empty=False)
-            paths = [p for p, _ in base.samples]
-        elif kind in ("cifar10", "cifar100"):
+        if kind in ("cifar10", "cifar100"):
             cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
             base = cls(path, train=(rel == "train"), transform=transform, download=False)
             paths = [f"{kind}:{rel}:{i}" for i in range(len(base))]
@@ -98,12 +198,12 @@ def open_dataset(data_root, kind, rel, transform, name, skip_bad=False):
             base = tvd.SVHN(path, split=rel, transform=transform, download=False)
             paths = [f"svhn:{rel}:{i}" for i in range(len(base))]
         else:
-            raise ValueError(kind)
+            raise ValueError(f"unknown dataset kind {kind!r}")
     except (FileNotFoundError, RuntimeError) as err:
         raise FileNotFoundError(
             f"dataset {name!r} not found under data root {data_root!r} ({err}).\n"
             f"Expected layout: {data_root}/{expected_layout(kind, rel)}\n{WHERE_TO_GET}") from None
-    return ImageSet(base, paths, skip_bad, _probe_shape(transform))
+    return ImageSet(base, paths, skip_bad, probe_shape(transform), root=path)
 
 
 def balanced_subset(labels, limit, seed=0):

@@ -112,9 +112,11 @@ class Recorder:
     """Captures activation and gradient statistics of hooked modules during one batch.
 
     plan: ``{layer: {"act" | objective: [stat, ...]}}`` (store.recipes.build_plan).
-    After ``model(x)`` the activations are in ``self.records``; set ``self.objective``
-    before each backward pass so gradients are filed under it. Records are tensors on the
-    model's device with leading dimension N.
+    start_module: the module whose input becomes the autograd leaf (None: the caller's
+    input already requires grad, or no gradient is recorded).
+    After ``model(x)`` the activations are in ``self.records``; ``backward(objective,
+    value)`` then files that objective's gradients. Records are tensors on the model's
+    device with leading dimension N.
     """
 
     def __init__(self, model, plan, start_module):
@@ -123,7 +125,8 @@ class Recorder:
         self.objective = None
         self.records = {}
         self.shapes = {}
-        self.head_input = None
+        self.inputs = {}
+        self.leaf = None
         self._handles = ([model.get_submodule(start_module).register_forward_pre_hook(self._make_leaf)]
                          if start_module else [])
         for layer in plan:
@@ -132,8 +135,9 @@ class Recorder:
     def _make_leaf(self, module, args):
         if not self.enabled:
             return None
+        self.leaf = args[0].detach().requires_grad_()
         # a clone of the leaf, so an in-place first module (a ReLU) may overwrite it
-        return (args[0].detach().requires_grad_().clone(),) + tuple(args[1:])
+        return (self.leaf.clone(),) + tuple(args[1:])
 
     def _hook(self, layer):
         def forward_hook(module, args, output):
@@ -144,8 +148,10 @@ class Recorder:
             if act_stats:
                 for stat, value in channel_stats(output.detach(), act_stats).items():
                     self.records[("act", layer, stat)] = value
-            if output.requires_grad:
+            if output.requires_grad and any(s != "act" for s in self.plan[layer]):
                 output.register_hook(self._grad_hook(layer))
+                if args and torch.is_tensor(args[0]) and args[0].requires_grad:
+                    self.inputs[layer] = (args[0], args[0]._version)
         return forward_hook
 
     def _grad_hook(self, layer):
@@ -155,9 +161,38 @@ class Recorder:
                 self.records[(self.objective, layer, stat)] = value
         return tensor_hook
 
+    def backward(self, objective, value, retain_graph, truncate=True):
+        """Back-propagate ``value`` (the objective, a 0-dim tensor) and file the gradients
+        of the layers whose plan records ``objective``.
+
+        truncate: autograd computes only what leads to those layers' inputs (the tensor
+        hooks on their outputs fire on the way), so the pass stops at the earliest of
+        them; it falls back to the full graph when an input was modified in place after
+        the module read it (its gradient edge would then not lead through the hook).
+        """
+        self.objective = objective
+        layers = [l for l in self.plan if objective in self.plan[l]]
+        inputs = [self.inputs.get(l) for l in layers]
+        if truncate and inputs and all(i is not None and i[0]._version == i[1] for i in inputs):
+            targets = list({id(t): t for t, _ in inputs}.values())
+        else:
+            targets = [self.leaf] if self.leaf is not None else [t for t, _ in filter(None, inputs)]
+        torch.autograd.grad(value, targets, retain_graph=retain_graph, allow_unused=True)
+        absent = [l for l in layers if not any((objective, l, s) in self.records for s in self.plan[l][objective])]
+        if absent:
+            raise RuntimeError(f"no gradient of {objective} reached {', '.join(absent[:3])}; "
+                               "these layers do not depend on the graph's start")
+
+    def depth(self, objective, order):
+        """Index in ``order`` (module order) of the earliest layer recording ``objective``."""
+        layers = [l for l in self.plan if objective in self.plan[l]]
+        return min((order.index(l) for l in layers), default=len(order))
+
     def reset(self):
         self.records = {}
+        self.inputs = {}
         self.objective = None
+        self.leaf = None
 
     def close(self):
         for h in self._handles:

@@ -1,11 +1,15 @@
-"""The extraction loop: one forward pass per batch, one backward pass per objective.
+"""The extraction loop: one forward pass per batch, one truncated backward per objective.
 
-Per batch: forward with hooks (activation statistics), then for each objective a
-backward pass that starts at the graph leaf placed by ``hooks.graph_start`` (parameters
-are frozen, so no weight gradient is ever computed), then the rows are committed to the
-cache as an atomic part (store.writer) by a background thread while the next batch
-computes. Progress bar in images/second. Under torchrun each rank extracts its share of
-the batches (extract.distributed).
+Per batch: a forward pass with hooks (activation statistics; the autograd graph starts at
+the leaf placed by ``hooks.graph_start``, or at the input when ODIN needs the input
+gradient; parameters are frozen, so no weight gradient is ever computed); then for each
+objective one ``torch.autograd.grad`` restricted to the inputs of the layers whose
+statistics that objective feeds, so autograd stops at the earliest of them
+(``hooks.Recorder.backward``); the ODIN input gradients (one per temperature) and the
+perturbed forwards; then the rows are committed to the cache as an atomic part
+(store.writer) by a background thread while the next batch computes. Progress bar in
+images/second. Under torchrun each rank extracts its share of the batches
+(extract.distributed).
 """
 import datetime
 import os
@@ -17,9 +21,10 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from store.recipes import SCORE_NEEDS, build_plan, objectives_for
-from store.schema import (MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint,
-                          odin_path, stat_path)
+from store.recipes import build_plan, objectives_for
+from store.recipes import hook_names as hook_names_of
+from store.schema import MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
+from store.schema import layout as schema_layout
 from store.writer import BackgroundWriter, CacheWriter
 
 from . import hooks as H
@@ -52,53 +57,63 @@ def select_device(name):
     return torch.device(name)
 
 
-def resolve_hooks(model, arch, hook_names, scores):
-    """``{hook set or module name: [layer, ...]}`` for the requested hooks and the scores' needs."""
+def resolve_hooks(model, arch, hook_names, needs):
+    """``{hook set or module name: [layer, ...]}`` for the requested hooks and the needs."""
     wanted = list(hook_names)
-    for score in scores:
-        for set_name, _, _ in SCORE_NEEDS[score]:
-            if set_name not in wanted:
-                wanted.append(set_name)
+    for set_name in hook_names_of(needs):
+        if set_name not in wanted:
+            wanted.append(set_name)
     return {name: H.resolve_hook_set(model, arch, name) for name in wanted}
 
 
 class ExtractionPlan:
     """Everything decided before the first batch: layers, shapes, objectives, storage.
 
-    model: the network (eval mode, on its device). hook_sets: from ``resolve_hooks``.
-    scores: score names. policies: ``{layer: policy}`` overrides (default ``scores``).
+    model: the network (eval mode, on ``device``). config: ``extract.config.ExtractConfig``.
     image_shape: (3, H, W) of one preprocessed image.
     """
 
-    def __init__(self, model, arch, hook_sets, scores, policies, image_shape, device,
-                 odin_pairs=(), maha=None):
-        self.hook_sets = hook_sets
-        # maha: {"gaussians": LayerGaussians, "recipe": root attribute ``mahalanobis``} or None
-        self.maha = maha
-        self.odin_pairs = [[float(t), float(e)] for t, e in odin_pairs] if "odin" in scores else []
-        if "odin" in scores and not self.odin_pairs:
-            raise ValueError("score odin needs at least one (temperature, epsilon) pair (--odin T,EPS)")
+    def __init__(self, model, config, image_shape, device):
+        self.config = config
+        self.hook_sets = resolve_hooks(model, config.arch, config.hooks, config.needs)
+        self.maha = config.maha if "mahalanobis" in config.passes else None
+        self.odin_passes = [list(p) for p in config.odin] if "odin" in config.passes else []
+        self.odin_std = list(config.odin_std) if config.odin_std else None
         self.tracked = []
-        if "tracking" in scores:
+        if "tracking" in config.passes:
             from .tracking import tracked_parameters
             self.tracked = tracked_parameters(model)
-        self.layers = _module_order(model, {l for ls in hook_sets.values() for l in ls})
-        self.objectives = objectives_for(scores) if self.layers else []
+        self.layers = _module_order(model, {l for ls in self.hook_sets.values() for l in ls})
+        policies = config.policies
+        unknown = [l for l in policies if l != "*" and l not in self.layers]
+        if unknown:
+            raise ValueError(f"--store {unknown[0]}=...: {unknown[0]!r} is not a hooked layer; hooked: "
+                             f"{', '.join(self.layers) or 'none'} (add it with --hook {unknown[0]})")
+        self.objectives = objectives_for(config.needs) if self.layers else []
         self.policies = {l: policies.get(l, policies.get("*", "scores")) for l in self.layers}
-        self.plan = build_plan(hook_sets, scores, self.policies, self.objectives)
+        self.plan = build_plan(self.hook_sets, config.needs, self.policies, self.objectives)
         for layer in self.layers:
             self.plan.setdefault(layer, {})
-        self.start_module = H.graph_start(model, self.layers) if self.objectives else None
+        grad_layers = [l for l in self.layers if any(src != "act" for src in self.plan[l])]
+        # ODIN's input gradient needs the graph from the input: the forward then starts there.
+        self.graph_from_input = bool(self.odin_passes) and any(e != 0 for _, e, _ in self.odin_passes)
+        self.start_module = (H.graph_start(model, grad_layers)
+                             if grad_layers and not self.graph_from_input else None)
         weight, bias = head_weight_bias(model)
         self.num_classes, self.feature_dim = weight.shape
         self.layer_shapes = self._probe_shapes(model, image_shape, device)
+        order = [n for n, _ in model.named_modules()]
+        rec = H.Recorder(model, self.plan, None)
+        rec.close()
+        # shallow objectives first; the deepest (freeing the most of the graph) last
+        self.objectives = sorted(self.objectives, key=lambda o: -rec.depth(o, order))
 
     def _probe_shapes(self, model, image_shape, device):
         if not self.layers:
             return {}
-        rec = H.Recorder(model, {l: {} for l in self.layers}, self.start_module)
+        rec = H.Recorder(model, {l: {} for l in self.layers}, None)
         try:
-            with torch.enable_grad():
+            with torch.no_grad():
                 model(torch.zeros((1, *image_shape), device=device))
         finally:
             rec.close()
@@ -106,40 +121,43 @@ class ExtractionPlan:
                 for l in self.layers}
 
     def layout(self):
-        """``{dataset path: (row shape, dtype)}`` of every per-sample dataset."""
-        out = {"logits": ((self.num_classes,), np.float32), "features": ((self.feature_dim,), np.float32),
-               "labels": ((), np.int64), "paths": ((), object), "skipped": ((), np.bool_),
-               "skip_reasons": ((), object)}
-        for layer, sources in self.plan.items():
-            c = self.layer_shapes[layer][0]
-            for source, stats in sources.items():
-                for stat in stats:
-                    shape = tuple(self.layer_shapes[layer]) if stat == "map" else (c,)
-                    out[stat_path(layer, source, stat)] = (shape, np.int32 if stat == "nonzero" else np.float32)
-        for t, eps in self.odin_pairs:
-            out[odin_path(t, eps)] = ((self.num_classes,), np.float32)
-        if self.tracked:
-            out[TRACKING_PATH] = ((self.num_classes, len(self.tracked)), np.float32)
-        if self.maha:
-            shape = (len(self.maha["recipe"]["magnitudes"]), len(self.maha["recipe"]["layers"]))
-            out[MAHA_SCORES] = (shape, np.float32)
-            if self.maha["recipe"]["adversarial"]:
-                out[MAHA_ADVERSARIAL] = (shape, np.float32)
-        return out
+        """``{dataset path: (row shape, dtype name)}`` of every per-sample dataset."""
+        return schema_layout(int(self.num_classes), int(self.feature_dim), self.plan, self.layer_shapes,
+                             [tuple(p) for p in self.odin_passes], self.tracked,
+                             self.maha["recipe"] if self.maha else None)
 
     def bytes_per_image(self):
         """Uncompressed bytes one image adds to the cache (paths counted as 64 bytes)."""
         total = 0
         for path, (shape, dtype) in self.layout().items():
-            total += 64 if dtype is object else int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            total += 64 if dtype == "str" else int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         return total
 
+    def passes_per_batch(self):
+        """Text: the network passes one batch costs."""
+        forward = "1 forward" + (" (graph from the input)" if self.graph_from_input else "")
+        parts = [forward]
+        if self.objectives:
+            parts.append(f"{len(self.objectives)} backward ({', '.join(self.objectives)}; each stops at "
+                         "the earliest layer it feeds)")
+        temps = sorted({t for t, e, _ in self.odin_passes if e != 0})
+        if temps:
+            parts.append(f"ODIN: {len(temps)} input-gradient backward + 1 forward of the "
+                         f"{sum(1 for _, e, _ in self.odin_passes if e != 0)} perturbed copies")
+        if self.tracked:
+            parts.append(f"gradient tracking: {self.num_classes} backward")
+        if self.maha:
+            parts.append("multi-layer Mahalanobis: partial passes per layer and magnitude")
+        return "; ".join(parts)
+
     def describe(self, n_images):
-        """Lines of text for ``--dry-run``: layers, shapes, stored statistics, sizes."""
-        lines = [f"objectives: {', '.join(self.objectives) or '(none: logits and features only)'}",
-                 f"backward starts at: {self.start_module or '-'}"]
-        if self.odin_pairs:
-            lines.append("ODIN passes (T, epsilon): " + ", ".join(f"({t:g}, {e:g})" for t, e in self.odin_pairs))
+        """Lines of text for ``--dry-run``: passes, layers, shapes, stored statistics, sizes."""
+        lines = [f"passes per batch: {self.passes_per_batch()}",
+                 f"objectives: {', '.join(self.objectives) or '(none: logits and features only)'}",
+                 f"graph starts at: {self.start_module or ('the input' if self.graph_from_input else '-')}"]
+        if self.odin_passes:
+            lines.append("ODIN passes (T, epsilon): " + ", ".join(
+                f"({t:g}, {e:g}{', / std' if s else ''})" for t, e, s in self.odin_passes))
         if self.tracked:
             lines.append(f"gradient tracking: {len(self.tracked)} weight tensors x {self.num_classes} labels")
         if self.maha:
@@ -174,38 +192,73 @@ def check_disk(path, needed_bytes):
                       "(--policy scores)")
 
 
-def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, device,
-                   indices=None, progress=True, shard=None):
-    """Extract ``dataset`` (an ImageSet) into ``cache_path``; resumes an interrupted run.
+def as_image_set(dataset):
+    """An ``extract.datasets.ImageSet`` for ``dataset``: returned as is when it is one, else
+    a wrapper of a map-style dataset of ``(image tensor, label)`` items, paths ``mem:<i>``."""
+    from .datasets import ImageSet
+    if isinstance(dataset, ImageSet):
+        return dataset
+    first = dataset[0][0]
+    return ImageSet(dataset, [f"mem:{i}" for i in range(len(dataset))], image_shape=tuple(first.shape))
 
-    meta: provenance attributes (checkpoint, checkpoint_sha256, preprocess, dataset,
-    dataset_root, split). indices: optional subset of dataset rows (kept in order).
-    shard: ``extract.distributed.Shard`` of a torchrun launch (default: one process);
-    every rank calls this with the same arguments, extracts its range of grid batches,
-    and rank 0 assembles the cache once all ranks are done. Batches are always the rows
-    ``[k * batch_size, (k + 1) * batch_size)`` so a resumed or sharded run computes
-    every image in the same batch as an uninterrupted single-process run.
-    Returns the path of the complete cache.
-    """
-    shard = shard or Shard()
-    indices = list(range(len(dataset))) if indices is None else list(indices)
-    n = len(indices)
-    weight, bias = head_weight_bias(model)
+
+def cache_attrs(plan, provenance, n, device, world_size=1):
+    """Root attributes of a cache of ``n`` rows extracted with ``plan`` (fingerprint included)."""
+    config = plan.config
     attrs = {
-        "schema_version": SCHEMA_VERSION, "n_samples": n, "arch": arch,
+        "schema_version": SCHEMA_VERSION, "n_samples": n, "arch": config.arch,
         "num_classes": int(plan.num_classes), "objectives": plan.objectives,
         "layers": plan.layers, "layer_shapes": plan.layer_shapes, "hook_sets": plan.hook_sets,
         "plan": plan.plan, "policies": plan.policies, "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__, "device": str(device),
-        "tool_version": TOOL_VERSION, "family": FAMILY[arch], "odin": plan.odin_pairs,
-        "tracked_parameters": plan.tracked, "batch_size": int(batch_size),
+        "tool_version": TOOL_VERSION, "family": FAMILY.get(config.arch, "custom"), "odin": plan.odin_passes,
+        "tracked_parameters": plan.tracked, "batch_size": int(config.batch_size),
+        **({"odin_std": plan.odin_std} if plan.odin_std else {}),
         **({"mahalanobis": plan.maha["recipe"]} if plan.maha else {}),
-        "world_size": shard.world_size, **meta,
+        "world_size": world_size, **provenance.attrs(),
     }
     attrs["fingerprint"] = fingerprint(attrs)
+    return attrs
+
+
+def extract_to_cache(model, dataset, cache_path, config, provenance, indices=None, plan=None, shard=None):
+    """Extract ``dataset`` with ``model`` into the cache file ``cache_path``; resumes an
+    interrupted run of the same settings. Returns the path of the complete cache.
+
+    model: the classifier (``extract.models`` layout with a ``head_name``); it is put in
+    eval mode with frozen parameters. dataset: an ``ImageSet`` or a map-style dataset of
+    ``(image tensor (3, H, W), label)``. config: ``ExtractConfig``. provenance:
+    ``Provenance`` (root attributes). indices: optional subset of dataset rows (kept in
+    order). plan: an ``ExtractionPlan`` built for this model and config (default: built
+    here). shard: ``extract.distributed.Shard`` of a torchrun launch (default: one
+    process); every rank calls this with the same arguments, extracts its range of grid
+    batches, and rank 0 assembles the cache once all ranks are done. Batches are always
+    the rows ``[k * B, (k + 1) * B)`` so a resumed or sharded run computes every image in
+    the same batch as an uninterrupted single-process run.
+    """
+    shard = shard or Shard()
+    device = select_device(config.device) if shard.device is None else shard.device
+    dataset = as_image_set(dataset)
+    model = model.to(device).eval().requires_grad_(False)
+    plan = plan or ExtractionPlan(model, config, dataset.image_shape, device)
+    batch_size = config.batch_size
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    n = len(indices)
+    if n == 0:
+        raise ValueError(f"{provenance.dataset}: no images to extract")
+    weight, bias = head_weight_bias(model)
+    attrs = cache_attrs(plan, provenance, n, device, shard.world_size)
     writer = CacheWriter(cache_path, attrs, plan.layout(),
                          {"head/weight": weight.cpu().numpy().astype(np.float32),
                           "head/bias": bias.cpu().numpy().astype(np.float32)}, n)
+    try:
+        return _run(model, dataset, cache_path, config, provenance, indices, plan, shard, device, writer, attrs)
+    finally:
+        writer.release()
+
+
+def _run(model, dataset, cache_path, config, provenance, indices, plan, shard, device, writer, attrs):
+    n, batch_size = len(indices), config.batch_size
     if shard.is_main:
         writer.start()
     shard.barrier()
@@ -217,18 +270,18 @@ def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, dev
     if todo:
         check_disk(cache_path, (2 if shard.is_main else 1) * plan.bytes_per_image() * todo)
     if shard.world_size > 1:
-        print(f"{meta['dataset']}: rank {shard.rank} of {shard.world_size} extracts rows "
+        print(f"{provenance.dataset}: rank {shard.rank} of {shard.world_size} extracts rows "
               f"{lo}-{hi} ({hi - lo - todo} already done)", flush=True)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_sampler=[list(range(a, b)) for a, b in batches],
         num_workers=min(4, os.cpu_count() or 1) if device.type == "cuda" else 0,
         pin_memory=device.type == "cuda")
-    recorder = H.Recorder(model, plan.plan, plan.start_module) if plan.layers else None
+    recorder = H.Recorder(model, plan.plan, plan.start_module)
     captured = {}
     head_handle = head_module(model).register_forward_pre_hook(
         lambda m, args: captured.__setitem__("x", args[0]))
-    bar = tqdm(total=hi - lo, initial=hi - lo - todo, unit="img", desc=f"extract {meta['dataset']}",
-               disable=not (progress and shard.is_main), dynamic_ncols=True)
+    bar = tqdm(total=hi - lo, initial=hi - lo - todo, unit="img", desc=f"extract {provenance.dataset}",
+               disable=not (config.progress and shard.is_main), dynamic_ncols=True)
     background = BackgroundWriter(writer)
     try:
         for (row, _), (x, y, idx, reasons) in zip(batches, loader):
@@ -249,8 +302,7 @@ def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, dev
     finally:
         bar.close()
         head_handle.remove()
-        if recorder is not None:
-            recorder.close()
+        recorder.close()
     background.close()
     shard.barrier()
     if shard.is_main:
@@ -261,55 +313,77 @@ def run_extraction(model, arch, dataset, plan, cache_path, meta, batch_size, dev
 
 
 def _extract_batch(model, recorder, captured, plan, x, labels):
-    """Forward + one backward per objective on batch ``x`` (labels: (N,) int64, used by the
-    Mahalanobis pseudo-OOD copies), plus the extra passes; returns ``{dataset path: ndarray}``."""
-    if recorder is not None:
-        recorder.reset()
-    with torch.set_grad_enabled(bool(plan.objectives)):
+    """One forward and one truncated backward per objective on batch ``x`` (labels: (N,)
+    int64, used by the Mahalanobis pseudo-OOD copies), plus the extra passes; returns
+    ``{dataset path: ndarray}``."""
+    recorder.reset()
+    odin_temps = sorted({t for t, e, _ in plan.odin_passes if e != 0})
+    if plan.graph_from_input:
+        x = x.detach().clone().requires_grad_(True)
+        recorder.leaf = x
+    with torch.set_grad_enabled(bool(plan.objectives) or plan.graph_from_input):
         logits = model(x)
         head_input = captured["x"].flatten(1)
         for i, objective in enumerate(plan.objectives):
-            recorder.objective = objective
-            objective_value(objective, logits, head_input).backward(
-                retain_graph=i < len(plan.objectives) - 1)
+            last = i == len(plan.objectives) - 1 and not odin_temps
+            recorder.backward(objective, objective_value(objective, logits, head_input),
+                              retain_graph=not last, truncate=plan.config.truncate_backward)
+        recorder.objective = None
+        signs = {}
+        for j, t in enumerate(odin_temps):
+            loss = torch.nn.functional.cross_entropy(logits / t, logits.argmax(dim=1))
+            (grad,) = torch.autograd.grad(loss, x, retain_graph=j < len(odin_temps) - 1)
+            signs[t] = (grad >= 0).to(x.dtype) * 2 - 1
     out = {"logits": logits.detach().float().cpu().numpy(),
            "features": head_input.detach().float().cpu().numpy()}
-    if recorder is not None:
-        for (source, layer, stat), value in recorder.records.items():
-            out[stat_path(layer, source, stat)] = value.cpu().numpy()
-        recorder.enabled = False
+    for (source, layer, stat), value in recorder.records.items():
+        out[stat_path(layer, source, stat)] = value.cpu().numpy()
+    recorder.enabled = False
     try:
-        for t, eps in plan.odin_pairs:
-            z = logits.detach() if eps == 0 else odin_logits(model, x, t, eps)
-            out[odin_path(t, eps)] = z.float().cpu().numpy()
+        if plan.odin_passes:
+            out.update(_odin_outputs(model, x.detach(), logits.detach(), plan, signs))
         if plan.tracked:
             from .tracking import per_sample_grad_norms
-            out[TRACKING_PATH] = per_sample_grad_norms(model, x, plan.tracked).cpu().numpy()
+            out[TRACKING_PATH] = per_sample_grad_norms(model, x.detach(), plan.tracked).cpu().numpy()
         if plan.maha:
             from .mahalanobis import adversarial_images, layer_scores
             gauss, recipe = plan.maha["gaussians"], plan.maha["recipe"]
-            out[MAHA_SCORES] = layer_scores(model, x, gauss, recipe["magnitudes"]).cpu().numpy()
+            out[MAHA_SCORES] = layer_scores(model, x.detach(), gauss, recipe["magnitudes"]).cpu().numpy()
             if recipe["adversarial"]:
-                adv = adversarial_images(model, x, labels, recipe["adv_noise"])
+                adv = adversarial_images(model, x.detach(), labels, recipe["adv_noise"])
                 out[MAHA_ADVERSARIAL] = layer_scores(model, adv, gauss, recipe["magnitudes"]).cpu().numpy()
     finally:
-        if recorder is not None:
-            recorder.enabled = True
+        recorder.enabled = True
     return out
 
 
-def odin_logits(model, x, temperature, epsilon):
-    """Logits (N, K) of the ODIN-perturbed input, as the GradNorm release's ``iterate_data_odin``.
+ODIN_COPIES_PER_FORWARD = 8
 
-    x (N, C, H, W) is moved by ``epsilon`` against the sign of the gradient of the
-    cross-entropy of ``z / temperature`` at the predicted class (``grad >= 0`` counts as +1,
-    as their ``torch.ge``); the returned logits are NOT divided by the temperature.
+
+def _odin_outputs(model, x, logits, plan, signs):
+    """``{odin path: (N, K) logits}`` of every ODIN pass.
+
+    As the GradNorm release's ``iterate_data_odin`` and the original ODIN code: x moves by
+    epsilon against the sign of the gradient of the cross-entropy of z / T at the
+    predicted class (``grad >= 0`` counts as +1, their ``torch.ge``), the sign divided by
+    the normalisation std per channel in ``std`` passes (original ODIN, OpenOOD). The
+    gradient depends on T only, so passes sharing T share one backward (``signs``); the
+    perturbed copies of up to ODIN_COPIES_PER_FORWARD passes go through one forward.
+    Logits are NOT divided by T. Epsilon 0 passes are the plain logits.
     """
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        z = model(x)
-        loss = torch.nn.functional.cross_entropy(z / temperature, z.argmax(dim=1))
-        (grad,) = torch.autograd.grad(loss, x)
-    sign = (grad >= 0).to(x.dtype) * 2 - 1
+    out, todo = {}, []
+    std = torch.tensor(plan.odin_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) if plan.odin_std else None
+    for t, eps, by_std in plan.odin_passes:
+        if eps == 0:
+            out[odin_path(t, eps, by_std)] = logits.float().cpu().numpy()
+            continue
+        step = signs[t] / std if by_std else signs[t]
+        todo.append((odin_path(t, eps, by_std), x - eps * step))
+    n = x.shape[0]
     with torch.no_grad():
-        return model(x.detach() - epsilon * sign)
+        for i in range(0, len(todo), ODIN_COPIES_PER_FORWARD):
+            chunk = todo[i:i + ODIN_COPIES_PER_FORWARD]
+            z = model(torch.cat([c for _, c in chunk])) if len(chunk) > 1 else model(chunk[0][1])
+            for j, (path, _) in enumerate(chunk):
+                out[path] = z[j * n:(j + 1) * n].float().cpu().numpy()
+    return out

@@ -5,8 +5,7 @@ import os
 import h5py
 import numpy as np
 
-from .schema import (JSON_ATTRS, STRING_DATASETS, REQUIRED_DATASETS, REQUIRED_ROOT_ATTRS, SCHEMA_VERSION,
-                     CacheError, stat_path)
+from .schema import JSON_ATTRS, STRING_DATASETS, CacheError, validate
 from .writer import contiguous_rows, covered_rows, list_parts, parts_dir
 
 BLOCK_ROWS = 4096
@@ -35,8 +34,9 @@ class CacheReader:
 
     path: the ``.h5`` file. allow_partial: when the run has not finished, read the rows
     written so far from its parts folder instead of refusing.
-    Use as a context manager; ``read(name, start, stop)`` returns an array of rows,
-    ``blocks(start=0)`` yields ``(start, stop)`` row ranges of at most BLOCK_ROWS.
+    Use as a context manager. ``attrs``: decoded root attributes; ``n_samples``: rows;
+    ``read(name, start, stop)``: an array of rows; ``blocks(rows=BLOCK_ROWS)``: the
+    ``(start, stop)`` row ranges covering the cache, at most ``rows`` each.
     """
 
     def __init__(self, path, allow_partial=False):
@@ -85,18 +85,17 @@ class CacheReader:
         self._constants = np.load(os.path.join(pdir, "head.npz"))
 
     def _validate(self):
-        missing = [a for a in REQUIRED_ROOT_ATTRS if a not in self.attrs]
-        if missing:
-            raise CacheError(f"{self.path}: not a cache of this tool (missing attributes: {', '.join(missing)})")
-        if self.attrs["schema_version"] != SCHEMA_VERSION:
-            raise CacheError(f"{self.path}: schema version {self.attrs['schema_version']}, this "
-                             f"tool reads version {SCHEMA_VERSION}; re-extract it")
-        absent = [d for d in REQUIRED_DATASETS if d not in self._file]
-        for layer, sources in self.attrs["plan"].items():
-            for source, stats in sources.items():
-                absent += [stat_path(layer, source, s) for s in stats if stat_path(layer, source, s) not in self._file]
-        if absent:
-            raise CacheError(f"{self.path}: damaged cache, datasets missing: {', '.join(absent[:5])}")
+        shapes = {}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                dtype = "str" if h5py.check_string_dtype(obj.dtype) else obj.dtype.name
+                shapes[name] = (obj.shape, dtype)
+        try:
+            self._file.visititems(visit)
+        except (OSError, RuntimeError) as err:
+            raise CacheError(f"{self.path}: damaged cache ({err})") from None
+        validate(self.attrs, shapes, self.path)
 
     def __enter__(self):
         return self

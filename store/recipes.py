@@ -1,50 +1,65 @@
-"""What each score reads from a cache, and the storage plan derived from it.
+"""What an extraction must record for a set of needs, and whether a cache holds it.
 
-``SCORE_NEEDS[score]`` lists ``(hook_set, source, stat)`` triples, ``source`` being
-``"act"`` or a backward objective. Scores that need only logits, features and the head
-list nothing. The extraction stage turns the requested scores and policies into a plan
-(``build_plan``); the analysis stage checks a cache holds what a score needs
-(``missing_for``).
+A *need* is a triple ``(hook_set, source, stat)``: the statistic ``stat`` (one of
+``schema.STATS`` or ``"map"``) of ``source`` (``"act"`` or a backward objective) at every
+layer of ``hook_set`` (a hook set name such as ``bn`` or a module name). Scores declare
+their needs and extra passes (``analyze.registry``); the extraction stage turns needs and
+storage policies into a plan (``build_plan``), the analysis stage checks that a cache
+holds what a score reads (``missing``) and compares two caches on exactly those parts
+(``comparable``).
 """
-from .schema import STATS
-
-SCORE_NEEDS = {
-    "gaia_a": [("before_head", "log_softmax_sum", "mean"), ("before_head", "feature_sum", "mean")],
-    "gaia_z": [("bn", "max_logit", "nonzero")],
-    "gradnorm": [], "msp": [], "maxlogit": [], "energy": [],
-    "nac": [("nac", "act", "mean"), ("nac", "log_softmax_sum", "mean")],
-    "odin": [], "mahalanobis": [], "react": [], "knn": [], "vim": [],
-    "ash": [("penultimate", "act", "map")],
-    "tracking": [], "mahalanobis_ens": [],
-}
+from .schema import MAP, MODEL_FIELDS, OBJECTIVES, SOURCES, STATS, identity
 
 # Extra passes at extraction, stored outside ``layers/``: ODIN's perturbed forward pass
-# (``odin/<pair>/logits``, root attribute ``odin``) and the per-sample weight-gradient
-# norms of gradient tracking (``tracking/norms``, root attribute ``tracked_parameters``),
-# the multi-layer Mahalanobis scores (``mahalanobis/...``, root attribute ``mahalanobis``).
-SCORE_PASSES = {"odin": "odin", "tracking": "tracking", "mahalanobis_ens": "mahalanobis"}
-
-# Scores fitted on the ID training cache (``<id>_train``) before scoring.
-FITTED_SCORES = ("mahalanobis", "react", "knn", "vim", "nac")
-# Fitted on validation data (the ID test cache by default): the Mahalanobis ensemble.
-VALIDATION_FITTED_SCORES = ("mahalanobis_ens",)
-
-
-def objectives_for(scores):
-    """Ordered list of backward objectives the ``scores`` need."""
-    found = []
-    for score in scores:
-        for _, source, _ in SCORE_NEEDS[score]:
-            if source != "act" and source not in found:
-                found.append(source)
-    return found
+# (``odin/<pass>/logits``, root attribute ``odin``), the per-sample weight-gradient norms
+# of gradient tracking (``tracking/norms``, root attribute ``tracked_parameters``), the
+# multi-layer Mahalanobis scores (``mahalanobis/...``, root attribute ``mahalanobis``).
+PASSES = {
+    "odin": "ODIN's perturbed forward pass (--odin T,EPS[,std])",
+    "tracking": "K backward passes for the per-sample weight-gradient norms (gradient tracking)",
+    "mahalanobis": "multi-layer input-preprocessed Mahalanobis scores (--maha-fit TRAIN_CACHE)",
+}
+_PASS_ATTR = {"odin": "odin", "tracking": "tracked_parameters", "mahalanobis": "mahalanobis"}
+_PASS_HOW = {
+    "odin": "no ODIN pass was recorded (extract with --score odin, --odin T,EPS)",
+    "tracking": "no gradient-tracking norms were recorded (extract with --score tracking)",
+    "mahalanobis": ("no multi-layer Mahalanobis scores were recorded (extract with --maha-fit "
+                    "TRAIN_CACHE; the validation set also with --maha-adversarial)"),
+}
 
 
-def build_plan(hook_sets, scores, policies, objectives):
+def check_needs(needs, where="needs"):
+    """Raise ValueError when a need is not a valid ``(hook_set, source, stat)`` triple."""
+    for need in needs:
+        if len(tuple(need)) != 3:
+            raise ValueError(f"{where}: a need is (hook_set, source, stat), got {need!r}")
+        _, source, stat = need
+        if source not in SOURCES:
+            raise ValueError(f"{where}: source {source!r} in {need!r} is not one of {', '.join(SOURCES)}")
+        if stat not in (*STATS, MAP):
+            raise ValueError(f"{where}: statistic {stat!r} in {need!r} is not one of {', '.join((*STATS, MAP))}")
+
+
+def objectives_for(needs):
+    """Ordered list of the backward objectives ``needs`` read (``schema.OBJECTIVES`` order)."""
+    found = {source for _, source, _ in needs if source != "act"}
+    return [o for o in OBJECTIVES if o in found]
+
+
+def hook_names(needs):
+    """Hook sets (or module names) named by ``needs``, in first-use order."""
+    out = []
+    for hook_set, _, _ in needs:
+        if hook_set not in out:
+            out.append(hook_set)
+    return out
+
+
+def build_plan(hook_sets, needs, policies, objectives):
     """Storage plan ``{layer: {source: [stat, ...]}}``.
 
     hook_sets: ``{set name: [layer, ...]}`` as resolved on the model.
-    scores: requested score names; their needs (SCORE_NEEDS) are always stored.
+    needs: ``(hook_set, source, stat)`` triples, always stored.
     policies: ``{layer: policy}``; ``pooled`` adds ``mean``, ``stats`` every statistic,
     ``raw`` every statistic plus ``map``, for the activation and every recorded objective.
     objectives: every objective recorded in this run.
@@ -53,13 +68,12 @@ def build_plan(hook_sets, scores, policies, objectives):
     for set_name, layers in hook_sets.items():
         for layer in layers:
             plan.setdefault(layer, {})
-    for score in scores:
-        for set_name, source, stat in SCORE_NEEDS[score]:
-            for layer in hook_sets.get(set_name, []):
-                stats = plan[layer].setdefault(source, [])
-                if stat not in stats:
-                    stats.append(stat)
-    extra = {"pooled": ["mean"], "stats": list(STATS), "raw": list(STATS) + ["map"]}
+    for set_name, source, stat in needs:
+        for layer in hook_sets.get(set_name, []):
+            stats = plan[layer].setdefault(source, [])
+            if stat not in stats:
+                stats.append(stat)
+    extra = {"pooled": ["mean"], "stats": list(STATS), "raw": list(STATS) + [MAP]}
     for layer, policy in policies.items():
         for source in ["act", *objectives]:
             stats = plan.setdefault(layer, {}).setdefault(source, [])
@@ -71,28 +85,45 @@ def build_plan(hook_sets, scores, policies, objectives):
 
 
 def _stat_order(stat):
-    return (list(STATS) + ["map"]).index(stat)
+    return (list(STATS) + [MAP]).index(stat)
 
 
-def missing_for(score, attrs):
-    """Human-readable list of what a cache (its decoded root ``attrs``) lacks for ``score``
-    (empty when it has all)."""
-    hook_sets, plan = attrs["hook_sets"], attrs["plan"]
-    problems = []
-    if SCORE_PASSES.get(score) == "odin" and not attrs.get("odin"):
-        problems.append("no ODIN pass was recorded (extract with --score odin, --odin T,EPS)")
-    if SCORE_PASSES.get(score) == "tracking" and not attrs.get("tracked_parameters"):
-        problems.append("no gradient-tracking norms were recorded (extract with --score tracking)")
-    if SCORE_PASSES.get(score) == "mahalanobis" and not attrs.get("mahalanobis"):
-        problems.append("no multi-layer Mahalanobis scores were recorded (extract with "
-                        "--maha-fit TRAIN_CACHE; the validation set also with --maha-adversarial)")
-    for set_name, source, stat in SCORE_NEEDS[score]:
+def holds(attrs, layer, source, stat):
+    """True when the cache stores ``stat`` of ``source`` at ``layer`` (or the map it is
+    computed from, for a statistic)."""
+    stored = attrs["plan"].get(layer, {}).get(source, [])
+    return stat in stored or (stat != MAP and MAP in stored)
+
+
+def missing(needs, passes, attrs):
+    """Human-readable list of what a cache (its decoded root ``attrs``) lacks for ``needs``
+    and ``passes`` (empty when it has all)."""
+    problems = [_PASS_HOW[p] for p in passes if not attrs.get(_PASS_ATTR[p])]
+    hook_sets = attrs["hook_sets"]
+    for set_name, source, stat in needs:
         layers = hook_sets.get(set_name)
         if not layers:
             problems.append(f"hook set {set_name!r} was not extracted")
             continue
-        absent = [l for l in layers if stat not in plan.get(l, {}).get(source, [])]
+        absent = [l for l in layers if not holds(attrs, l, source, stat)]
         if absent:
             problems.append(f"{source}/{stat} missing for {len(absent)} layer(s) of {set_name!r}, "
                             f"e.g. {absent[0]}")
     return problems
+
+
+def comparable(attrs, needs=(), passes=()):
+    """The parts of a cache's identity that a reader of ``needs`` and ``passes`` depends on:
+    the model (``schema.MODEL_FIELDS``), the layers and shapes of the hook sets read, and
+    the recipe of the Mahalanobis pass. Two caches may be compared by a score when these
+    agree (``schema.differing``)."""
+    ident = identity(attrs)
+    out = {k: ident[k] for k in MODEL_FIELDS}
+    for set_name, _, _ in needs:
+        layers = attrs["hook_sets"].get(set_name, [])
+        out[f"hook set {set_name}"] = {l: attrs["layer_shapes"].get(l) for l in layers}
+    if "mahalanobis" in passes:
+        recipe = attrs.get("mahalanobis") or {}
+        out["mahalanobis recipe"] = {k: v for k, v in recipe.items() if k not in ("adversarial", "adv_noise")}
+    return out
+

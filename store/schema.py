@@ -1,59 +1,15 @@
-"""Cache schema, version 1: the one place that defines what a cache file holds.
+"""Cache schema, version 2: the one place that defines what a cache file holds.
+
+The schema is data (``ROOT_ATTRS``, ``DATASETS``): the writer's layout is built from it
+(``layout``), the reader validates every file against it (``validate``), and two caches
+are compared by one function (``differing``). Everything else in this docstring restates
+those tables for readers of the file with plain h5py or h5dump.
 
 One HDF5 file per (model, dataset), ``<cache_dir>/<dataset>.h5``. N samples, K classes,
-D penultimate features; C_l channels of hooked layer l with spatial size H_l x W_l.
-Rows are samples in dataset order everywhere.
-
-Root attributes (JSON strings where marked; plain h5py/h5dump can read them all):
-    schema_version  int, ``SCHEMA_VERSION``
-    complete        bool, set True last, after every dataset is written
-    n_samples       int N
-    dataset         str, dataset name;  dataset_root  str;  split  str
-    arch, num_classes, checkpoint (path), checkpoint_sha256
-    preprocess      JSON, the evaluation transform (name and parameters)
-    objectives      JSON list of backward objectives recorded (see OBJECTIVES)
-    layers          JSON list of hooked module names, in module order
-    layer_shapes    JSON {layer: [C, H, W]} of each hooked module's output
-    hook_sets       JSON {set name: [layer, ...]}; e.g. ``bn``, ``before_head``
-    plan            JSON {layer: {"act": [stat...], objective: [stat...]}}: what was stored
-    policies        JSON {layer: policy}; policies in POLICIES
-    fingerprint     JSON, the fields two caches must share to be compared (FINGERPRINT_FIELDS)
-    torch_version, torchvision_version, device, created, tool_version
-    batch_size      int, rows per batch (batches are rows [k*batch_size, (k+1)*batch_size))
-    world_size      int, processes of the (last) extraction run; 1 unless run under torchrun
-    n_skipped       int, images that could not be read (``--skip-bad``)
-    odin            JSON [[T, epsilon], ...], ODIN passes recorded (may be empty)
-    tracked_parameters  JSON list of parameter names in ``tracking/norms`` (may be empty)
-    mahalanobis     JSON or absent: the multi-layer Mahalanobis recipe (``--maha-fit``):
-                    {"layers": [L names], "magnitudes": [M], "fit_cache": path,
-                    "fit_fingerprint": {...}, "fit_n": int, "adversarial": bool,
-                    "adv_noise": float}
-
-Datasets (float32 unless said; chunked along rows, gzip + shuffle + fletcher32):
-    logits              (N, K)
-    features            (N, D)     pooled penultimate vector, the input of the head
-    labels              (N,) int64 (-1 where the dataset has no labels)
-    paths               (N,) UTF-8 str, the source file, or ``<set>:<index>`` for array datasets
-    skipped             (N,) bool, True where the image was unreadable (row values are zeros)
-    skip_reasons        (N,) UTF-8 str, the decoder's error for skipped rows, "" elsewhere
-    head/weight         (K, D)     head weight (a 1x1 conv head is reshaped)
-    head/bias           (K,)
-    layers/<layer>/act/<stat>               (N, C)  statistic of the forward output
-    layers/<layer>/grad/<objective>/<stat>  (N, C)  statistic of d objective / d output
-    layers/<layer>/act/map                  (N, C, H, W)  ``raw`` policy only
-    layers/<layer>/grad/<objective>/map     (N, C, H, W)  ``raw`` policy only
-    odin/T<T>_eps<epsilon>/logits  (N, K)  logits of the ODIN-perturbed input for one
-                        (temperature, epsilon) pair (root attribute ``odin`` lists the pairs);
-                        not divided by T
-    tracking/norms      (N, K, P)  gradient tracking: L2 norm of the weight gradient of
-                        tracked parameter tensor p (root attribute ``tracked_parameters``)
-                        for the cross-entropy with class k as the label
-    mahalanobis/scores  (M, L) per row: input-preprocessed Mahalanobis score of layer l at
-                        noise magnitude m (root attribute ``mahalanobis``; extract.mahalanobis)
-    mahalanobis/adversarial_scores  (M, L) the same for the row's pseudo-OOD copy
-                        (``--maha-adversarial``; validation caches of the ensemble)
-    (``layers/<penultimate>/act/map`` is the last feature map ASH prunes: the score ``ash``
-    stores it whatever the policy)
+D penultimate features; C, H, W channels and spatial size of a hooked layer's output.
+Rows are samples in dataset order everywhere. Dataset paths may contain placeholders:
+``{layer}`` a hooked module name, ``{objective}`` a backward objective (``OBJECTIVES``),
+``{stat}`` a statistic (``STATS``), ``{pair}`` an ODIN pass name (``odin_name``).
 
 Per-channel statistics over the H x W positions (STATS):
     nonzero   int32, count of entries != 0 (exact: computed before any storage)
@@ -62,12 +18,20 @@ Per-channel statistics over the H x W positions (STATS):
 The gradient recorded is what a tensor hook registered on the module's output receives;
 where an in-place ReLU follows the module, that is the gradient w.r.t. the pre-ReLU
 tensor (as in the authors' hooks). Activations are likewise taken before in-place ops.
+
+Versions: 2 added ``weights_sha256`` (the fingerprint of the loaded tensors), ``family``
+and ``subset`` as declared attributes and ODIN passes with the original ODIN's division
+by the normalisation std. Version 1 caches are still read (their ODIN passes are the
+GradNorm release's, their weights are identified by the checkpoint file's hash).
 """
 import json
+from typing import NamedTuple
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 STATS = ("nonzero", "mean", "abs_mean", "sq_mean", "abs_max")
+MAP = "map"
 
 # Backward objectives (all summed over the batch; per-sample gradients are exact because
 # the model is in eval mode and no sample influences another).
@@ -76,6 +40,7 @@ OBJECTIVES = {
     "log_softmax_sum": "sum_n sum_k log_softmax(z)[n, k]  (GAIA-A pass 1; NAC-UE up to -1/K)",
     "feature_sum": "sum_n sum_d x[n, d], x the head input  (GAIA-A pass 2)",
 }
+SOURCES = ("act", *OBJECTIVES)
 
 # Storage policies per hooked layer.
 POLICIES = {
@@ -85,19 +50,97 @@ POLICIES = {
     "raw": "every statistic plus the full maps, losslessly compressed",
 }
 
-FINGERPRINT_FIELDS = ("schema_version", "arch", "num_classes", "checkpoint_sha256",
-                      "preprocess", "objectives", "layers", "plan", "odin", "tracked_parameters")
 
-REQUIRED_ROOT_ATTRS = ("schema_version", "complete", "n_samples", "dataset", "arch",
-                       "checkpoint_sha256", "preprocess", "objectives", "layers",
-                       "layer_shapes", "hook_sets", "plan", "fingerprint")
+class Attr(NamedTuple):
+    """A root attribute: its Python type after decoding, JSON-encoded or not, required or not."""
+    kind: type
+    json: bool
+    required: bool
+    doc: str
+
+
+ROOT_ATTRS = {
+    "schema_version": Attr(int, False, True, "SCHEMA_VERSION of the writer"),
+    "complete": Attr(bool, False, True, "set True last, after every dataset is written"),
+    "n_samples": Attr(int, False, True, "N"),
+    "dataset": Attr(str, False, True, "dataset name"),
+    "dataset_root": Attr(str, False, False, "folder (or list file) the images came from"),
+    "benchmark": Attr(str, False, False, "benchmark preset of the extraction, empty for custom sets"),
+    "split": Attr(str, False, False, "test or train"),
+    "subset": Attr(dict, True, False, '{"limit": int or null, "balanced": bool}'),
+    "arch": Attr(str, False, True, "architecture name (extract.models)"),
+    "family": Attr(str, False, False, "architecture family: cifar_resnet, wrn, bit, torchvision"),
+    "num_classes": Attr(int, False, True, "K"),
+    "checkpoint": Attr(str, False, False, "checkpoint path at extraction"),
+    "checkpoint_sha256": Attr(str, False, True, "SHA-256 of the checkpoint file"),
+    "weights_sha256": Attr(str, False, False, "SHA-256 of the loaded tensors (names, shapes, float32 values)"),
+    "preprocess": Attr(dict, True, True, "the evaluation transform: name and steps"),
+    "objectives": Attr(list, True, True, "backward objectives recorded (OBJECTIVES)"),
+    "layers": Attr(list, True, True, "hooked module names, in module order"),
+    "layer_shapes": Attr(dict, True, True, "{layer: [C, H, W]} of each hooked module's output"),
+    "hook_sets": Attr(dict, True, True, "{set name: [layer, ...]}, e.g. bn, before_head"),
+    "plan": Attr(dict, True, True, '{layer: {"act" | objective: [stat, ...]}}: what was stored'),
+    "policies": Attr(dict, True, False, "{layer: policy} (POLICIES)"),
+    "fingerprint": Attr(dict, True, True, "the identity fields (FINGERPRINT_FIELDS) at extraction"),
+    "odin": Attr(list, True, False, "ODIN passes: [[T, epsilon, std_divided], ...]"),
+    "odin_std": Attr(list, True, False, "per-channel normalisation std the ODIN gradient is divided by"),
+    "tracked_parameters": Attr(list, True, False, "parameter names in tracking/norms"),
+    "mahalanobis": Attr(dict, True, False, "multi-layer Mahalanobis recipe (extract.mahalanobis)"),
+    "batch_size": Attr(int, False, False, "rows per batch: batches are rows [k*B, (k+1)*B)"),
+    "world_size": Attr(int, False, False, "processes of the (last) extraction run"),
+    "n_skipped": Attr(int, False, False, "images that could not be read (--skip-bad)"),
+    "torch_version": Attr(str, False, False, ""), "torchvision_version": Attr(str, False, False, ""),
+    "device": Attr(str, False, False, ""), "created": Attr(str, False, False, "UTC time of assembly"),
+    "tool_version": Attr(str, False, False, ""),
+}
+JSON_ATTRS = tuple(k for k, a in ROOT_ATTRS.items() if a.json)
+REQUIRED_ROOT_ATTRS = tuple(k for k, a in ROOT_ATTRS.items() if a.required)
+
+
+class Dataset(NamedTuple):
+    """A dataset: row shape in symbols (``per_row`` False: the whole shape), dtype, meaning."""
+    shape: tuple
+    dtype: str
+    per_row: bool
+    doc: str
+
+
+DATASETS = {
+    "logits": Dataset(("K",), "float32", True, "logits"),
+    "features": Dataset(("D",), "float32", True, "pooled penultimate vector, the input of the head"),
+    "labels": Dataset((), "int64", True, "class label, -1 where the dataset has none"),
+    "paths": Dataset((), "str", True, "source file, or <set>:<index> for array datasets"),
+    "skipped": Dataset((), "bool", True, "True where the image was unreadable (row values are zeros)"),
+    "skip_reasons": Dataset((), "str", True, "the decoder's error for skipped rows, empty elsewhere"),
+    "head/weight": Dataset(("K", "D"), "float32", False, "head weight (a 1x1 conv head is reshaped)"),
+    "head/bias": Dataset(("K",), "float32", False, "head bias"),
+    "layers/{layer}/act/{stat}": Dataset(("C",), "float32", True, "statistic of the forward output"),
+    "layers/{layer}/act/map": Dataset(("C", "H", "W"), "float32", True, "forward output (raw policy)"),
+    "layers/{layer}/grad/{objective}/{stat}": Dataset(("C",), "float32", True,
+                                                      "statistic of d objective / d output"),
+    "layers/{layer}/grad/{objective}/map": Dataset(("C", "H", "W"), "float32", True,
+                                                   "d objective / d output (raw policy)"),
+    "odin/{pair}/logits": Dataset(("K",), "float32", True,
+                                  "logits of the ODIN-perturbed input (not divided by T)"),
+    "tracking/norms": Dataset(("K", "P"), "float32", True,
+                              "L2 norm of the weight gradient of tracked tensor p for the "
+                              "cross-entropy with class k as the label"),
+    "mahalanobis/scores": Dataset(("M", "L"), "float32", True,
+                                  "input-preprocessed Mahalanobis score of layer l at magnitude m"),
+    "mahalanobis/adversarial_scores": Dataset(("M", "L"), "float32", True,
+                                              "the same for the row's pseudo-OOD copy"),
+}
 REQUIRED_DATASETS = ("logits", "features", "labels", "paths", "skipped", "head/weight", "head/bias")
-JSON_ATTRS = ("preprocess", "objectives", "layers", "layer_shapes", "hook_sets", "plan",
-              "policies", "fingerprint", "odin", "tracked_parameters", "mahalanobis")
+STRING_DATASETS = ("paths", "skip_reasons")
 TRACKING_PATH = "tracking/norms"
 MAHA_SCORES = "mahalanobis/scores"
 MAHA_ADVERSARIAL = "mahalanobis/adversarial_scores"
-STRING_DATASETS = ("paths", "skip_reasons")
+
+# What two caches must share to be compared, by what a score reads. ``model`` fields
+# apply to every comparison; the rest only when the score reads that part of the cache.
+MODEL_FIELDS = ("arch", "num_classes", "weights", "preprocess")
+FINGERPRINT_FIELDS = ("schema_version", "arch", "num_classes", "checkpoint_sha256", "weights_sha256",
+                      "preprocess", "objectives", "layers", "plan", "odin", "tracked_parameters")
 
 
 class CacheError(Exception):
@@ -105,21 +148,139 @@ class CacheError(Exception):
 
 
 def stat_path(layer, source, stat):
-    """HDF5 path of a per-channel statistic; ``source`` is ``"act"`` or an objective name."""
+    """HDF5 path of a per-channel statistic (or ``map``); ``source`` is ``"act"`` or an objective."""
     if source == "act":
         return f"layers/{layer}/act/{stat}"
     return f"layers/{layer}/grad/{source}/{stat}"
 
 
-def odin_path(temperature, epsilon):
-    """HDF5 path of the perturbed logits of one ODIN (temperature, epsilon) pair."""
-    return f"odin/T{float(temperature):g}_eps{float(epsilon):g}/logits"
+def odin_name(temperature, epsilon, std_divided=False):
+    """Name of one ODIN pass: ``T<T>_eps<epsilon>`` (+ ``_std`` when the input gradient was
+    divided by the normalisation std, as the original ODIN code and OpenOOD do)."""
+    return f"T{float(temperature):g}_eps{float(epsilon):g}" + ("_std" if std_divided else "")
+
+
+def odin_path(temperature, epsilon, std_divided=False):
+    """HDF5 path of the perturbed logits of one ODIN pass."""
+    return f"odin/{odin_name(temperature, epsilon, std_divided)}/logits"
+
+
+def odin_pairs(attrs):
+    """Recorded ODIN passes of a cache as ``[(T, epsilon, std_divided)]`` (version 1: no std)."""
+    return [(float(p[0]), float(p[1]), bool(p[2]) if len(p) > 2 else False) for p in attrs.get("odin") or []]
+
+
+def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), maha=None):
+    """``{dataset path: (row shape, numpy dtype name)}`` of every per-row dataset a cache
+    with this plan holds, resolved from ``DATASETS``. ``odin``: [(T, eps, std_divided)];
+    ``tracked``: parameter names; ``maha``: the Mahalanobis recipe or None."""
+    sym = {"K": num_classes, "D": feature_dim, "P": len(tracked),
+           "M": len((maha or {}).get("magnitudes", [])), "L": len((maha or {}).get("layers", []))}
+
+    def entry(key, **dim):
+        spec = DATASETS[key]
+        return tuple(int({**sym, **dim}[s]) for s in spec.shape), spec.dtype
+
+    out = {name: entry(name) for name, spec in DATASETS.items()
+           if spec.per_row and "{" not in name and "/" not in name}
+    for layer, sources in plan.items():
+        c, h, w = layer_shapes[layer]
+        for source, stats in sources.items():
+            for stat in stats:
+                key = ("layers/{layer}/act/" if source == "act" else "layers/{layer}/grad/{objective}/")
+                key += "map" if stat == MAP else "{stat}"
+                shape, dtype = entry(key, C=c, H=h, W=w)
+                out[stat_path(layer, source, stat)] = (shape, "int32" if stat == "nonzero" else dtype)
+    for pair in odin:
+        out[odin_path(*pair)] = entry("odin/{pair}/logits")
+    if tracked:
+        out[TRACKING_PATH] = entry(TRACKING_PATH)
+    if maha:
+        out[MAHA_SCORES] = entry(MAHA_SCORES)
+        if maha.get("adversarial"):
+            out[MAHA_ADVERSARIAL] = entry(MAHA_ADVERSARIAL)
+    return out
+
+
+def validate(attrs, datasets, where):
+    """Check decoded root ``attrs`` and ``datasets`` ({path: (shape, dtype name)}, whole
+    shapes) against the schema; raises CacheError naming the first problems."""
+    missing = [a for a in REQUIRED_ROOT_ATTRS if a not in attrs]
+    if missing:
+        raise CacheError(f"{where}: not a cache of this tool (missing attributes: {', '.join(missing)})")
+    version = attrs["schema_version"]
+    if version > SCHEMA_VERSION:
+        raise CacheError(f"{where}: written with cache schema version {version}, newer than this "
+                         f"tool reads ({SCHEMA_VERSION}); upgrade gradood (pip install -U gradood "
+                         "or pull the newest version) to read it")
+    if version not in READABLE_VERSIONS:
+        raise CacheError(f"{where}: cache schema version {version} is no longer read (this tool "
+                         f"reads {', '.join(map(str, READABLE_VERSIONS))}); re-extract it")
+    for name, value in attrs.items():
+        spec = ROOT_ATTRS.get(name)
+        if spec is not None and value is not None and not isinstance(value, spec.kind):
+            raise CacheError(f"{where}: attribute {name!r} should be {spec.kind.__name__}, "
+                             f"got {type(value).__name__}; the file was not written by this tool")
+    if "head/weight" not in datasets:
+        raise CacheError(f"{where}: damaged cache, datasets missing: head/weight")
+    k, d = attrs["num_classes"], datasets["head/weight"][0][1]
+    want = layout(k, d, attrs["plan"], attrs["layer_shapes"], odin_pairs(attrs),
+                  attrs.get("tracked_parameters") or [], attrs.get("mahalanobis"))
+    for optional in ("skip_reasons", MAHA_ADVERSARIAL):
+        if optional not in datasets:
+            want.pop(optional, None)
+    absent = [p for p in [*REQUIRED_DATASETS, *want] if p not in datasets]
+    if absent:
+        raise CacheError(f"{where}: damaged cache, datasets missing: {', '.join(absent[:5])}")
+    n = attrs["n_samples"]
+    for path, (row_shape, dtype) in want.items():
+        shape, got = datasets[path]
+        if tuple(shape) != (n, *row_shape) or not _same_dtype(got, dtype):
+            raise CacheError(f"{where}: dataset {path} is {got} {tuple(shape)}, the schema says "
+                             f"{dtype} {(n, *row_shape)}; the file was not written by this tool "
+                             "or is damaged")
+    weight_shape = tuple(datasets["head/weight"][0])
+    if weight_shape[0] != k or tuple(datasets.get("head/bias", ((),))[0]) != (k,):
+        raise CacheError(f"{where}: head/weight {weight_shape} and head/bias do not fit "
+                         f"num_classes = {k}; the file is damaged")
+
+
+def _same_dtype(got, want):
+    if want == "str":
+        return got in ("object", "str") or got.startswith("|S") or got.startswith("<U")
+    return got == want
+
+
+def identity(attrs):
+    """The comparable identity of a cache: ``MODEL_FIELDS`` plus the extraction fields."""
+    out = {k: attrs.get(k) for k in FINGERPRINT_FIELDS}
+    out["weights"] = attrs.get("weights_sha256") or attrs.get("checkpoint_sha256")
+    return out
 
 
 def fingerprint(attrs):
-    """The comparable identity of a cache, from its (decoded) root attributes."""
+    """The fingerprint stored in a cache, from its (decoded) root attributes."""
     return {k: attrs.get(k) for k in FINGERPRINT_FIELDS}
 
 
+def differing(a, b, fields=None, prefix=""):
+    """Dotted names of the fields that differ between two JSON-like dicts (only ``fields``
+    at the top level when given). The one comparison used for resumes, fits and tables."""
+    out = []
+    keys = sorted(set(a) | set(b)) if fields is None else list(fields)
+    for key in keys:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differing(va, vb, None, f"{prefix}{key}.")
+        elif _canonical(va) != _canonical(vb):
+            out.append(prefix + key)
+    return out
+
+
+def _canonical(value):
+    return json.loads(json.dumps(value, sort_keys=True)) if value is not None else None
+
+
 def dumps(value):
+    """Canonical JSON text of an attribute value."""
     return json.dumps(value, sort_keys=True)

@@ -18,7 +18,7 @@ import shutil
 import h5py
 import numpy as np
 
-from .schema import STRING_DATASETS, CacheError, dumps
+from .schema import STRING_DATASETS, CacheError, differing, dumps
 
 PART_RE = re.compile(r"rows-(\d{9})-(\d{9})\.h5$")
 ROWS_PER_CHUNK = 64
@@ -26,6 +26,53 @@ ROWS_PER_CHUNK = 64
 
 def parts_dir(cache_path):
     return cache_path + ".parts"
+
+
+def run_identity(attrs):
+    """What makes two extractions of one dataset the same: the fingerprint (model, weights,
+    preprocessing, layers, plan, passes) and the data (name, root, split, subset, rows)."""
+    return {"fingerprint": attrs["fingerprint"], "dataset": attrs["dataset"],
+            "dataset_root": attrs.get("dataset_root"), "split": attrs.get("split"),
+            "subset": attrs.get("subset"), "n_samples": attrs.get("n_samples")}
+
+
+class CacheLock:
+    """An exclusive lock on one cache (``<cache>.h5.lock``, holding the owner's pid).
+
+    ``acquire`` raises CacheError naming the process that holds it; the operating system
+    releases it when that process ends, however it ends.
+    """
+
+    def __init__(self, cache_path):
+        self.path = cache_path + ".lock"
+        self._fd = None
+
+    def acquire(self):
+        import fcntl
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CacheError(f"{self.path[:-5]} is being written by another extraction (pid "
+                             f"{holder}); wait for it to finish or stop it, then rerun") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            import fcntl
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 def _fsync_file(path):
@@ -87,8 +134,8 @@ class CacheWriter:
     """Writes one cache: ``write_rows`` per batch, then ``assemble``.
 
     cache_path: final ``.h5`` path. attrs: root attributes (JSON-able values; dicts and
-    lists are stored as JSON strings). layout: ``{dataset path: (row shape, numpy dtype)}``
-    for every per-sample dataset. constants: ``{dataset path: array}`` written once
+    lists are stored as JSON strings). layout: ``{dataset path: (row shape, dtype name)}``
+    for every per-sample dataset (``store.schema.layout``). constants: ``{dataset path: array}`` written once
     (the head). n_samples: total rows.
     """
 
@@ -99,9 +146,9 @@ class CacheWriter:
         self.layout = layout
         self.constants = constants
         self.n_samples = n_samples
-        self.identity = {"fingerprint": attrs["fingerprint"], "dataset": attrs["dataset"],
-                         "dataset_root": attrs.get("dataset_root"), "split": attrs.get("split"),
-                         "n_samples": n_samples}
+        self.identity = {**run_identity(attrs), "n_samples": n_samples,
+                         "batch_size": attrs.get("batch_size")}
+        self._lock = None
 
     def start(self, prepare=True):
         """Prepare the parts folder; returns the rows written from row 0 without a gap.
@@ -111,6 +158,8 @@ class CacheWriter:
         rank 0 prepared the folder) only checks the identity and touches nothing.
         """
         run_file = os.path.join(self.dir, "run.json")
+        if prepare and self._lock is None:
+            self._lock = CacheLock(self.cache_path).acquire()
         if not prepare:
             if not os.path.exists(run_file):
                 raise CacheError(f"{run_file} is missing: rank 0 did not prepare {self.dir} "
@@ -121,8 +170,15 @@ class CacheWriter:
             with open(run_file) as f:
                 before = json.load(f)
             now = json.loads(dumps(self.identity))
-            diff = _differing(before, now)
+            diff = differing(before, now)
+            if diff == ["batch_size"]:
+                self.release()
+                raise CacheError(
+                    f"{self.dir} holds an unfinished run with --batch-size {before['batch_size']}; "
+                    f"resume it with --batch-size {before['batch_size']} (rows are computed in "
+                    "fixed batches), or delete the folder to start over")
             if diff:
+                self.release()
                 raise CacheError(
                     f"{self.dir} holds an unfinished run with different settings "
                     f"({', '.join(diff)}); rerun it with the same settings to resume, or "
@@ -140,6 +196,12 @@ class CacheWriter:
                 if name.endswith(".tmp"):
                     os.remove(os.path.join(self.dir, name))
         return contiguous_rows(list_parts(self.dir))
+
+    def release(self):
+        """Release the cache lock (``assemble`` does it; call it after a failed run)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def missing(self, lo=0, hi=None):
         """Row ranges of ``[lo, hi)`` (default: all rows) that are still to write."""
@@ -168,38 +230,88 @@ class CacheWriter:
                              "to resume") from err
 
     def assemble(self):
-        """Stream all parts into the final file, mark it complete, remove the parts."""
+        """Stream all parts into the final file, mark it complete, remove the parts.
+
+        An interrupt (Ctrl-C) during assembly is held until the file is complete (or the
+        assembly failed), then raised, so the run stops and no half-written file remains.
+        On a write error every HDF5 object is closed in order before the error is raised.
+        """
         parts = list_parts(self.dir)
         if contiguous_rows(parts) != self.n_samples:
             raise CacheError(f"{self.dir}: only {covered_rows(parts)} of {self.n_samples} rows "
                              "written; rerun the extract command to finish")
         tmp = self.cache_path + ".tmp"
-        try:
-            with h5py.File(tmp, "w") as out:
-                for key, value in self.attrs.items():
-                    out.attrs[key] = _attr_value(value)
-                out.attrs["complete"] = False
-                for path, value in self.constants.items():
-                    out.create_dataset(path, data=value, fletcher32=True)
-                for path, (row_shape, dtype) in self.layout.items():
-                    _create_rows_dataset(out, path, self.n_samples, row_shape, dtype)
-                for start, stop, part in parts:
-                    with h5py.File(part, "r") as src:
-                        for path in self.layout:
-                            out[path][start:stop] = src[path][...]
-                if "skipped" in self.layout:
-                    out.attrs["n_skipped"] = int(np.count_nonzero(out["skipped"][...]))
-                out.flush()
-                out.attrs["complete"] = True
-            _fsync_file(tmp)
-            os.replace(tmp, self.cache_path)
-        except OSError as err:
-            if os.path.exists(tmp):
+        with _interrupts_deferred() as interrupted:
+            failure = self._write_final(tmp, parts)
+            if failure is None:
+                os.replace(tmp, self.cache_path)
+                shutil.rmtree(self.dir)
+            elif os.path.exists(tmp):
                 os.remove(tmp)
-            raise CacheError(f"could not assemble {self.cache_path}: {err}. The parts in "
-                             f"{self.dir} are kept; rerun the same command to retry") from err
-        shutil.rmtree(self.dir)
+        self.release()
+        if failure is not None:
+            raise CacheError(f"could not assemble {self.cache_path}: {failure}. The parts in "
+                             f"{self.dir} are kept; free space or fix the error, then rerun the "
+                             "same command to retry")
+        if interrupted:
+            raise KeyboardInterrupt
         return self.cache_path
+
+    def _write_final(self, tmp, parts):
+        """Write the final file at ``tmp``; returns None, or the error text of a failure."""
+        out = None
+        try:
+            out = h5py.File(tmp, "w")
+            for key, value in self.attrs.items():
+                out.attrs[key] = _attr_value(value)
+            out.attrs["complete"] = False
+            for path, value in self.constants.items():
+                out.create_dataset(path, data=value, fletcher32=True)
+            for path, (row_shape, dtype) in self.layout.items():
+                _create_rows_dataset(out, path, self.n_samples, row_shape, dtype)
+            for start, stop, part in parts:
+                with h5py.File(part, "r") as src:
+                    for path in self.layout:
+                        out[path][start:stop] = src[path][...]
+            if "skipped" in self.layout:
+                out.attrs["n_skipped"] = int(np.count_nonzero(out["skipped"][...]))
+            out.flush()
+            out.attrs["complete"] = True
+            out.close()
+            out = None
+            _fsync_file(tmp)
+            return None
+        except (OSError, RuntimeError, ValueError) as err:
+            text = str(err)
+            err.__traceback__ = None
+            del err
+            return text
+        finally:
+            if out is not None:
+                try:
+                    out.close()
+                except Exception:
+                    pass
+            import gc
+            gc.collect()
+
+
+class _interrupts_deferred:
+    """Context manager: SIGINT sets a flag instead of raising (main thread only)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.flag = []
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, lambda *a: self.flag.append(True))
+        return self.flag
+
+    def __exit__(self, *exc):
+        import signal
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 class BackgroundWriter:
@@ -262,15 +374,3 @@ def _create_rows_dataset(f, path, n, row_shape, dtype):
     return f.create_dataset(path, shape=(n, *row_shape), dtype=dtype,
                             chunks=(rows, *row_shape), compression="gzip",
                             compression_opts=4, shuffle=True, fletcher32=True)
-
-
-def _differing(a, b, prefix=""):
-    """Dotted names of the fields that differ between two JSON-like dicts."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differing(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(prefix + key)
-    return out

@@ -238,8 +238,11 @@ def ash(x, percentile, variant):
     return out
 
 
-def odin(model, images, temperature, epsilon):
-    """GradNorm release ``iterate_data_odin`` on one batch: MSP at T of the perturbed input."""
+def odin(model, images, temperature, epsilon, std=None):
+    """GradNorm release ``iterate_data_odin`` on one batch: MSP at T of the perturbed input.
+
+    std: per-channel normalisation std; given, the sign gradient is divided by it before
+    the step, as the original ODIN code (``calData.py``) and OpenOOD's postprocessor do."""
     x = images.clone().requires_grad_(True)
     with torch.enable_grad():
         out = model(x)
@@ -247,8 +250,12 @@ def odin(model, images, temperature, epsilon):
         loss = torch.nn.CrossEntropyLoss()(out / temperature, labels)
         loss.backward()
     gradient = (torch.ge(x.grad.data, 0).float() - 0.5) * 2
+    if std is not None:
+        for c in range(gradient.shape[1]):
+            gradient[:, c] = gradient[:, c] / std[c]
     with torch.no_grad():
-        out = model(x.data - epsilon * gradient) / temperature
+        out = torch.add(x.data, gradient, alpha=-epsilon) if std is not None else x.data - epsilon * gradient
+        out = model(out) / temperature
     out = out.numpy().astype(np.float64)
     out = out - out.max(axis=1, keepdims=True)
     p = np.exp(out) / np.exp(out).sum(axis=1, keepdims=True)

@@ -4,8 +4,11 @@ import os
 import numpy as np
 import torch
 
+from analyze.evaluation import fit_estimator, fitted_state, restore, score_cache
+from analyze.registry import entry, requirements
+from extract import ExtractConfig, Provenance, extract_to_cache
 from extract.datasets import ImageSet
-from extract.runner import ExtractionPlan, resolve_hooks, run_extraction
+from store.reader import CacheReader
 
 
 def randomize_norms(model, seed=0):
@@ -41,17 +44,46 @@ def image_set(images, labels=None):
 
 
 def extract_tensor(model, arch, images, cache_file, scores, hooks=(), policies=None,
-                   batch_size=4, name="set", labels=None, odin_pairs=((1000.0, 0.0014),), maha=None):
-    """Extract ``images`` with ``model`` into ``cache_file``; returns the path."""
-    model = model.eval().requires_grad_(False)
-    hook_sets = resolve_hooks(model, arch, hooks, scores)
-    plan = ExtractionPlan(model, arch, hook_sets, scores, policies or {}, tuple(images.shape[1:]),
-                          torch.device("cpu"), odin_pairs, maha)
-    meta = {"checkpoint": "in-memory", "checkpoint_sha256": "test", "preprocess": {"name": "none"},
-            "dataset": name, "dataset_root": "", "split": "test"}
+                   batch_size=4, name="set", labels=None, odin_pairs=((1000.0, 0.0014),), maha=None,
+                   params=None, truncate=True):
+    """Extract ``images`` with ``model`` into ``cache_file`` for ``scores``; returns the path."""
+    needs, passes = requirements(scores, params)
+    if maha:
+        passes = (*passes, "mahalanobis")
+    policies = dict(policies or {})
+    config = ExtractConfig(arch=arch, needs=needs, passes=passes, hooks=tuple(hooks),
+                           policy=policies.pop("*", "scores"), store=policies, odin=tuple(odin_pairs),
+                           odin_std=(0.5, 0.5, 0.5), maha=maha, batch_size=batch_size, device="cpu",
+                           progress=False, truncate_backward=truncate)
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    return run_extraction(model, arch, image_set(images, labels), plan, cache_file, meta,
-                          batch_size, torch.device("cpu"), progress=False)
+    return extract_to_cache(model, image_set(images, labels), cache_file, config,
+                            Provenance(dataset=name, checkpoint_sha256="test", weights_sha256="test"))
+
+
+def fit_score(reader, score, **params):
+    """A fitted estimator of ``score`` on the open cache ``reader``."""
+    return fit_estimator(reader, score, params)
+
+
+def compute_score(reader, score, fitted=None, **params):
+    """Scores (N,) of an open cache; ``fitted``: an estimator from ``fit_score``."""
+    if fitted is None:
+        est = entry(score).make(params)
+    elif params and hasattr(fitted, "__dict__"):     # the same fit, other scoring parameters
+        est = restore(score, params, fitted_state(fitted))
+    else:
+        est = fitted
+    return score_cache(reader, score, est, params)
+
+
+def compute(path, score, train=None, **params):
+    """Scores (N,) of the cache at ``path``; fitted scores are fitted on the cache ``train``."""
+    with CacheReader(path) as reader:
+        est = entry(score).make(params)
+        if entry(score).fitted:
+            with CacheReader(train or path) as t:
+                est = fit_estimator(t, score, params)
+        return score_cache(reader, score, est, params)
 
 
 def rel_err(a, b):

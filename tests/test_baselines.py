@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.covariance import EmpiricalCovariance
 
 import authors_reference as ref
-from analyze.scores import compute_score, fit_score
+from helpers import compute_score, fit_score
 from extract.models import build_model
 from helpers import extract_tensor, randomize_norms, rel_err
 from store.reader import CacheReader
@@ -28,7 +28,7 @@ def wrn(tmp_path_factory):
     train, test = _images(200, 32, 1), _images(16, 32, 2) * 1.5
     labels = torch.arange(200) % 10
     d = tmp_path_factory.mktemp("wrn")
-    scores = ["mahalanobis", "react", "knn", "vim", "ash"]
+    scores = ["mahalanobis", "react", "knn", "vim", "ash", "ash_map"]
     tr = extract_tensor(model, "wrn_40_2", train, str(d / "train.h5"), scores, batch_size=50,
                         labels=labels, name="train")
     te = extract_tensor(model, "wrn_40_2", test, str(d / "test.h5"), scores, batch_size=8)
@@ -90,7 +90,23 @@ def test_vim_matches_paper(wrn):
 
 
 @pytest.mark.parametrize("variant", ["ash_s", "ash_b", "ash_p"])
-def test_ash_matches_release_definition(wrn, variant):
+def test_ash_matches_release_placement(wrn, variant):
+    """ASH as andrijazz/ash applies it: on the pooled (N, C, 1, 1) activation, then the head."""
+    model, (_, _, test), paths, (_, (xq, _)) = wrn
+    with torch.no_grad():
+        for p in (90.0, 95.0, 65.0):
+            shaped = ref.ash(xq.double()[:, :, None, None].clone(), p, variant)
+            expected = torch.logsumexp(model.fc.double()(shaped.flatten(1)), dim=1).numpy()
+            model.fc.float()
+            with CacheReader(paths[1]) as r:
+                got = compute_score(r, "ash", percentile=p, variant=variant)
+            assert rel_err(got, expected) <= 1e-6
+            with CacheReader(paths[1]) as r:      # the map placement is another method
+                assert not np.allclose(compute_score(r, "ash_map", percentile=p, variant=variant), got)
+
+
+@pytest.mark.parametrize("variant", ["ash_s", "ash_b", "ash_p"])
+def test_ash_map_ablation_prunes_the_map(wrn, variant):
     model, (_, _, test), paths, _ = wrn
     with torch.no_grad():
         maps = ref.penultimate_map(model, test, "relu").double()
@@ -99,7 +115,7 @@ def test_ash_matches_release_definition(wrn, variant):
             expected = torch.logsumexp(model.fc.double()(shaped.mean(dim=(2, 3))), dim=1).numpy()
             model.fc.float()
             with CacheReader(paths[1]) as r:
-                got = compute_score(r, "ash", percentile=p, variant=variant)
+                got = compute_score(r, "ash_map", percentile=p, variant=variant)
             assert rel_err(got, expected) <= 1e-6
 
 
@@ -110,24 +126,39 @@ def resnet(tmp_path_factory):
     model = randomize_norms(build_model("resnet18", 10))
     train, test = _images(40, 32, 3), _images(8, 32, 4)
     d = tmp_path_factory.mktemp("r18")
-    pairs = [(1000.0, 0.0014), (10.0, 0.05)]
+    pairs = [(1000.0, 0.0014), (10.0, 0.05), (1000.0, 0.0028, True), (1000.0, 0.0)]
+    every = {"nac": {"layers": ["avgpool", "layer1", "layer2", "layer3", "layer4"]}}
     tr = extract_tensor(model, "resnet18", train, str(d / "train.h5"), ["nac", "odin"],
-                        batch_size=8, labels=torch.arange(40) % 10, name="train", odin_pairs=pairs)
+                        batch_size=8, labels=torch.arange(40) % 10, name="train", odin_pairs=pairs,
+                        params=every)
     te = extract_tensor(model, "resnet18", test, str(d / "test.h5"), ["nac", "odin"],
-                        batch_size=4, odin_pairs=pairs)
+                        batch_size=4, odin_pairs=pairs, params=every)
     return model, train, test, (tr, te), pairs
 
 
 def test_odin_equals_per_batch_autograd(resnet):
+    """Every recorded pass equals the release's separate forward-backward-forward; passes
+    sharing a temperature share one backward and one batched perturbed forward (batched
+    convolutions may round differently: 1e-5 relative)."""
     model, _, test, (_, te), pairs = resnet
     with CacheReader(te) as r:
-        for t, eps in pairs:
-            expected = np.concatenate([ref.odin(model, test[i:i + 4], t, eps) for i in range(0, 8, 4)])
-            got = compute_score(r, "odin", temperature=t, epsilon=eps)
+        for t, eps, *std in pairs:
+            divided = bool(std and std[0])
+            expected = np.concatenate([ref.odin(model, test[i:i + 4], t, eps, (0.5, 0.5, 0.5) if divided else None)
+                                       for i in range(0, 8, 4)])
+            got = compute_score(r, "odin", temperature=t, epsilon=eps, std=divided)
             assert rel_err(got, expected) <= 1e-5
         # the input perturbation is really applied: epsilon 0 gives other scores
         assert not np.allclose(compute_score(r, "odin", temperature=10.0, epsilon=0.05),
                                ref.odin(model, test, 10.0, 0.0))
+        # the std division really changes the step (0.0028 / 0.5 = 0.0056 per unit)
+        assert not np.allclose(compute_score(r, "odin", temperature=1000.0, epsilon=0.0028, std=True),
+                               ref.odin(model, test, 1000.0, 0.0028), rtol=1e-9, atol=0)
+        # a temperature alone picks the first recorded pass at that temperature
+        np.testing.assert_array_equal(compute_score(r, "odin", temperature=10.0),
+                                      compute_score(r, "odin", temperature=10.0, epsilon=0.05))
+        with pytest.raises(Exception, match="recorded: T=1000 eps=0.0014"):
+            compute_score(r, "odin", temperature=5.0)
 
 
 @pytest.mark.parametrize("layers,hyper", [

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from analyze.scores import compute_score
+from helpers import compute_score
 from extract.demo_data import build_demo_data
 from extract.models import build_model
 from helpers import randomize_norms

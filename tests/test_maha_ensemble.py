@@ -6,11 +6,12 @@ import torch
 from sklearn.linear_model import LogisticRegressionCV
 
 import authors_reference as ref
-from analyze.feature_scores import fit_layer_gaussians
-from analyze.maha_ensemble import fit_ensemble, score_ensemble
+from types import SimpleNamespace
+
 from analyze.metrics import fpr_at_recall
-from analyze.scores import compute_score, fit_score
 from extract.cli_support import _maha_setup
+from helpers import compute_score, fit_score
+from store.gaussian import fit_layer_gaussians
 from extract.models import build_model
 from helpers import extract_tensor, randomize_norms, rel_err
 from store.reader import CacheReader
@@ -31,10 +32,10 @@ def setup(tmp_path_factory):
     train_y = torch.arange(320) % 4
     test_x = torch.rand(24, 3, 32, 32, generator=g)
     test_y = torch.arange(24) % 4
-    train = extract_tensor(model, "wrn_40_2", train_x, str(tmp / "train.h5"), ["nac"],
-                           batch_size=64, labels=train_y, name="train")
+    train = extract_tensor(model, "wrn_40_2", train_x, str(tmp / "train.h5"), ["msp"], hooks=["nac"],
+                           policies={"*": "pooled"}, batch_size=64, labels=train_y, name="train")
     maha = _maha_setup(model, "wrn_40_2", "test", {"name": "none"}, torch.device("cpu"),
-                       train, MAGNITUDES, True)
+                       SimpleNamespace(maha_fit=train, maha_magnitudes=MAGNITUDES, maha_adversarial=True))
     test = extract_tensor(model, "wrn_40_2", test_x, str(tmp / "val.h5"), ["msp"], batch_size=10,
                           labels=test_y, name="val", maha=maha)
     return model, (train_x, train_y), (test_x, test_y), train, test
@@ -89,9 +90,9 @@ def test_ensemble_fits_and_selects_as_the_release(setup):
         reg = LogisticRegressionCV(n_jobs=-1).fit(np.concatenate([clean[:m, j], adv[:m, j]]), y)
         regs.append(reg)
         fprs.append(fpr_at_recall(-reg.predict_proba(clean[m:, j])[:, 1], -reg.predict_proba(adv[m:, j])[:, 1]))
-    np.testing.assert_allclose(fitted["fpr"], fprs)
+    np.testing.assert_allclose(fitted.fpr_, fprs)
     best = int(np.argmin(fprs))            # argmin returns the first minimum, as `fpr < best_fpr`
-    assert int(fitted["best"]) == best
+    assert int(fitted.best_) == best
     with CacheReader(test) as r:
         all_rows = r.read_all("mahalanobis/scores").astype(np.float32)
     np.testing.assert_allclose(scores, -regs[best].predict_proba(all_rows[:, best])[:, 1], rtol=1e-6)
@@ -104,12 +105,13 @@ def test_ensemble_refuses_caches_without_copies_or_of_another_recipe(setup, tmp_
                            batch_size=12, labels=test_y[:12], name="plain")
     with CacheReader(plain) as r, pytest.raises(CacheError, match="--maha-fit"):
         compute_score(r, "mahalanobis_ens", {})
-    other = _maha_setup(model, "wrn_40_2", "test", {"name": "none"}, torch.device("cpu"), train, (0.0,), False)
+    other = _maha_setup(model, "wrn_40_2", "test", {"name": "none"}, torch.device("cpu"),
+                        SimpleNamespace(maha_fit=train, maha_magnitudes=(0.0,), maha_adversarial=False))
     odd = extract_tensor(model, "wrn_40_2", test_x[:12], str(tmp_path / "odd.h5"), ["msp"], batch_size=12,
                          labels=test_y[:12], name="odd", maha=other)
     with CacheReader(odd) as r, pytest.raises(CacheError, match="pseudo-OOD"):
-        fit_ensemble(r, m=5)
+        fit_score(r, "mahalanobis_ens", m=5)
     with CacheReader(test) as v:
-        fitted = fit_ensemble(v, m=10)
+        fitted = fit_score(v, "mahalanobis_ens", m=10)
     with CacheReader(odd) as r, pytest.raises(CacheError, match="another --maha-fit or --maha-magnitude"):
-        score_ensemble(r, 0, 12, fitted)
+        compute_score(r, "mahalanobis_ens", fitted)

@@ -63,7 +63,7 @@ def test_analyze_runs_without_torch(demo_slice):
     assert os.path.exists(base / "results" / "results.json")
     with open(os.path.join(out, "gaia_a", "noise.csv")) as f:
         table = list(csv.reader(f))
-    assert table[0] == ["index", "path", "score"] and len(table) == 13
+    assert table[0] == ["index", "path", "score", "skipped"] and len(table) == 13
     assert table[1][1].endswith(".png")
 
 
@@ -106,13 +106,22 @@ def test_missing_dataset_prints_layout(tmp_path):
 
 def test_checkpoint_formats_and_mismatch(tmp_path):
     model = build_model("resnet18", 10)
+    with torch.no_grad():                 # weights an fp16 copy holds exactly
+        for p in model.parameters():
+            p.copy_(p.half().float())
     sd = model.state_dict()
-    for i, obj in enumerate([sd, {"state_dict": sd}, {"model": {f"module.{k}": v for k, v in sd.items()}}]):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    hashes = set()
+    for i, obj in enumerate([sd, {"state_dict": sd}, {"model": {f"module.{k}": v for k, v in sd.items()}}, half]):
         path = str(tmp_path / f"c{i}.pt")
         torch.save(obj, path)
         fresh = build_model("resnet18", 10)
-        assert len(load_checkpoint(fresh, path)) == 64
+        file_sha, weights_sha = load_checkpoint(fresh, path)
+        assert len(file_sha) == 64 and len(weights_sha) == 64
+        hashes.add(weights_sha)
         assert torch.equal(fresh.linear.weight, model.linear.weight)
+    # the same weights in four files: one weights fingerprint (the file hashes differ)
+    assert len(hashes) == 1
     with pytest.raises(CheckpointMismatch) as err:
         load_checkpoint(build_model("resnet18", 100), str(tmp_path / "c0.pt"))
     assert "mis-shaped" in str(err.value) and "linear.weight" in str(err.value)

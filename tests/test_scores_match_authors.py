@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import authors_reference as ref
-from analyze.scores import compute_score
+from helpers import compute_score
 from extract.models import build_model
 from extract.models.bit_resnetv2 import ResNetV2
 from helpers import extract_tensor, randomize_norms, rel_err

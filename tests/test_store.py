@@ -61,6 +61,7 @@ def test_resume_after_interruption_continues_and_matches(tmp_path):
     assert w.start() == 0
     w.write_rows(0, rows(0, 4))
     w.write_rows(4, rows(4, 8))
+    w.release()      # the process "dies": the operating system drops its lock
     # a crash mid-write leaves a temporary file; it must be ignored and removed
     open(os.path.join(parts_dir(path), "rows-000000008-000000010.h5.tmp"), "w").write("garbage")
     with pytest.raises(CacheError, match="8 of 10 samples"):
@@ -84,6 +85,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     w = make_writer(path)
     w.start()
     w.write_rows(0, rows(0, 4))
+    w.release()
     with pytest.raises(CacheError, match="fingerprint.arch"):
         make_writer(path, arch="resnet34").start()
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from analyze.scores import compute_score
+from helpers import compute_score
 from extract.models import build_model
 from extract.tracking import per_sample_grad_norms, tracked_parameters
 from helpers import extract_tensor, randomize_norms, rel_err

@@ -1,0 +1,111 @@
+"""The public Python API of the analysis stage (torch-free).
+
+    import analyze
+    with analyze.open_cache("caches/demo-resnet18/digits.h5") as c:   # c.attrs, c.n_samples
+        ...
+    s = analyze.score("caches/demo-resnet18", "digits", "gaia_z")       # (N,) float64
+    s = analyze.score(cache_dir, "noise", "knn", fit_on="digits_train", k=10)
+    df = analyze.evaluate("caches/demo-resnet18", id="digits", scores=["gaia_z", "msp"])
+
+Scores are oriented higher = more in-distribution; rows are in dataset order and include
+skipped (unreadable) images, whose ``skipped`` flag is in the cache.
+"""
+import os
+
+from store.benchmarks import preset_params
+from store.reader import CacheReader, cache_path
+
+from .evaluation import FitStore, fit_source, run_evaluation, score_cache
+from .metrics import METRICS
+from .registry import ScoreError, entry
+
+
+def open_cache(path, allow_partial=False):
+    """Open a cache file read-only: a context manager with ``attrs`` (decoded root
+    attributes), ``n_samples``, ``read(name, start, stop)`` and ``read_all(name)``.
+
+    allow_partial: read the finished rows of an unfinished extraction.
+    """
+    return CacheReader(path, allow_partial=allow_partial)
+
+
+def _fit_cache(cache_dir, name, id_hint, fit_on, params):
+    e = entry(name)
+    if e.fit_on == "validation":
+        source = params.get("validation") or id_hint
+        if not source:
+            raise ScoreError(f"{name} is fitted on a validation cache: pass validation=NAME")
+        return source
+    if fit_on:
+        return fit_on
+    trains = sorted(f[:-3] for f in os.listdir(cache_dir) if f.endswith("_train.h5"))
+    if len(trains) != 1:
+        raise ScoreError(f"{name} is fitted on an ID training cache: pass fit_on=NAME (found "
+                         f"{', '.join(trains) or 'no <id>_train.h5'} in {cache_dir})")
+    return trains[0]
+
+
+def score(cache_dir, dataset, name, fit_on=None, allow_partial=False, fitted_dir=None, **params):
+    """Scores of every row of ``cache_dir/<dataset>.h5``: float64 ndarray (N,), higher =
+    more in-distribution.
+
+    name: a registered score (built in or from a plugin). params: its parameters, e.g.
+    ``k=10`` (defaults: the entry's, then the benchmark preset's recorded in the cache).
+    fit_on: the cache a training-fitted score is fitted on (default: the only
+    ``*_train.h5`` in the folder). fitted_dir: keep fitted attributes there and reuse them.
+    """
+    e = entry(name)
+    path = cache_path(cache_dir, dataset)
+    with CacheReader(path, allow_partial=allow_partial) as reader:
+        params = {**preset_params(reader.attrs).get(name, {}), **params}
+        e.resolve(params)
+        estimator = e.make(params)
+        if e.fitted:
+            source = _fit_cache(cache_dir, name, dataset if e.fit_on == "validation" else None, fit_on, params)
+            with CacheReader(cache_path(cache_dir, source)) as fit_reader:
+                from .evaluation import check_compatible
+                check_compatible(name, params, fit_reader.attrs, fit_reader.path, reader.attrs, path)
+                estimator = FitStore(fitted_dir).get(fit_reader, name, params)
+        return score_cache(reader, name, estimator, params)
+
+
+def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None, params=None,
+             allow_partial=False, fitted_dir=None):
+    """Metrics of ``scores`` with ``id`` as the in-distribution test cache, as a
+    ``pandas.DataFrame``: one row per (score, OOD set) and one "Average" row per score,
+    columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT, DetErr`` (fractions in [0, 1],
+    ID positive, in the named ``convention``: "sklearn" or "gaia").
+
+    ood: OOD cache names (default: every other cache in the folder except training and
+    fitting caches). params: ``{score: {parameter: value}}``. fit_on: the training cache
+    of the training-fitted scores (default ``<id>_train``).
+    """
+    import pandas as pd
+    from .evaluation import fit_caches
+    scores = [scores] if isinstance(scores, str) else list(scores)
+    params = {s: dict(p) for s, p in (params or {}).items()}
+    with CacheReader(cache_path(cache_dir, id), allow_partial=allow_partial) as reader:
+        defaults = preset_params(reader.attrs)
+    params = {s: {**defaults.get(s, {}), **params.get(s, {})} for s in scores}
+    if ood is None:
+        ood = default_ood_sets(cache_dir, id, fit_caches(id, scores, fit_on, params))
+    ev = run_evaluation(cache_dir, id, list(ood), scores, convention, allow_partial, params, fit_on, fitted_dir)
+    rows = []
+    for name, per_set in ev["results"].items():
+        for dataset, metrics in per_set.items():
+            rows.append({"score": name, "ood": dataset, **{_column(m): v for m, v in metrics.items()}})
+    columns = ["score", "ood", *[_column(m) for m in METRICS]]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _column(metric):
+    return {"AUPR-In": "AUPR_IN", "AUPR-Out": "AUPR_OUT"}.get(metric, metric)
+
+
+def default_ood_sets(cache_dir, id_name, exclude=()):
+    """Every cache in ``cache_dir`` other than the ID cache, ``*_train`` caches and
+    ``exclude`` (fitting and validation caches), sorted by name."""
+    if not os.path.isdir(cache_dir):
+        raise ScoreError(f"cache folder {cache_dir} does not exist")
+    present = sorted(f[:-3] for f in os.listdir(cache_dir) if f.endswith(".h5"))
+    return [n for n in present if n != id_name and not n.endswith("_train") and n not in exclude]

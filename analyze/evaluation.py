@@ -1,0 +1,302 @@
+"""Scores of whole caches, fitting on training or validation caches, and metrics.
+
+The glue between the registry (``analyze.registry``), the cache reader and the metrics:
+``score_cache`` streams one cache through an estimator block by block, ``fit_estimator``
+fits one on every usable row of a fitting cache, ``FitStore`` keeps fitted attributes on
+disk so a new OOD set is scored without refitting, ``run_evaluation`` does it all for an
+ID cache against OOD caches. Library code: raises, never prints.
+"""
+import json
+import os
+
+import numpy as np
+
+from store.reader import BLOCK_ROWS, CacheReader, cache_path
+from store.recipes import comparable, missing
+from store.schema import CacheError, differing
+
+from .data import CacheData
+from .metrics import METRICS, ood_metrics
+from .registry import ScoreError, entry
+
+MAP_BLOCK_BYTES = 128 << 20
+
+
+def block_rows(needs, attrs):
+    """Rows per block for a score reading ``needs``: BLOCK_ROWS, fewer when it reads maps
+    (at most about 128 MiB of float64 maps per block)."""
+    per_row = 0
+    for set_name, _, stat in needs:
+        if stat == "map":
+            for layer in attrs["hook_sets"].get(set_name, []):
+                per_row += 8 * int(np.prod(attrs["layer_shapes"][layer]))
+    return BLOCK_ROWS if not per_row else max(1, min(BLOCK_ROWS, MAP_BLOCK_BYTES // per_row))
+
+
+def check_serves(reader, name, params=None):
+    """Raise CacheError when the cache lacks what score ``name`` reads with ``params``."""
+    e = entry(name)
+    problems = missing(e.needs_for(params), e.passes, reader.attrs)
+    if problems:
+        raise CacheError(f"{reader.path} lacks what {name} needs: {'; '.join(problems)}. "
+                         f"Re-extract it with --score {name}")
+
+
+def check_compatible(name, params, attrs_a, path_a, attrs_b, path_b):
+    """Raise CacheError when two caches differ in what score ``name`` reads (the model, the
+    preprocessing, the hooked layers it uses), naming the differing fields."""
+    e = entry(name)
+    needs = e.needs_for(params)
+    diff = differing(comparable(attrs_a, needs, e.passes), comparable(attrs_b, needs, e.passes))
+    if diff:
+        raise CacheError(f"{name} cannot combine {path_a} and {path_b}: they differ in "
+                         f"{', '.join(diff)} (what {name} reads must come from the same model and "
+                         "preprocessing); re-extract one of them with the other's settings")
+
+
+def _wrap(name, path, err):
+    if isinstance(err, (CacheError, ScoreError)):
+        return err
+    return ScoreError(f"{name} on {path}: {type(err).__name__}: {err}")
+
+
+def score_cache(reader, name, estimator, params=None):
+    """Scores (N,) float64 of every row of an open cache, block by block.
+
+    estimator: from ``entry(name).make(params)`` (fitted first for fitted scores).
+    """
+    e = entry(name)
+    check_serves(reader, name, params)
+    needs = e.needs_for(params)
+    parts = []
+    for a, b in reader.blocks(block_rows(needs, reader.attrs)):
+        data = CacheData(reader, a, b, needs=needs, passes=e.passes, score=name)
+        try:
+            values = np.asarray(estimator.score(data), dtype=np.float64)
+        except Exception as err:
+            raise _wrap(name, reader.path, err) from err
+        if values.shape != (b - a,):
+            raise ScoreError(f"{name} returned shape {values.shape} for a block of {b - a} rows of "
+                             f"{reader.path}; a score returns one value per row, shape (n,)")
+        parts.append(values)
+    return np.concatenate(parts) if parts else np.empty(0)
+
+
+def fit_estimator(reader, name, params=None):
+    """A fitted estimator of score ``name`` with ``params``, fitted on every usable (not
+    skipped) row of the open cache ``reader``."""
+    e = entry(name)
+    check_serves(reader, name, params)
+    keep = ~reader.read_all("skipped").astype(bool)
+    if keep.sum() == 0:
+        raise CacheError(f"{reader.path}: no usable rows to fit {name} on")
+    data = CacheData(reader, 0, reader.n_samples, keep=keep, needs=e.needs_for(params),
+                     passes=e.passes, score=name)
+    try:
+        est = e.make(params).fit(data)
+    except Exception as err:
+        raise _wrap(name, reader.path, err) from err
+    if est is None:
+        raise ScoreError(f"{name}.fit must return self (scikit-learn convention)")
+    return est
+
+
+def fitted_state(estimator):
+    """The fitted attributes (names ending in ``_``) of an estimator, flattened for ``np.savez``
+    (a dict attribute ``a_`` = {k: array} becomes keys ``a_/k``)."""
+    out = {}
+    for key, value in vars(estimator).items():
+        if not key.endswith("_") or key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": np.asarray(v) for k, v in value.items()})
+        else:
+            out[key] = np.asarray(value)
+    return out
+
+
+def restore(name, params, state):
+    """An estimator of ``name`` with ``params`` and the fitted attributes of ``state``."""
+    est = entry(name).make(params)
+    nested = {}
+    for key, value in state.items():
+        attr, slash, sub = key.partition("/")
+        if slash:
+            nested.setdefault(attr, {})[sub] = value
+        else:
+            setattr(est, key, value)
+    for attr, value in nested.items():
+        setattr(est, attr, value)
+    return est
+
+
+class FitStore:
+    """Fitted attributes kept as ``folder/<score>.npz``, reused while the fitting cache
+    (path, rows, what the score reads) and the fit parameters are the same."""
+
+    def __init__(self, folder=None):
+        self.folder = folder
+
+    def get(self, reader, name, params=None):
+        """A fitted estimator of ``name``: loaded when a matching fit is stored, else fitted
+        (and stored when the store has a folder)."""
+        e = entry(name)
+        key = json.dumps({"score": name, "cache": os.path.abspath(reader.path), "n": reader.n_samples,
+                          "reads": comparable(reader.attrs, e.needs_for(params), e.passes),
+                          "fit": e.fit_key(params)}, sort_keys=True, default=str)
+        file = os.path.join(self.folder, f"{name}.npz") if self.folder else None
+        if file and os.path.exists(file):
+            with np.load(file) as saved:
+                if "__key__" in saved.files and str(saved["__key__"]) == key:
+                    return restore(name, params, {k: saved[k] for k in saved.files if k != "__key__"})
+        est = fit_estimator(reader, name, params)
+        if file:
+            os.makedirs(self.folder, exist_ok=True)
+            np.savez(file + ".tmp.npz", __key__=np.array(key), **fitted_state(est))
+            os.replace(file + ".tmp.npz", file)
+        return est
+
+
+def fit_source(name, id_name, fit_on=None, params=None):
+    """Name of the cache score ``name`` is fitted on: the ``validation`` parameter (default
+    the ID test cache) for validation-fitted scores, else ``fit_on`` or ``<id>_train``;
+    None for unfitted scores."""
+    e = entry(name)
+    if e.fit_on is None:
+        return None
+    if e.fit_on == "validation":
+        return (params or {}).get("validation") or id_name
+    return fit_on or f"{id_name}_train"
+
+
+def unavailable_scores(cache_dir, id_name, names, fit_on=None, params=None):
+    """``{score: reason}`` for the scores the ID cache (or its fitting cache) cannot serve."""
+    params = params or {}
+    out = {}
+    with CacheReader(cache_path(cache_dir, id_name), allow_partial=True) as reader:
+        attrs = reader.attrs
+    for name in names:
+        e = entry(name)
+        try:
+            problems = missing(e.needs_for(params.get(name)), e.passes, attrs)
+        except ScoreError as err:
+            out[name] = str(err)
+            continue
+        source = fit_source(name, id_name, fit_on, params.get(name))
+        path = cache_path(cache_dir, source) if source else None
+        if problems:
+            out[name] = "; ".join(problems)
+        elif path and not os.path.exists(path):
+            out[name] = (f"needs the fitting cache {path} (the ID training cache: extract with "
+                         "--split train --limit 1000 --balanced)" if e.fit_on == "train" else
+                         f"needs the validation cache {path}")
+        elif path and e.fit_on == "validation":
+            with CacheReader(path) as reader:
+                if not (reader.attrs.get("mahalanobis") or {}).get("adversarial"):
+                    out[name] = (f"the validation cache {path} has no pseudo-OOD copies "
+                                 "(extract it with --maha-fit TRAIN_CACHE --maha-adversarial)")
+    return out
+
+
+def fit_all(cache_dir, id_name, names, params=None, fit_on=None, fitted_dir=None, id_attrs=None):
+    """``{score: fitted estimator}`` for the fitted scores in ``names``; each fitting cache
+    is checked against the ID cache on what the score reads."""
+    params = params or {}
+    store = FitStore(fitted_dir)
+    out = {}
+    for name in names:
+        source = fit_source(name, id_name, fit_on, params.get(name))
+        if source is None:
+            continue
+        path = cache_path(cache_dir, source)
+        with CacheReader(path) as reader:
+            if id_attrs is not None:
+                check_compatible(name, params.get(name), id_attrs, cache_path(cache_dir, id_name),
+                                 reader.attrs, path)
+            out[name] = store.get(reader, name, params.get(name))
+    return out
+
+
+def fit_caches(id_name, names, fit_on=None, params=None):
+    """Names of the caches the scores ``names`` are fitted on (never OOD sets)."""
+    params = params or {}
+    found = []
+    for name in names:
+        source = fit_source(name, id_name, fit_on, params.get(name))
+        if source and source != id_name and source not in found:
+            found.append(source)
+    return found
+
+
+def _check_finite(name, values, keep, paths, path, params):
+    bad = np.flatnonzero(~np.isfinite(values) & keep)
+    if len(bad):
+        raise ScoreError(f"{name} gave {len(bad)} non-finite value(s) on {path} (first: row "
+                         f"{bad[0]}, {paths[bad[0]]}) with parameters {params or 'the defaults'}; "
+                         "check the parameters (e.g. a temperature of 0) and the cache")
+
+
+def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", allow_partial=False,
+                   params=None, fit_on=None, fitted_dir=None):
+    """Scores and metrics for the ID cache against each OOD cache in ``cache_dir``.
+
+    params: ``{score: {parameter: value}}``. fit_on: training cache name for the scores
+    fitted on training data (default ``<id>_train``); fitted_dir: where fitted attributes
+    are kept. Returns ``{"results": {score: {ood or "Average": {metric: value}}},
+    "scores": {dataset: {score: (N,) array}}, "paths": {dataset: array}, "skipped":
+    {dataset: count}, "n_rows": {dataset: N}, "skip_reasons": {dataset: {path: reason}},
+    "partial": [dataset], "convention", "id", "ood": [set], "fit_caches": [set],
+    "settings": {score: text}}``. Skipped (unreadable) images are left out of the metrics.
+    """
+    params = params or {}
+    ood_names = list(ood_names)
+    if id_name in ood_names:
+        raise ValueError(f"{id_name!r} is the ID set; it cannot also be an OOD set")
+    if not ood_names:
+        raise ValueError("no OOD set to evaluate against")
+    out = {"results": {}, "scores": {}, "paths": {}, "skipped": {}, "n_rows": {}, "skip_reasons": {},
+           "partial": [], "convention": convention, "id": id_name, "ood": ood_names,
+           "fit_caches": fit_caches(id_name, names, fit_on, params), "settings": {}}
+    id_path = cache_path(cache_dir, id_name)
+    with CacheReader(id_path, allow_partial=allow_partial) as reader:
+        id_attrs = reader.attrs
+    for name in names:
+        e = entry(name)
+        resolved = e.resolve(params.get(name))
+        shown = {k: v for k, v in resolved.items() if v != e.params[k]}
+        text = e.describe(resolved, id_attrs) if e.describe else ""
+        if shown and not e.describe:
+            text = ", ".join(f"{k}={v}" for k, v in shown.items())
+        if text:
+            out["settings"][name] = text
+    fitted = fit_all(cache_dir, id_name, names, params, fit_on, fitted_dir, id_attrs)
+    keep = {}
+    for dataset in [id_name, *ood_names]:
+        path = cache_path(cache_dir, dataset)
+        with CacheReader(path, allow_partial=allow_partial) as reader:
+            for name in names:
+                if dataset != id_name:
+                    check_compatible(name, params.get(name), id_attrs, id_path, reader.attrs, path)
+            skipped = reader.read_all("skipped").astype(bool)
+            paths = reader.read_all("paths")
+            reasons = reader.read_all("skip_reasons") if skipped.any() and reader.has("skip_reasons") else None
+            values = {}
+            for name in names:
+                est = fitted.get(name) or entry(name).make(params.get(name))
+                values[name] = score_cache(reader, name, est, params.get(name))
+                _check_finite(name, values[name], ~skipped, paths, path, params.get(name))
+            out["scores"][dataset] = values
+            out["paths"][dataset] = paths
+            out["skipped"][dataset] = int(skipped.sum())
+            out["n_rows"][dataset] = int(len(skipped))
+            out["skip_reasons"][dataset] = {str(p): (str(reasons[i]) if reasons is not None else "unreadable")
+                                            for i, p in enumerate(paths) if skipped[i]}
+            if reader.partial:
+                out["partial"].append(dataset)
+            keep[dataset] = ~skipped
+    for name in names:
+        known = out["scores"][id_name][name][keep[id_name]]
+        rows = {d: ood_metrics(known, out["scores"][d][name][keep[d]], convention) for d in ood_names}
+        rows["Average"] = {m: float(np.mean([rows[d][m] for d in ood_names])) for m in METRICS}
+        out["results"][name] = rows
+    return out

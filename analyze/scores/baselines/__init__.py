@@ -1,0 +1,1 @@
+"""Post-hoc baselines, one module per detector, all computed from cached arrays."""

@@ -1,0 +1,78 @@
+"""ASH, activation shaping (Djurisic et al., ICLR 2023; andrijazz/ash ``ash.py``).
+
+Per sample, keep the top ``100 - percentile`` % entries of the activation, zero the rest
+(``ash_p``); ``ash_b`` sets the kept entries to s1 / k; ``ash_s`` scales the pruned
+activation by exp(s1 / s2) (s1, s2: sums before/after pruning; k = n - round(n p / 100)
+kept of n entries); then the head and the energy.
+
+Placement: the release calls ``apply_ash`` on the activation AFTER global average
+pooling, a (N, C, 1, 1) tensor, in every ImageNet and CIFAR model it ships; OpenOOD's
+``ASHNet`` does the same. So ``ash`` works on the cached pooled features and needs
+nothing else. Defaults as the release's configs: ``ash_s`` at percentile 90 (ImageNet
+ResNet-50 and MobileNetV2, ``imagenet_config.yml``); the CIFAR presets set 95
+(``cifar10_config.yml``/``cifar100_config.yml``). OpenOOD runs ASH-B with its percentile
+searched over 65..95 (default 90): ``--param ash.variant=ash_b``.
+
+``ash_map`` prunes the last spatial feature map BEFORE pooling (``penultimate`` hook,
+stored as a map): a different method, kept as an ablation.
+"""
+import numpy as np
+
+from analyze.logits import logsumexp
+from analyze.registry import register_score
+
+ASH_VARIANTS = ("ash_s", "ash_b", "ash_p")
+REFERENCE = "Djurisic et al., ICLR 2023; andrijazz/ash"
+
+
+def ash_prune(a, percentile, variant):
+    """ASH on activations ``a`` (n, ...) float64 (pooled (n, C) or maps (n, C, H, W));
+    returns the shaped activations, same shape."""
+    n = a.shape[0]
+    flat = a.reshape(n, -1)
+    size = flat.shape[1]
+    k = size - int(np.round(size * percentile / 100.0))   # entries kept, as ASH counts them
+    if k <= 0:
+        raise ValueError(f"ASH percentile {percentile} keeps no entry of a {size}-entry activation")
+    keep = np.argpartition(-flat, k - 1, axis=1)[:, :k]
+    kept = np.take_along_axis(flat, keep, axis=1)
+    s1 = flat.sum(axis=1)
+    out = np.zeros_like(flat)
+    if variant == "ash_p":
+        np.put_along_axis(out, keep, kept, axis=1)
+    elif variant == "ash_b":
+        np.put_along_axis(out, keep, np.repeat((s1 / k)[:, None], k, axis=1), axis=1)
+    else:
+        np.put_along_axis(out, keep, kept, axis=1)
+        s2 = kept.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out *= np.exp(s1 / s2)[:, None]
+    return out.reshape(a.shape)
+
+
+def _check(percentile):
+    if not 0 <= percentile < 100:
+        raise ValueError(f"ASH percentile must be in [0, 100), got {percentile}")
+
+
+@register_score("ash", title="ASH", family="features", default=True, reference=REFERENCE,
+                choices={"variant": ASH_VARIANTS}, paper={"ASH-S (release placement)": {}},
+                describe=lambda p, attrs: f"{p['variant'].upper().replace('_', '-')} at p={p['percentile']:g}, after pooling",
+                grid=[{"variant": list(ASH_VARIANTS), "percentile": [65, 80, 90, 95]}])
+def ash(data, percentile=90.0, variant="ash_s"):
+    """(n,) float64 energy of the head on the ASH-shaped pooled features."""
+    _check(percentile)
+    shaped = ash_prune(data.features, percentile, variant)
+    return logsumexp(shaped @ data.head_weight.T + data.head_bias)
+
+
+@register_score("ash_map", title="ASH on the map (ablation)", family="features", reference=REFERENCE,
+                needs=[("penultimate", "act", "map")], choices={"variant": ASH_VARIANTS},
+                describe=lambda p, attrs: f"{p['variant']} at p={p['percentile']:g} on the map before pooling (not the release's placement)")
+def ash_map(data, percentile=90.0, variant="ash_s"):
+    """(n,) float64 energy of the head on the average-pooled ASH-shaped last feature map."""
+    _check(percentile)
+    layer = data.layers("penultimate")[0]
+    maps = data.map(layer, "act").astype(np.float64)
+    pooled = ash_prune(maps, percentile, variant).mean(axis=(2, 3))
+    return logsumexp(pooled @ data.head_weight.T + data.head_bias)
