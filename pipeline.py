@@ -40,6 +40,11 @@ def _default_cache_dir(bench, arch):
     return os.path.join("caches", f"{bench}-{arch}")
 
 
+def training_scores():
+    """The default scores fitted on the ID training cache: what a training cache serves."""
+    return [n for n in default_scores() if entry(n).fit_on == "train"]
+
+
 def _load_plugins(plugins):
     for path in plugins:
         try:
@@ -131,7 +136,7 @@ def cli():
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override the crop/resize size of --preprocess.")
 @click.option("--cache-dir", default=None, help="Folder of the caches, one <dataset>.h5 each. [default: caches/<benchmark>-<arch>]")
 @click.option("--hook", "hooks", multiple=True, help="Hook set (bn, before_head, before_head_gn, nac, penultimate) or module name to record besides what the scores need (with --policy/--store). Repeatable.")
-@click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = every score (mahalanobis_ens only with --maha-fit). Repeatable. [default: every score marked default, see `pipeline.py scores`]")
+@click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = every score (mahalanobis_ens only with --maha-fit). Repeatable. [default: every score marked default, see `pipeline.py scores`; with --split train the default scores fitted on training data, which is what a training cache serves]")
 @click.option("--param", "param_items", multiple=True, help="Score parameter that changes what is recorded, SCORE.NAME=VALUE (e.g. nac.layers=avgpool,layer3). Repeatable.")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (analyze.register_score); their needs are recorded. Repeatable.")
 @click.option("--policy", default="scores", type=click.Choice(list(POLICIES)), show_default=True, help="Storage policy of every hooked layer (scores: only what the scores read; pooled; stats; raw = full maps).")
@@ -167,7 +172,7 @@ def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preproces
     """
     _load_plugins(plugins)
     everything = [n for n in all_entries() if n != "mahalanobis_ens" or maha_fit]
-    names = _parse_scores(scores, everything) or default_scores()
+    names = _parse_scores(scores, everything) or (training_scores() if split == "train" else default_scores())
     if "mahalanobis_ens" in names and not maha_fit:
         _fail("the multi-layer Mahalanobis ensemble needs --maha-fit TRAIN_CACHE (the ID training "
               "cache, e.g. caches/<benchmark>-<arch>/<id>_train.h5)")
@@ -354,9 +359,12 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
         _fail(err)
     header, rows = sweep_table(result, top)
     click.echo(plain(header, rows))
+    skipped = sum(v["count"] for v in result.get("not_stored", {}).values())
     click.echo(f"\n{result['n_variants']} variants ({len(result['errors'])} not servable) in "
                f"{result['seconds']:.1f} s on {result['workers']} processes; table in {path}"
-               + (f"; {len(figures)} figures in {out}/" if figures else ""))
+               + (f"; {len(figures)} figures in {out}/" if figures else "")
+               + (f"\n{skipped} variants of the default grid need statistics these caches do not store "
+                  "(extract with --policy stats to sweep them); listed in the table's caption" if skipped else ""))
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -400,9 +408,9 @@ def demo(data_root, checkpoint, cache_dir, results_dir, device, batch_size):
     from extract import cli_support
     start = time.time()
     try:
-        needs, passes = requirements(default_scores())
         times = cli_support.demo_command(data_root, checkpoint, cache_dir, device, batch_size,
-                                         needs, passes, log=click.echo)
+                                         requirements(default_scores()), requirements(training_scores()),
+                                         log=click.echo)
     except KeyboardInterrupt as err:
         _interrupted(err)
     except ERRORS as err:

@@ -226,6 +226,21 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     variants = [(label, s, p) for label, (s, p) in paper_variants().items()]
     variants += [v for v in expand(grid or default_grid(), attrs) if v[0] not in {x[0] for x in variants}]
     variants = [(label, s, {**preset.get(s, {}), **p}) for label, s, p in variants]
+    not_stored = {}
+    if grid is None:
+        # the default grid adapts to what the caches store; an explicit grid reports every variant
+        kept = []
+        for label, s, p in variants:
+            e = entry(s)
+            try:
+                problems = missing(e.needs_for(p), e.passes, attrs)
+            except ScoreError:
+                problems = []
+            if problems and label not in paper_variants():
+                not_stored.setdefault(s, []).append(problems[0])
+            else:
+                kept.append((label, s, p))
+        variants = kept
     jobs = [(label, s, p, id_name, list(ood_names)) for label, s, p in variants]
     start = time.perf_counter()
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
@@ -251,7 +266,8 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     layer_order = {s: e.layer_set(attrs) for s, e in all_entries().items() if e.layer_set}
     return {"rows": rows, "errors": errors, "reported": reported, "select_on": select_on,
             "metric": metric, "selected": selected if select_on else {}, "seconds": seconds,
-            "n_variants": len(jobs), "workers": workers, "id": id_name, "layer_order": layer_order}
+            "n_variants": len(jobs), "workers": workers, "id": id_name, "layer_order": layer_order,
+            "not_stored": {s: {"count": len(v), "example": v[0]} for s, v in not_stored.items()}}
 
 
 def sweep_table(sweep, top=None):
@@ -290,6 +306,11 @@ def write_sweep(sweep, out_dir):
            + "; * marks the published configurations. Metrics in %, scikit-learn convention.")
     if sweep["selected"]:
         cap += " Selected per score: " + "; ".join(f"{entry(s).title}: {l}" for s, l in sweep["selected"].items()) + "."
+    if sweep.get("not_stored"):
+        cap += (" Not swept (the default grid's variants that need statistics these caches do not "
+                "store; extract with --policy stats to sweep them): "
+                + "; ".join(f"{entry(s).title} {v['count']} ({v['example']})" for s, v in sweep["not_stored"].items())
+                + ".")
     path = os.path.join(out_dir, "sweep.md")
     with open(path, "w") as f:
         f.write(f"{cap}\n\n{markdown(header, rows)}\n")

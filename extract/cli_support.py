@@ -279,11 +279,12 @@ def _maha_setup(model, arch, weights, preprocess, device, req):
     return {"gaussians": LayerGaussians(fitted, device), "recipe": recipe}
 
 
-def demo_command(data_root, checkpoint, cache_dir, device, batch_size, needs, passes, log=print):
+def demo_command(data_root, checkpoint, cache_dir, device, batch_size, test_reads, train_reads, log=print):
     """Build the demo data, train the classifier at first use, extract every demo set.
 
-    needs, passes: what the demo's scores read (``analyze.requirements``). Returns the
-    seconds of each stage: ``{"data", "train", "extract"}``.
+    test_reads, train_reads: ``(needs, passes)`` of the scores the test sets and the
+    training cache serve (``analyze.requirements``). Returns the seconds of each stage:
+    ``{"data", "train", "extract"}``.
     """
     from .demo_data import build_demo_data
     from .train import accuracy, train_classifier
@@ -310,9 +311,9 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size, needs, pa
     times["train"] = time.time() - t0
     t0 = time.time()
     sets = [n for n in benchmark("demo")["sets"] if not n.endswith("_train")]
-    common = dict(needs=needs, passes=passes, bench="demo", data_root=data_root, checkpoint=checkpoint,
-                  cache_dir=cache_dir, batch_size=batch_size, device=device, log=log)
-    extract_command(ExtractRequest(datasets=tuple(sets), **common))
-    extract_command(ExtractRequest(datasets=("digits_train",), limit=1000, balanced=True, **common))
+    common = dict(bench="demo", data_root=data_root, checkpoint=checkpoint, cache_dir=cache_dir,
+                  batch_size=batch_size, device=device, log=log)
+    extract_command(ExtractRequest(*test_reads, datasets=tuple(sets), **common))
+    extract_command(ExtractRequest(*train_reads, datasets=("digits_train",), limit=1000, balanced=True, **common))
     times["extract"] = time.time() - t0
     return times

@@ -7,6 +7,8 @@ upsampled to 32x32 RGB, split 70/30 (stratified, seed 0) into ``digits/train`` a
     textures       procedural gratings, checkerboards and plaid patterns in colour
     noise          uniform and Gaussian pixel noise, some blurred
     shapes         filled circles, rectangles and triangles on flat backgrounds
+    mashups        near-OOD: the left half of one test digit joined to the right half of a
+                   test digit of another class (digit strokes, but no digit)
 All are written as PNG in ImageFolder layout under ``<root>/``, so the demo reads images
 through the same code path as real benchmarks.
 """
@@ -99,9 +101,23 @@ def _shapes(root, rng):
         _save(img, os.path.join(root, "shapes"), ["circle", "rectangle", "triangle"][i % 3], i)
 
 
+def _mashups(root, rng):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    _, idx_test = train_test_split(np.arange(len(d.target)), test_size=0.3, stratify=d.target, random_state=0)
+    for i in range(N_OOD):
+        a = int(rng.choice(idx_test))
+        b = int(rng.choice([j for j in idx_test if d.target[j] != d.target[a]]))
+        img = np.concatenate([d.images[a][:, :4], d.images[b][:, 4:]], axis=1)
+        g = Image.fromarray((img * (255 / 16)).astype(np.uint8), "L")
+        g = g.resize((SIZE, SIZE), Image.BILINEAR).convert("RGB")
+        _save(g, os.path.join(root, "mashups"), "halves", i)
+
+
 def build_demo_data(root):
     """Write the demo benchmark under ``root`` (skipped when ``root/.complete`` exists)."""
-    marker = os.path.join(root, ".complete")
+    marker = os.path.join(root, ".complete-v2")
     if os.path.exists(marker):
         return root
     rng = np.random.default_rng(0)
@@ -110,5 +126,6 @@ def build_demo_data(root):
     _textures(root, rng)
     _noise(root, rng)
     _shapes(root, rng)
+    _mashups(root, rng)
     open(marker, "w").close()
     return root
