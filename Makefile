@@ -22,10 +22,12 @@ SELECT_ON ?=
 
 install: .venv/.installed
 
-.venv/.installed: setup.cfg pyproject.toml
+# constraints.txt pins every package to the versions this repository was tested with;
+# setup.cfg states the ranges a researcher's environment may satisfy instead.
+.venv/.installed: setup.cfg pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,plots]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[extract,test,plots]'
 	touch $@
 
 demo: install

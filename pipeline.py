@@ -40,6 +40,19 @@ def _default_cache_dir(bench, arch):
     return os.path.join("caches", f"{bench}-{arch}")
 
 
+def _extract_stage():
+    """``extract.cli_support``, or a one-line error when PyTorch is not installed."""
+    try:
+        from extract import cli_support
+    except ModuleNotFoundError as err:
+        if err.name and err.name.split(".")[0] in ("torch", "torchvision", "PIL"):
+            _fail(f"extraction needs PyTorch ({err.name} is not installed): pip install "
+                  "'gradood[extract]' (or `make install` in the repository). Analysis, sweeps "
+                  "and inspect work without it.")
+        raise
+    return cli_support
+
+
 def training_scores():
     """The default scores fitted on the ID training cache: what a training cache serves."""
     return [n for n in default_scores() if entry(n).fit_on == "train"]
@@ -177,10 +190,10 @@ def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preproces
         _fail("the multi-layer Mahalanobis ensemble needs --maha-fit TRAIN_CACHE (the ID training "
               "cache, e.g. caches/<benchmark>-<arch>/<id>_train.h5)")
     params = _parse_params(param_items, names)
-    from extract.cli_support import ExtractRequest, extract_command
+    stage = _extract_stage()
     try:
         needs, passes = requirements(names, params)
-        extract_command(ExtractRequest(
+        stage.extract_command(stage.ExtractRequest(
             needs=needs, passes=passes, bench=bench, datasets=datasets, data_root=data_root, arch=arch,
             checkpoint=checkpoint, num_classes=num_classes, preprocess=preprocess, image_size=image_size,
             cache_dir=cache_dir, hooks=hooks, policy=policy, store=store_overrides, odin=odin_pairs,
@@ -405,7 +418,7 @@ def list_scores(plugins):
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 def demo(data_root, checkpoint, cache_dir, results_dir, device, batch_size):
     """The whole pipeline on the embedded offline benchmark (sklearn digits vs generated OOD sets)."""
-    from extract import cli_support
+    cli_support = _extract_stage()
     start = time.time()
     try:
         times = cli_support.demo_command(data_root, checkpoint, cache_dir, device, batch_size,

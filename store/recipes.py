@@ -107,8 +107,10 @@ def missing(needs, passes, attrs):
             continue
         absent = [l for l in layers if not holds(attrs, l, source, stat)]
         if absent:
+            how = (f"maps are stored only under the raw policy, --store {absent[0]}=raw" if stat == MAP
+                   else f"stored by the score's extraction, or --store {absent[0]}=stats")
             problems.append(f"{source}/{stat} missing for {len(absent)} layer(s) of {set_name!r}, "
-                            f"e.g. {absent[0]}")
+                            f"e.g. {absent[0]} ({how})")
     return problems
 
 

@@ -1,0 +1,229 @@
+"""gradood as a library: user plugins, the Python API without torch, the registry, maps."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from analyze.registry import ScoreError, all_entries, default_grid, default_scores, entry, paper_variants
+from extract.demo_data import build_demo_data
+from extract.models import build_model
+from helpers import compute_score, extract_tensor, randomize_norms
+from pipeline import cli
+from store.reader import CacheReader
+from store.schema import stat_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PLUGIN = textwrap.dedent('''
+    import numpy as np
+    from analyze import register_score
+
+    @register_score("my_gaia_z_l1", title="GAIA-Z (L1)", needs=[("bn", "max_logit", "nonzero")])
+    def my_gaia_z_l1(data, power=1.0):          # data: one block of rows of one cache
+        r = np.concatenate([data.stat(l, "max_logit", "nonzero") / data.area(l) for l in data.layers("bn")], axis=1)
+        return -np.abs(r).__pow__(power).mean(axis=1)
+
+    @register_score("layer4_map_energy", title="layer4 grad map energy", needs=[("layer4", "max_logit", "map")])
+    def layer4_map_energy(data):
+        return -(data.map("layer4", "max_logit").astype(np.float64) ** 2).sum(axis=(1, 2, 3))
+''')
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("lib")
+    data = build_demo_data(str(base / "data"))
+    ckpt = str(base / "model.pt")
+    torch.manual_seed(0)
+    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
+    cache = str(base / "cache")
+    common = ["--benchmark", "demo", "--data-root", data, "--checkpoint", ckpt, "--cache-dir", cache,
+              "--batch-size", "8", "--quiet"]
+    res = CliRunner().invoke(cli, ["extract", *common, "--limit", "16", "--dataset", "digits",
+                                   "--dataset", "noise", "--dataset", "shapes", "--store", "layer4=raw",
+                                   "--hook", "layer4"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["extract", *common, "--split", "train", "--dataset", "digits",
+                                   "--limit", "30", "--balanced"])
+    assert res.exit_code == 0, res.output
+    plugin = base / "my_scores.py"
+    plugin.write_text(PLUGIN)
+    return base, cache, str(plugin)
+
+
+def _no_torch(code, cwd):
+    """Run python ``code`` where importing torch fails; returns the CompletedProcess."""
+    guard = ("import sys\n"
+             "class NoTorch:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+             "            raise ImportError('torch import blocked: ' + name)\n"
+             "sys.meta_path.insert(0, NoTorch())\n")
+    return subprocess.run([sys.executable, "-c", guard + code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_plugin_scores_every_cache_as_computed_by_hand(demo):
+    base, cache, plugin = demo
+    out = base / "plugin_scores"
+    res = CliRunner().invoke(cli, ["analyze", "--cache-dir", cache, "--id", "digits", "--plugin", plugin,
+                                   "--score", "my_gaia_z_l1", "--score", "layer4_map_energy",
+                                   "--results", str(base / "res_plugin"), "--scores-out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "GAIA-Z (L1)" in res.output and "layer4 grad map energy" in res.output
+    for name in ("digits", "noise", "shapes"):
+        with h5py.File(os.path.join(cache, f"{name}.h5")) as f:
+            bn = json.loads(f.attrs["hook_sets"])["bn"]
+            shapes = json.loads(f.attrs["layer_shapes"])
+            r = np.concatenate([f[stat_path(l, "max_logit", "nonzero")][...] / (shapes[l][1] * shapes[l][2])
+                                for l in bn], axis=1)
+            expected = -np.abs(r).mean(axis=1)
+            maps = f[stat_path("layer4", "max_logit", "map")][...].astype(np.float64)
+            expected_map = -(maps ** 2).sum(axis=(1, 2, 3))
+        for score, want in (("my_gaia_z_l1", expected), ("layer4_map_energy", expected_map)):
+            with open(out / score / f"{name}.csv") as fh:
+                got = np.array([float(row["score"]) for row in csv.DictReader(fh)])
+            np.testing.assert_array_equal(got, want)
+
+
+def test_plugin_parameters_are_sweepable_and_listed(demo):
+    base, cache, plugin = demo
+    res = CliRunner().invoke(cli, ["sweep", "--cache-dir", cache, "--id", "digits", "--plugin", plugin,
+                                   "--grid", "my_gaia_z_l1:power=1,2,3", "--workers", "1",
+                                   "--results", str(base / "sweep_plugin")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((base / "sweep_plugin" / "sweep.json").read_text())["rows"]
+    powers = sorted(r["params"]["power"] for r in rows if r["score"] == "my_gaia_z_l1")
+    assert powers == [1, 2, 3]
+    res = CliRunner().invoke(cli, ["sweep", "--cache-dir", cache, "--id", "digits", "--plugin", plugin,
+                                   "--grid", "my_gaia_z_l1:powr=1"])
+    assert res.exit_code == 2 and "no parameter 'powr'" in res.output
+    res = CliRunner().invoke(cli, ["scores", "--plugin", plugin])
+    assert res.exit_code == 0 and "my_gaia_z_l1" in res.output and "bn:max_logit/nonzero" in res.output
+
+
+def test_map_reading_plugin_on_a_cache_without_maps_names_the_policy(demo, tmp_path):
+    base, cache, plugin = demo
+    from analyze.registry import load_plugin
+    load_plugin(plugin)
+    torch.manual_seed(0)
+    path = extract_tensor(randomize_norms(build_model("resnet18", 10)), "resnet18", torch.randn(4, 3, 32, 32),
+                          str(tmp_path / "c.h5"), ["gaia_z"], hooks=["layer4"], policies={"layer4": "stats"})
+    with CacheReader(path) as r, pytest.raises(Exception, match="raw policy"):
+        compute_score(r, "layer4_map_energy")
+
+
+def test_statistics_recomputed_from_maps_equal_the_stored_ones(demo):
+    """A raw cache: every built-in statistic recomputed from the maps, and the tolerance count."""
+    from analyze.data import CacheData
+    _, cache, _ = demo
+    with CacheReader(os.path.join(cache, "noise.h5")) as r:
+        stored = CacheData(r)
+        m = r.read_all(stat_path("layer4", "max_logit", "map"))
+        for stat in ("nonzero", "mean", "abs_mean", "sq_mean", "abs_max"):
+            want = r.read_all(stat_path("layer4", "max_logit", stat)).astype(np.float64)
+            from analyze.data import map_stat
+            got = map_stat(m, stat)
+            if stat == "nonzero":
+                np.testing.assert_array_equal(got, want)
+            else:
+                np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-12)
+        zero_tau = stored.count_above("layer4", "max_logit", 0.0)
+        np.testing.assert_array_equal(zero_tau, stored.stat("layer4", "max_logit", "nonzero"))
+        tau = float(np.median(np.abs(m[m != 0])))
+        above = stored.count_above("layer4", "max_logit", tau)
+        assert (above <= zero_tau).all() and (above < zero_tau).any()
+        np.testing.assert_array_equal(above, (np.abs(m) > tau).sum(axis=(2, 3)))
+
+
+def test_python_api_equals_the_cli_without_torch(demo):
+    base, cache, plugin = demo
+    res = CliRunner().invoke(cli, ["analyze", "--cache-dir", cache, "--id", "digits", "--score", "gaia_z",
+                                   "--score", "knn", "--score", "msp", "--param", "knn.k=10",
+                                   "--results", str(base / "res_api"), "--scores-out", str(base / "api_scores")])
+    assert res.exit_code == 0, res.output
+    code = textwrap.dedent(f'''
+        import json, numpy as np, analyze
+        with analyze.open_cache({os.path.join(cache, "noise.h5")!r}) as c:
+            n = c.n_samples
+            assert c.attrs["dataset"] == "noise"
+        z = analyze.score({cache!r}, "noise", "gaia_z")
+        k = analyze.score({cache!r}, "noise", "knn", fit_on="digits_train", k=10)
+        df = analyze.evaluate({cache!r}, id="digits", scores=["gaia_z", "msp"], convention="sklearn")
+        print(json.dumps({{"n": n, "z": z.tolist(), "k": k.tolist(), "columns": list(df.columns),
+                          "rows": df.to_dict("records")}}))
+        import sys
+        assert "torch" not in sys.modules
+    ''')
+    p = _no_torch(code, str(base))
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["columns"] == ["score", "ood", "FPR95", "AUROC", "AUPR_IN", "AUPR_OUT", "DetErr"]
+    for score, key in (("gaia_z", "z"), ("knn", "k")):
+        with open(base / "api_scores" / score / "noise.csv") as fh:
+            want = np.array([float(row["score"]) for row in csv.DictReader(fh)])
+        np.testing.assert_array_equal(np.array(out[key]), want)
+    results = json.loads((base / "res_api" / "results.json").read_text())["results"]
+    for row in out["rows"]:
+        if row["score"] in ("gaia_z", "msp"):
+            assert row["AUROC"] == results[row["score"]][row["ood"]]["AUROC"]
+            assert row["AUPR_IN"] == results[row["score"]][row["ood"]]["AUPR-In"]
+    assert {r["ood"] for r in out["rows"]} == {"noise", "shapes", "Average"}
+
+
+def test_registry_derives_every_list_from_the_entries():
+    entries = all_entries()
+    assert set(default_scores()) == {n for n, e in entries.items() if e.default}
+    assert "tracking" not in default_scores() and "gaia_z" in default_scores()
+    labels = paper_variants()
+    assert labels["GAIA-Z (paper)"] == ("gaia_z", {})
+    assert all(entries[s].grid for s in default_grid())
+    for name, e in entries.items():
+        for table in e.grid:
+            assert set(table) <= set(e.params), name
+        assert e.fitted == (e.fit_on is not None), name
+
+
+def test_fit_and_score_parameters_are_kept_apart(demo):
+    """A fit parameter refits (react percentile), a scoring parameter does not (knn k), an
+    unknown or ill-typed one is refused."""
+    import analyze
+    _, cache, _ = demo
+    a = analyze.score(cache, "noise", "react", fit_on="digits_train")
+    b = analyze.score(cache, "noise", "react", fit_on="digits_train", percentile=50.0)
+    assert not np.allclose(a, b)
+    assert entry("react").fit_params == ("percentile",) and entry("knn").fit_params == ()
+    for bad, match in (({"kk": 5}, "no parameter 'kk'"), ({"k": "abc"}, "expected an integer")):
+        with pytest.raises(ScoreError, match=match):
+            analyze.score(cache, "noise", "knn", fit_on="digits_train", **bad)
+    with pytest.raises(ScoreError, match="variant"):
+        entry("ash").resolve({"variant": "ash_q"})
+
+
+def test_imports_run_one_way():
+    """extract never imports analyze or pipeline; analyze and store never import extract,
+    pipeline or torch (checked on the source)."""
+    import ast
+    def imported(folder):
+        names = set()
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if f.endswith(".py"):
+                    tree = ast.parse(open(os.path.join(dirpath, f)).read())
+                    for node in ast.walk(tree):
+                        if isinstance(node, ast.Import):
+                            names |= {a.name.split(".")[0] for a in node.names}
+                        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                            names.add(node.module.split(".")[0])
+        return names
+    assert not imported("extract") & {"analyze", "pipeline"}
+    assert not imported("analyze") & {"extract", "pipeline", "torch", "torchvision"}
+    assert not imported("store") & {"extract", "analyze", "pipeline", "torch", "torchvision"}
