@@ -18,7 +18,7 @@ import time
 
 import click
 
-from analyze.registry import ScoreError, all_entries, default_scores, entry, load_plugin, requirements
+from analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from store.benchmarks import BENCHMARKS, benchmark, ood_sets, preset_params
 from store.schema import POLICIES, CacheError
 
@@ -75,8 +75,10 @@ def _parse_scores(items, all_means):
             if part == "all":
                 names += [n for n in all_means if n not in names]
             elif part:
-                if part not in all_entries():
-                    _fail(f"unknown score {part!r}; choose from: {', '.join(all_entries())}, all")
+                try:
+                    part = canonical(part)
+                except ScoreError as err:
+                    _fail(err)
                 if part not in names:
                     names.append(part)
     return names
@@ -92,7 +94,9 @@ def _parse_params(items, names=None):
         score, dot, name = key.partition(".")
         if not sep or not dot or not name:
             _fail(f"--param {item!r}: expected SCORE.NAME=VALUE, e.g. knn.k=100")
-        if score not in all_entries():
+        try:
+            score = canonical(score)
+        except ScoreError:
             _fail(f"--param {item!r}: unknown score {score!r}; choose from: {', '.join(all_entries())}")
         if names is not None and score not in names:
             _fail(f"--param {item!r}: {score} is not among the requested scores ({', '.join(names)}); "

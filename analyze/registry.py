@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple, Optional
 from store.recipes import PASSES, check_needs
 
 SCORES = {}
+ALIASES = {}
 
 
 class ScoreError(ValueError):
@@ -153,13 +154,14 @@ def _parameters(impl):
 
 def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_on=None,
                    fit_params=None, choices=None, grid=None, paper=None, default=False,
-                   layer_set=None, family="custom", describe=None, replace=False):
+                   layer_set=None, family="custom", describe=None, aliases=(), replace=False):
     """Decorator registering a score function or class under ``name``; returns it unchanged.
 
     See ``ScoreEntry`` for the fields. A function's first argument (a class's ``fit`` and
     ``score`` argument) is an ``analyze.data.CacheData`` block; it returns ``(n,)``
     scores, higher = more in-distribution. ``fit_on`` defaults to "train" for classes.
-    ``fit_params`` defaults to every parameter of a class. Registering an existing name
+    ``fit_params`` defaults to every parameter of a class. ``aliases``: other names that
+    select the same entry (e.g. OpenOOD's names). Registering an existing name
     raises unless ``replace=True`` or it is the same function again (a re-run notebook cell).
     """
     def decorate(impl):
@@ -195,6 +197,8 @@ def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_o
             params=params, choices=dict(choices or {}), grid=list(grid or []), paper=dict(paper or {}),
             default=default, layer_set=layer_set, family=family, describe=describe,
             plugin=None if builtin else plugin)
+        for alias in aliases:
+            ALIASES[alias] = name
         return impl
     return decorate
 
@@ -202,9 +206,15 @@ def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_o
 def entry(name):
     """The entry of score ``name``; unknown names list the registered ones."""
     _load_builtins()
+    name = ALIASES.get(name, name)
     if name not in SCORES:
         raise ScoreError(f"unknown score {name!r}; choose one of: {', '.join(SCORES)} (or all)")
     return SCORES[name]
+
+
+def canonical(name):
+    """The registered name of ``name`` (an alias resolves to its entry's name)."""
+    return entry(name).name
 
 
 def all_entries():

@@ -25,17 +25,24 @@ ASH_VARIANTS = ("ash_s", "ash_b", "ash_p")
 REFERENCE = "Djurisic et al., ICLR 2023; andrijazz/ash"
 
 
+def kept_entries(flat, percentile):
+    """Indices (n, k) and values (n, k) of the k = n_entries - round(n_entries p / 100)
+    largest entries of each row of ``flat`` (n, n_entries), as ASH and SCALE count them."""
+    size = flat.shape[1]
+    k = size - int(np.round(size * percentile / 100.0))
+    if k <= 0:
+        raise ValueError(f"percentile {percentile} keeps no entry of a {size}-entry activation")
+    keep = np.argpartition(-flat, k - 1, axis=1)[:, :k]
+    return keep, np.take_along_axis(flat, keep, axis=1)
+
+
 def ash_prune(a, percentile, variant):
     """ASH on activations ``a`` (n, ...) float64 (pooled (n, C) or maps (n, C, H, W));
     returns the shaped activations, same shape."""
     n = a.shape[0]
     flat = a.reshape(n, -1)
-    size = flat.shape[1]
-    k = size - int(np.round(size * percentile / 100.0))   # entries kept, as ASH counts them
-    if k <= 0:
-        raise ValueError(f"ASH percentile {percentile} keeps no entry of a {size}-entry activation")
-    keep = np.argpartition(-flat, k - 1, axis=1)[:, :k]
-    kept = np.take_along_axis(flat, keep, axis=1)
+    keep, kept = kept_entries(flat, percentile)
+    k = keep.shape[1]
     s1 = flat.sum(axis=1)
     out = np.zeros_like(flat)
     if variant == "ash_p":

@@ -3,7 +3,7 @@ real-world settings"): max_k z_k. OpenOOD calls it MLS."""
 from analyze.registry import register_score
 
 
-@register_score("maxlogit", title="MaxLogit", family="logits", default=True,
+@register_score("maxlogit", title="MaxLogit", family="logits", default=True, aliases=("mls",),
                 reference="Hendrycks et al., ICML 2022 (MLS in OpenOOD)")
 def maxlogit(data):
     """(n,) float64 maximum logit."""

@@ -49,3 +49,15 @@ class ViM:
         x = data.features
         vlogit = np.linalg.norm((x - self.u_) @ self.residual_, axis=1) * float(self.alpha_)
         return energy(x @ data.head_weight.T + data.head_bias) - vlogit
+
+
+@register_score("residual", title="Residual", family="features", default=True,
+                reference="Wang et al., CVPR 2022 (the ViM release's Residual baseline)",
+                paper={"Residual (paper dim)": {}}, grid=[{"dim": [16, 64, 128, 256]}])
+class Residual(ViM):
+    """Minus the norm of the feature's residual outside ViM's principal subspace (no
+    energy), the ViM release's ``Residual`` baseline; fitted as ViM."""
+
+    def score(self, data):
+        """(n,) float64 -||(x - u) P_perp||."""
+        return -np.linalg.norm((data.features - self.u_) @ self.residual_, axis=1)
