@@ -20,6 +20,7 @@ import click
 
 from analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from store.benchmarks import BENCHMARKS, benchmark, ood_sets, preset_params
+from store.reader import CacheReader, cache_path
 from store.schema import POLICIES, CacheError
 
 ERRORS = (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError, ScoreError)
@@ -236,7 +237,6 @@ def _caches(bench, arch, cache_dir, id_name, ood_names, exclude=()):
 def _servable(cache_dir, id_name, ood_names, names, fit_on, params, explicit):
     """The scores every cache can serve; the others are refused (explicit) or noted."""
     from analyze.evaluation import check_compatible, unavailable_scores
-    from store.reader import CacheReader, cache_path
     missing = unavailable_scores(cache_dir, id_name, names, fit_on, params)
     with CacheReader(cache_path(cache_dir, id_name), allow_partial=True) as r:
         id_attrs = r.attrs
@@ -273,13 +273,15 @@ def _servable(cache_dir, id_name, ood_names, names, fit_on, params, explicit):
 @click.option("--param", "param_items", multiple=True, help="Score parameter, SCORE.NAME=VALUE (e.g. react.percentile=95, knn.k=100, odin.temperature=1000, nac.layers=avgpool,layer3). Repeatable.")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (analyze.register_score). Repeatable.")
 @click.option("--fit-on", default=None, help="Training cache for the scores fitted on training data (Mahalanobis, ReAct, KNN, ViM, NAC-UE, ...). [default: <id>_train]")
-@click.option("--metrics", "convention", default="sklearn", type=click.Choice(["sklearn", "gaia"]), show_default=True, help="Metric convention: GradNorm release (scikit-learn) or GAIA release.")
+@click.option("--metrics", "convention", default="sklearn", type=click.Choice(["sklearn", "gaia", "openood"]), show_default=True, help="Metric convention: ID positive as the GradNorm release (scikit-learn) or the GAIA release, or OOD positive as OpenOOD v1.5.")
+@click.option("--tune-on", default=None, help="OOD validation cache: choose each score's hyperparameters (its sweep grid) by AUROC against the ID validation cache, as OpenOOD's parameter search, then report the test sets with them.")
+@click.option("--tune-id", default=None, help="ID validation cache for --tune-on. [default: the preset's, else <id>_val]")
 @click.option("--results", "results_dir", default=None, help="Where tables go (rewritten as one consistent set per run). [default: results/<cache folder name>]")
 @click.option("--scores-out", default=None, help="Also write OUT/<score>/<dataset>.csv (index,path,score,skipped).")
 @click.option("--allow-partial", is_flag=True, help="Analyse the finished part of unfinished caches.")
 @click.option("--plots/--no-plots", default=False, show_default=True, help="PNG score histograms and ROC curves in RESULTS/plots/ (needs matplotlib).")
 def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plugins, fit_on, convention,
-            results_dir, scores_out, allow_partial, plots):
+            results_dir, scores_out, allow_partial, plots, tune_on=None, tune_id=None):
     """Compute scores and metrics from caches and print a paper-style table.
 
     Runs on CPU without torch. Scores are oriented higher = more in-distribution; metrics
@@ -300,16 +302,38 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
         _check_writable(out, "--results")
         if scores_out:
             _check_writable(scores_out, "--scores-out")
-        from store.reader import CacheReader, cache_path
         with CacheReader(cache_path(cache_dir, id_name), allow_partial=True) as r:
             defaults = preset_params(r.attrs)
-        params = {**{s: dict(p) for s, p in defaults.items()}, **{s: {**defaults.get(s, {}), **p} for s, p in params.items()}}
+        params = {s: {**defaults.get(s, {}), **params.get(s, {})} for s in set(defaults) | set(params)}
         names = _servable(cache_dir, id_name, ood_names, names, fit_on, params, explicit)
         if not names:
             _fail("none of the requested scores can be computed from these caches")
         start = time.time()
+        tuned = {}
+        if tune_on:
+            from analyze.tuning import tune
+            val_id = tune_id or (benchmark(bench).get("val", {}).get("id") if bench else None) or f"{id_name}_val"
+            for name in (val_id, tune_on):
+                if not os.path.exists(cache_path(cache_dir, name)):
+                    _fail(f"--tune-on: validation cache {cache_path(cache_dir, name)} not found; extract it "
+                          f"(with --benchmark, --dataset {name})")
+            if tune_on in ood_names or val_id in ood_names:
+                _fail(f"--tune-on: {tune_on} / {val_id} are validation caches, not OOD test sets; leave "
+                      "them out of --ood")
+            tuned = tune(cache_dir, id_name, val_id, tune_on, names, params, fit_on)
+            for name, t in tuned.items():
+                params[name] = t["params"]
+                click.echo(f"tuned {name} on {val_id} vs {tune_on}: "
+                           + (", ".join(f"{k}={v}" for k, v in t["params"].items()) or "defaults")
+                           + f" (validation AUROC {100 * t['auroc']:.2f}, {t['tried']} candidates)", err=True)
         ev = run_evaluation(cache_dir, id_name, ood_names, names, convention, allow_partial,
-                            params, fit_on, os.path.join(out, "fitted"))
+                            params, fit_on, os.path.join(out, "fitted"), lenient=not explicit)
+        for name, why in ev["failed"].items():
+            click.echo(f"note: {name} left out: {why}", err=True)
+        names = list(ev["results"])
+        for name, t in tuned.items():
+            ev["settings"][name] = ((ev["settings"].get(name, "") + "; ") if ev["settings"].get(name) else "") + \
+                f"tuned on {val_id} vs {tune_on}: " + (", ".join(f"{k}={v}" for k, v in t["params"].items()) or "defaults")
         elapsed = time.time() - start
         text = write_report(ev, out, extra_files=["plots"] if plots else [])
         if scores_out:

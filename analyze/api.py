@@ -12,7 +12,7 @@ skipped (unreadable) images, whose ``skipped`` flag is in the cache.
 """
 import os
 
-from store.benchmarks import preset_params
+from store.benchmarks import is_fitting_or_validation, preset_params
 from store.reader import CacheReader, cache_path
 
 from .evaluation import FitStore, fit_source, run_evaluation, score_cache
@@ -103,9 +103,9 @@ def _column(metric):
 
 
 def default_ood_sets(cache_dir, id_name, exclude=()):
-    """Every cache in ``cache_dir`` other than the ID cache, ``*_train`` caches and
-    ``exclude`` (fitting and validation caches), sorted by name."""
+    """Every cache in ``cache_dir`` other than the ID cache, ``*_train`` and ``*_val``
+    caches and ``exclude`` (fitting and validation caches), sorted by name."""
     if not os.path.isdir(cache_dir):
         raise ScoreError(f"cache folder {cache_dir} does not exist")
     present = sorted(f[:-3] for f in os.listdir(cache_dir) if f.endswith(".h5"))
-    return [n for n in present if n != id_name and not n.endswith("_train") and n not in exclude]
+    return [n for n in present if n != id_name and not is_fitting_or_validation(n) and n not in exclude]

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from store.benchmarks import groups_of
 from store.reader import BLOCK_ROWS, CacheReader, cache_path
 from store.recipes import comparable, missing
 from store.schema import CacheError, differing
@@ -198,9 +199,10 @@ def unavailable_scores(cache_dir, id_name, names, fit_on=None, params=None):
     return out
 
 
-def fit_all(cache_dir, id_name, names, params=None, fit_on=None, fitted_dir=None, id_attrs=None):
+def fit_all(cache_dir, id_name, names, params=None, fit_on=None, fitted_dir=None, id_attrs=None, failed=None):
     """``{score: fitted estimator}`` for the fitted scores in ``names``; each fitting cache
-    is checked against the ID cache on what the score reads."""
+    is checked against the ID cache on what the score reads. failed: a dict; when given, a
+    score that cannot be fitted is recorded there ({score: reason}) instead of raising."""
     params = params or {}
     store = FitStore(fitted_dir)
     out = {}
@@ -209,11 +211,16 @@ def fit_all(cache_dir, id_name, names, params=None, fit_on=None, fitted_dir=None
         if source is None:
             continue
         path = cache_path(cache_dir, source)
-        with CacheReader(path) as reader:
-            if id_attrs is not None:
-                check_compatible(name, params.get(name), id_attrs, cache_path(cache_dir, id_name),
-                                 reader.attrs, path)
-            out[name] = store.get(reader, name, params.get(name))
+        try:
+            with CacheReader(path) as reader:
+                if id_attrs is not None:
+                    check_compatible(name, params.get(name), id_attrs, cache_path(cache_dir, id_name),
+                                     reader.attrs, path)
+                out[name] = store.get(reader, name, params.get(name))
+        except (CacheError, ScoreError) as err:
+            if failed is None:
+                raise
+            failed[name] = str(err)
     return out
 
 
@@ -237,7 +244,7 @@ def _check_finite(name, values, keep, paths, path, params):
 
 
 def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", allow_partial=False,
-                   params=None, fit_on=None, fitted_dir=None):
+                   params=None, fit_on=None, fitted_dir=None, lenient=False):
     """Scores and metrics for the ID cache against each OOD cache in ``cache_dir``.
 
     params: ``{score: {parameter: value}}``. fit_on: training cache name for the scores
@@ -246,7 +253,13 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
     "scores": {dataset: {score: (N,) array}}, "paths": {dataset: array}, "skipped":
     {dataset: count}, "n_rows": {dataset: N}, "skip_reasons": {dataset: {path: reason}},
     "partial": [dataset], "convention", "id", "ood": [set], "fit_caches": [set],
-    "settings": {score: text}}``. Skipped (unreadable) images are left out of the metrics.
+    "settings": {score: text}, "groups": {"near": [set], "far": [set]} or None,
+    "id_accuracy": fraction or None, "failed": {score: reason}}``. lenient: a score that
+    cannot be fitted or computed is left out (reason in "failed") instead of raising, as
+    ``--score all`` wants. With groups (the benchmark preset's near and far
+    OOD sets), each score's results also hold "nearood" and "farood": the unweighted means
+    over the group, as OpenOOD reports them. Skipped (unreadable) images are left out of
+    the metrics.
     """
     params = params or {}
     ood_names = list(ood_names)
@@ -269,7 +282,10 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
             text = ", ".join(f"{k}={v}" for k, v in shown.items())
         if text:
             out["settings"][name] = text
-    fitted = fit_all(cache_dir, id_name, names, params, fit_on, fitted_dir, id_attrs)
+    out["failed"] = {}
+    fitted = fit_all(cache_dir, id_name, names, params, fit_on, fitted_dir, id_attrs,
+                     out["failed"] if lenient else None)
+    names = [n for n in names if n not in out["failed"]]
     keep = {}
     for dataset in [id_name, *ood_names]:
         path = cache_path(cache_dir, dataset)
@@ -282,9 +298,16 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
             reasons = reader.read_all("skip_reasons") if skipped.any() and reader.has("skip_reasons") else None
             values = {}
             for name in names:
-                est = fitted.get(name) or entry(name).make(params.get(name))
-                values[name] = score_cache(reader, name, est, params.get(name))
-                _check_finite(name, values[name], ~skipped, paths, path, params.get(name))
+                if name in out["failed"]:
+                    continue
+                try:
+                    est = fitted.get(name) or entry(name).make(params.get(name))
+                    values[name] = score_cache(reader, name, est, params.get(name))
+                    _check_finite(name, values[name], ~skipped, paths, path, params.get(name))
+                except (CacheError, ScoreError) as err:
+                    if not lenient:
+                        raise
+                    out["failed"][name] = str(err)
             out["scores"][dataset] = values
             out["paths"][dataset] = paths
             out["skipped"][dataset] = int(skipped.sum())
@@ -294,9 +317,27 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
             if reader.partial:
                 out["partial"].append(dataset)
             keep[dataset] = ~skipped
+    groups = groups_of(id_attrs) or {}
+    groups = {g: [d for d in sets if d in ood_names] for g, sets in groups.items()}
+    out["groups"] = groups if any(groups.values()) else None
+    with CacheReader(id_path, allow_partial=allow_partial) as reader:
+        labels = reader.read_all("labels")
+        pred = np.concatenate([reader.read("logits", a, b).argmax(axis=1) for a, b in reader.blocks()])
+    labelled = (labels >= 0) & keep[id_name]
+    out["id_accuracy"] = float((pred[labelled] == labels[labelled]).mean()) if labelled.any() else None
+    names = [n for n in names if n not in out["failed"]]
+    for dataset in out["scores"]:
+        out["scores"][dataset] = {n: v for n, v in out["scores"][dataset].items() if n in names}
+    for name in out["failed"]:
+        out["settings"].pop(name, None)
+    if not names:
+        raise ScoreError("no score could be computed: " + "; ".join(f"{n}: {r}" for n, r in out["failed"].items()))
     for name in names:
         known = out["scores"][id_name][name][keep[id_name]]
         rows = {d: ood_metrics(known, out["scores"][d][name][keep[d]], convention) for d in ood_names}
+        for g, sets in (out["groups"] or {}).items():
+            if sets:
+                rows[f"{g}ood"] = {m: float(np.mean([rows[d][m] for d in sets])) for m in METRICS}
         rows["Average"] = {m: float(np.mean([rows[d][m] for d in ood_names])) for m in METRICS}
         out["results"][name] = rows
     return out

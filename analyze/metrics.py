@@ -1,4 +1,4 @@
-"""OOD detection metrics, ID as the positive class, in the two conventions of the seed code.
+"""OOD detection metrics in the conventions of the seed code and of OpenOOD v1.5.
 
 ``sklearn`` (GradNorm release, ``utils/test_utils.py::get_measures``): AUROC and AUPR by
 scikit-learn (``roc_auc_score``, ``average_precision_score``; AUPR-Out with OOD positive
@@ -6,14 +6,19 @@ and negated scores); FPR95 = FPR at the ROC point whose recall is closest to 0.9
 ``gaia`` (GAIA release, ``metrics.py::cal_metric``): FPR95 = fraction of OOD scores above
 the ID score of ascending rank ``round(0.05 * n_id)``; AUROC, AUPR-In, AUPR-Out by the
 trapezoidal rule over their tie-merged TP/FP curve.
-Both report the detection error as GAIA computes it:
+``openood`` (OpenOOD v1.5, ``openood/evaluators/metrics.py``): OOD is the positive class;
+FPR95 = the FPR of ``roc_curve(is_ood, -score)`` at the first point whose TPR (OOD
+recall) reaches 0.95, i.e. the fraction of ID samples flagged at 95% OOD recall; AUROC =
+``auc`` of that curve; AUPR-In / AUPR-Out = ``auc(recall, precision)`` of the
+precision-recall curves with ID (score) / OOD (negated score) positive.
+All report the detection error as GAIA computes it:
 ``min over thresholds of (ID rejected + OOD accepted) / (n_id + n_ood)``.
 All values are fractions in [0, 1].
 """
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-CONVENTIONS = ("sklearn", "gaia")
+CONVENTIONS = ("sklearn", "gaia", "openood")
 METRICS = ("FPR95", "AUROC", "AUPR-In", "AUPR-Out", "DetErr")
 
 
@@ -101,6 +106,21 @@ def _sklearn(known, novel):
     }
 
 
+def _openood(known, novel):
+    is_ood = np.concatenate([np.zeros(len(known)), np.ones(len(novel))])
+    conf = np.concatenate([known, novel])
+    fpr, tpr, _ = roc_curve(is_ood, -conf)
+    p_in, r_in, _ = precision_recall_curve(1 - is_ood, conf)
+    p_out, r_out, _ = precision_recall_curve(is_ood, -conf)
+    return {
+        "FPR95": float(fpr[np.argmax(tpr >= 0.95)]),
+        "AUROC": float(auc(fpr, tpr)),
+        "AUPR-In": float(auc(r_in, p_in)),
+        "AUPR-Out": float(auc(r_out, p_out)),
+        "DetErr": detection_error(known, novel),
+    }
+
+
 def ood_metrics(known, novel, convention="sklearn"):
     """Metrics of ID scores ``known`` (n_id,) vs OOD scores ``novel`` (n_ood,): dict of METRICS.
 
@@ -112,4 +132,4 @@ def ood_metrics(known, novel, convention="sklearn"):
     novel = np.asarray(novel, dtype=np.float64)
     if len(known) == 0 or len(novel) == 0:
         raise ValueError("need at least one ID and one OOD score")
-    return _gaia(known, novel) if convention == "gaia" else _sklearn(known, novel)
+    return {"gaia": _gaia, "openood": _openood, "sklearn": _sklearn}[convention](known, novel)

@@ -65,6 +65,43 @@ def summary_table(evaluation):
     return header, rows
 
 
+def grouped_table(evaluation):
+    """(header, rows) in OpenOOD's layout: per score, near-OOD and far-OOD averages (FPR95,
+    AUROC), then AUROC per set, near sets first; the ID accuracy is in the caption."""
+    groups = evaluation["groups"]
+    sets = [d for g in ("near", "far") for d in groups.get(g, [])]
+    header = ["Method", "Near FPR95 ↓", "Near AUROC ↑", "Far FPR95 ↓", "Far AUROC ↑",
+              *[f"{d} AUROC" for d in sets]]
+    rows = []
+    for name, res in evaluation["results"].items():
+        cells = [title(name)]
+        for g in ("near", "far"):
+            r = res.get(f"{g}ood")
+            cells += [_pct(r["FPR95"]), _pct(r["AUROC"])] if r else ["-", "-"]
+        rows.append(cells + [_pct(res[d]["AUROC"]) for d in sets])
+    return header, rows
+
+
+def openood_csv_rows(evaluation, name):
+    """Rows of OpenOOD's per-method CSV (its evaluator's ``ood.csv`` shape): header
+    ``dataset,FPR@95,AUROC,AUPR_IN,AUPR_OUT,ACC``, one row per near set, ``nearood``, one
+    per far set, ``farood`` (ungrouped: every set and ``Average``); percent, 2 decimals."""
+    res = evaluation["results"][name]
+    acc = "" if evaluation.get("id_accuracy") is None else f"{100 * evaluation['id_accuracy']:.2f}"
+    order = []
+    if evaluation.get("groups"):
+        for g in ("near", "far"):
+            if evaluation["groups"].get(g):
+                order += [*evaluation["groups"][g], f"{g}ood"]
+    else:
+        order = [*evaluation["ood"], "Average"]
+    rows = [["dataset", "FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC"]]
+    for d in order:
+        m = res[d]
+        rows.append([d, *[f"{100 * m[k]:.2f}" for k in ("FPR95", "AUROC", "AUPR-In", "AUPR-Out")], acc])
+    return rows
+
+
 def markdown(header, rows):
     """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -96,8 +133,11 @@ def plain(header, rows, width=WIDTH):
 
 
 CONVENTION_TEXT = {
-    "sklearn": "scikit-learn AUROC/AUPR, FPR95 at the ROC point with recall closest to 95% (GradNorm release)",
-    "gaia": "GAIA release: FPR95 at the ID score of rank round(0.05 n), trapezoidal AUROC/AUPR",
+    "sklearn": "ID positive, scikit-learn AUROC/AUPR, FPR95 at the ROC point with recall closest to 95% "
+               "(GradNorm release)",
+    "gaia": "ID positive, GAIA release: FPR95 at the ID score of rank round(0.05 n), trapezoidal AUROC/AUPR",
+    "openood": "OpenOOD v1.5: OOD positive, FPR95 = ID samples flagged at 95% OOD recall, AUROC and "
+               "AUPR by the trapezoid rule",
 }
 
 
@@ -106,8 +146,15 @@ def caption(evaluation):
     def count(d):
         n, k = evaluation["n_rows"][d], evaluation["skipped"][d]
         return f"{d} ({n - k} images" + (f", {k} skipped" if k else "") + ")"
-    text = (f"ID = {count(evaluation['id'])}, positive class. OOD sets: "
-            + ", ".join(count(d) for d in evaluation["ood"]) + ".")
+    text = f"ID = {count(evaluation['id'])}"
+    if evaluation.get("id_accuracy") is not None:
+        text += f", classifier accuracy {100 * evaluation['id_accuracy']:.2f}%"
+    groups = evaluation.get("groups")
+    if groups:
+        text += ". " + "; ".join(f"{g}-OOD: " + ", ".join(count(d) for d in groups[g])
+                                 for g in ("near", "far") if groups.get(g)) + "."
+    else:
+        text += ". OOD sets: " + ", ".join(count(d) for d in evaluation["ood"]) + "."
     if evaluation.get("fit_caches"):
         text += " Fitted on: " + ", ".join(evaluation["fit_caches"]) + " (not OOD sets)."
     text += f" Metrics in %, {CONVENTION_TEXT[evaluation['convention']]}; DetErr as GAIA computes it."
@@ -151,16 +198,27 @@ def write_report(evaluation, out_dir, extra_files=()):
         with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
             f.write(f"### {title(name)}\n\n{cap}\n\n{markdown(header, rows)}\n")
         files += [f"{name}.csv", f"{name}.md"]
+    os.makedirs(os.path.join(out_dir, "ood"), exist_ok=True)
+    for name in evaluation["results"]:
+        with open(os.path.join(out_dir, "ood", f"{name}.csv"), "w", newline="") as f:
+            csv.writer(f).writerows(openood_csv_rows(evaluation, name))
     header, rows = summary_table(evaluation)
+    text = plain(header, rows)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(f"{cap}\n\n{markdown(header, rows)}\n")
+        if evaluation.get("groups"):
+            gh, gr = grouped_table(evaluation)
+            f.write(f"\nNear-OOD and far-OOD (OpenOOD's grouping; averages are unweighted means over "
+                    f"each group's sets):\n\n{markdown(gh, gr)}\n")
+            text = plain(gh, gr) + "\n\n" + text
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
-    files += ["summary.md", "summary.csv", *extra_files]
+    files += ["summary.md", "summary.csv", "ood", *extra_files]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"id": evaluation["id"], "ood": evaluation["ood"], "convention": evaluation["convention"],
                    "fit_caches": evaluation.get("fit_caches", []), "settings": evaluation.get("settings", {}),
                    "skipped": evaluation["skipped"], "partial": evaluation["partial"],
                    "skipped_files": evaluation.get("skip_reasons", {}),
+                   "groups": evaluation.get("groups"), "id_accuracy": evaluation.get("id_accuracy"),
                    "results": evaluation["results"], "files": files}, f, indent=2)
-    return cap + "\n\n" + plain(header, rows)
+    return cap + "\n\n" + text

@@ -7,7 +7,7 @@ Messages for the user go through ``log``.
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -87,12 +87,23 @@ def parse_odin(items):
     return passes
 
 
-def dataset_specs(bench, datasets, data_root, split):
-    """``[(name, kind, path relative to root, root)]`` for the requested datasets.
+class DatasetSpec(NamedTuple):
+    """One dataset to extract: its cache name, kind (``store.benchmarks``), path, the data
+    root it is relative to, and for image lists the folder their paths are relative to."""
+    name: str
+    kind: str
+    rel: str
+    root: str
+    images: str = ""
 
-    ``NAME=DIR`` is an ImageFolder root (``NAME=LIST.txt`` an image list); with
-    ``--split train`` its cache is named ``NAME_train`` (the name analysis looks for).
-    Preset names come from the benchmark; ``all`` is every set of it.
+
+def dataset_specs(bench, datasets, data_root, split):
+    """``[DatasetSpec]`` for the requested datasets.
+
+    ``NAME=DIR`` is an ImageFolder root; ``NAME=LIST.txt`` an image list whose paths are
+    relative to ``--data-root``; with ``--split train`` the cache is named ``NAME_train``
+    (the name analysis looks for). Preset names come from the benchmark; ``all`` is every
+    set of it.
     """
     specs = []
     preset = benchmark(bench) if bench else None
@@ -100,11 +111,16 @@ def dataset_specs(bench, datasets, data_root, split):
         name, sep, folder = item.partition("=")
         if sep:
             if not name or not folder:
-                raise ValueError(f"--dataset {item!r}: expected NAME=DIR")
+                raise ValueError(f"--dataset {item!r}: expected NAME=DIR or NAME=LIST.txt")
             if split == "train" and not name.endswith("_train"):
                 name = f"{name}_train"
-            kind = "list" if folder.endswith(".txt") else "folder"
-            specs.append((name, kind, folder, ""))
+            if folder.endswith(".txt"):
+                if not data_root:
+                    raise ValueError(f"--dataset {item!r}: an image list needs --data-root, the folder "
+                                     "its paths are relative to")
+                specs.append(DatasetSpec(name, "list", os.path.abspath(folder), "", data_root))
+            else:
+                specs.append(DatasetSpec(name, "folder", folder, ""))
             continue
         if preset is None:
             raise ValueError(f"--dataset {item!r}: give NAME=DIR, or name a --benchmark preset")
@@ -115,16 +131,17 @@ def dataset_specs(bench, datasets, data_root, split):
             if n not in preset["sets"]:
                 raise ValueError(f"unknown dataset {n!r} in benchmark {bench!r}; choose one of: "
                                  f"{', '.join(preset['sets'])}, all")
-            kind, rel = preset["sets"][n]
-            specs.append((n, kind, rel, data_root))
+            kind, rel, *images = preset["sets"][n]
+            specs.append(DatasetSpec(n, kind, rel, data_root, os.path.join(data_root, images[0]) if images else ""))
     if not specs:
         raise ValueError("no dataset given: use --dataset NAME=DIR (repeatable) or --benchmark")
     seen = {}
-    for name, kind, rel, root in specs:
-        if name in seen and seen[name] != (kind, rel, root):
-            raise ValueError(f"--dataset: two different sources for {name!r} ({seen[name][1]} and {rel}); "
-                             "give each dataset its own name")
-        seen[name] = (kind, rel, root)
+    for spec in specs:
+        source = spec[1:]
+        if spec.name in seen and seen[spec.name] != source:
+            raise ValueError(f"--dataset: two different sources for {spec.name!r} ({seen[spec.name][1]} and "
+                             f"{spec.rel}); give each dataset its own name")
+        seen[spec.name] = source
     return list(dict.fromkeys(specs))
 
 
@@ -195,24 +212,25 @@ def extract_command(req):
     maha = _maha_setup(model, arch, weights, description, dev, req) if req.maha_fit else None
     config = ExtractConfig(arch=arch, needs=req.needs, passes=passes, hooks=tuple(req.hooks),
                            policy=req.policy, store=parse_policies(req.store),
-                           odin=tuple(parse_odin(req.odin)) or tuple((t, e, False) for t, e in preset.get("odin", ()))
+                           odin=tuple(parse_odin(req.odin)) or tuple(
+                               (p[0], p[1], bool(p[2]) if len(p) > 2 else False) for p in preset.get("odin", ()))
                            or ODIN_DEFAULT,
                            odin_std=_odin_std(description), maha=maha, batch_size=req.batch_size,
                            device=str(dev), progress=not req.quiet)
     plan = ExtractionPlan(model, config, image_shape, dev)
-    for name, kind, rel, root in specs:
-        _extract_one(req, shard, model, plan, config, name, kind, rel, root, transform, description,
+    for spec in specs:
+        _extract_one(req, shard, model, plan, config, spec, transform, description,
                      checkpoint, sha, weights, cache_dir, dev)
     shard.close()
 
 
-def _extract_one(req, shard, model, plan, config, name, kind, rel, root, transform, description,
+def _extract_one(req, shard, model, plan, config, spec, transform, description,
                  checkpoint, sha, weights, cache_dir, dev):
-    log = req.log
-    if req.dry_run and kind in ("folder", "list") and not os.path.exists(os.path.join(root, rel)):
+    log, name = req.log, spec.name
+    if req.dry_run and spec.kind in ("folder", "list") and not os.path.exists(os.path.join(spec.root, spec.rel)):
         ds, n_images = None, req.limit or 0
     else:
-        ds = D.open_dataset(root, kind, rel, transform, name, req.skip_bad)
+        ds = D.open_dataset(spec.root, spec.kind, spec.rel, transform, name, req.skip_bad, spec.images)
         n_images = len(ds)
     indices = None
     if req.limit is not None and ds is not None:
@@ -225,7 +243,7 @@ def _extract_one(req, shard, model, plan, config, name, kind, rel, root, transfo
             log(f"{name}: {n_images} images -> {target}")
             log("\n".join("  " + line for line in plan.describe(n_images)))
         return
-    source = ds.root if hasattr(ds, "root") else os.path.join(root, rel)
+    source = ds.root
     provenance = Provenance(dataset=name, checkpoint=os.path.abspath(checkpoint), checkpoint_sha256=sha,
                             weights_sha256=weights, preprocess=description,
                             dataset_root=os.path.abspath(source),

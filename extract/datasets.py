@@ -1,9 +1,11 @@
-"""Benchmarks, dataset layouts and the authors' evaluation transforms.
+"""Reading datasets (ImageFolders, OpenOOD image lists, torchvision's CIFAR and SVHN
+files) and the authors' evaluation transforms.
 
-All sets live under one data root, laid out as the seed READMEs describe. Every item is
-``(image tensor, label, index, reason)``; ``reason`` is ``""`` for a readable image and
-the decoder's error message for an unreadable one when ``skip_bad`` is on (the tensor is
-then zeros and the label -1).
+The presets' layouts under a data root are declared in ``store.benchmarks``. Every item
+of an ``ImageSet`` is ``(image tensor, label, index, reason)``; ``reason`` is ``""`` for a
+readable image and the decoder's error message for an unreadable one when ``skip_bad`` is
+on (the tensor is then zeros and the label -1). Images are decoded to RGB by ``load_rgb``
+(16-bit images scaled, not clipped).
 """
 import os
 
@@ -12,7 +14,7 @@ from PIL import Image
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
-from store.benchmarks import WHERE_TO_GET
+from store.benchmarks import WHERE_TO_GET, WHERE_TO_GET_OPENOOD
 
 # Evaluation transforms. CIFAR constants from GAIA's data/datasets.py; BiT ImageNet from
 # GradNorm's test_ood.py (Resize 480x480, Normalize 0.5/0.5); torchvision models use their
@@ -23,6 +25,13 @@ PREPROCESS = {
     "imagenet_bit": [("Resize", (480, 480)), ("ToTensor",), ("Normalize", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))],
     "imagenet_tv": [("Resize", 256), ("CenterCrop", 224), ("ToTensor",), ("Normalize", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))],
     "demo": [("CenterCrop", 32), ("ToTensor",), ("Normalize", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))],
+    # OpenOOD v1.5's test preprocessing (evaluation_api/preprocessor.py): bilinear Resize of
+    # the shorter side, CenterCrop, its normalization_dict constants; ImageNet-200 and
+    # ImageNet-1K use Resize 256 / CenterCrop 224 with the ImageNet constants (imagenet_tv).
+    "openood_cifar10": [("Resize", 32), ("CenterCrop", 32), ("ToTensor",),
+                        ("Normalize", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))],
+    "openood_cifar100": [("Resize", 32), ("CenterCrop", 32), ("ToTensor",),
+                         ("Normalize", (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))],
 }
 
 
@@ -53,7 +62,7 @@ def expected_layout(kind, rel):
     if kind == "svhn":
         return "test_32x32.mat"
     if kind == "list":
-        return f"{rel} (lines 'relative/path label'), images under the data root"
+        return f"{rel} (lines 'relative/path label'), images under the images folder"
     return f"{rel}/<class folder>/<image files>  (torchvision ImageFolder)"
 
 
@@ -172,10 +181,11 @@ def _folder(path, transform, name, data_root, kind, rel):
             f"image extensions read: {', '.join(IMAGE_EXTENSIONS)}") from None
 
 
-def open_dataset(data_root, kind, rel, transform, name, skip_bad=False):
+def open_dataset(data_root, kind, rel, transform, name, skip_bad=False, images_root=""):
     """Dataset ``name`` of kind ``folder``/``list``/``cifar10``/``cifar100``/``svhn`` as an
     ImageSet. ``list``: ``rel`` is an image-list file (absolute, or under ``data_root``)
-    whose paths are relative to ``data_root``.
+    whose paths are relative to ``images_root`` (default ``data_root``); every listed image
+    must exist (the error names the missing ones).
 
     Raises FileNotFoundError with the expected layout and where to get the files.
     """
@@ -186,8 +196,13 @@ def open_dataset(data_root, kind, rel, transform, name, skip_bad=False):
         return ImageSet(base, paths, skip_bad, probe_shape(transform), root=path)
     if kind == "list":
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"dataset {name!r}: image list {path} not found.\n{WHERE_TO_GET}")
-        base = ImageList(path, data_root, transform)
+            raise FileNotFoundError(f"dataset {name!r}: image list {path} not found.\n{WHERE_TO_GET_OPENOOD}")
+        base = ImageList(path, images_root or data_root, transform)
+        absent = [p for p, _ in base.samples if not os.path.isfile(p)]
+        if absent and not skip_bad:
+            raise FileNotFoundError(
+                f"dataset {name!r}: {len(absent)} of the {len(base)} images of {path} are missing, e.g. "
+                f"{absent[0]} (list paths are relative to {images_root or data_root}).\n{WHERE_TO_GET_OPENOOD}")
         return ImageSet(base, [p for p, _ in base.samples], skip_bad, probe_shape(transform), root=path)
     try:
         if kind in ("cifar10", "cifar100"):

@@ -26,7 +26,8 @@ _NAC_STAGES = {"cifar_resnet": ["layer1", "layer2", "layer3", "layer4"],
                "wrn": ["block1", "block2", "block3"],
                "bit": ["body.block1", "body.block2", "body.block3", "body.block4"]}
 _PENULTIMATE = {"cifar_resnet": "layer4", "wrn": "relu", "bit": "before_head"}
-_TORCHVISION = {"tv_resnet50": (["layer1", "layer2", "layer3", "layer4"], "layer4"),
+_TORCHVISION = {"tv_resnet18": (["layer1", "layer2", "layer3", "layer4"], "layer4"),
+                "tv_resnet50": (["layer1", "layer2", "layer3", "layer4"], "layer4"),
                 "tv_mobilenet_v2": (None, "features")}
 
 
@@ -44,7 +45,7 @@ def resolve_hook_set(model, arch, name):
             return _norms_under(model, "body.block4", nn.GroupNorm)
         return _norms_under(model, "", nn.BatchNorm2d)
     if name in ("before_head", "before_head_gn"):
-        if family in ("cifar_resnet",) or arch == "tv_resnet50":
+        if family in ("cifar_resnet",) or arch in ("tv_resnet18", "tv_resnet50"):
             if name == "before_head":
                 return (_norms_under(model, "layer3", nn.BatchNorm2d)
                         + _norms_under(model, "layer4", nn.BatchNorm2d) + ["layer4"])

@@ -1,8 +1,16 @@
-"""Benchmark presets: dataset names, layouts under the data root, defaults.
+"""Benchmark presets: dataset names, layouts under the data root, groups, defaults.
 
-Torch-free, so both stages agree on names. Each set is ``(kind, relative path)``; kinds:
-``folder`` (torchvision ImageFolder), ``cifar10``/``cifar100`` (torchvision's python
-pickles, split ``test``/``train``), ``svhn`` (``test_32x32.mat``).
+Torch-free, so both stages agree on names. Each set is ``(kind, relative path)`` or, for
+image lists, ``("list", list file, images folder)``, paths relative to the data root;
+kinds: ``folder`` (torchvision ImageFolder), ``list`` (an image list: lines
+``relative/path label``, paths relative to the images folder, read in list order; the
+OpenOOD v1.5 layout), ``cifar10``/``cifar100`` (torchvision's python pickles, split
+``test``/``train``), ``svhn`` (``test_32x32.mat``).
+
+A preset may group its OOD sets (``groups``: near and far OOD, averaged per group in the
+tables) and name validation caches (``val``: the ID validation set and the OOD
+validation set that ``analyze --tune-on`` selects hyperparameters on). Names ending in
+``_train`` or ``_val`` are never OOD test sets.
 """
 
 # ODIN (temperature, epsilon): the ODIN paper's CIFAR setting; for ImageNet the GradNorm /
@@ -28,6 +36,30 @@ def _cifar(name, num_classes):
     }
 
 
+def _openood(bench, num_classes, arch, preprocess, near, far, val_ood, id_dir, score_params=None):
+    """OpenOOD v1.5 preset (``openood/evaluation_api/datasets.py`` DATA_INFO): lists under
+    ``benchmark_imglist/<bench>/``, images under ``images_classic/`` or
+    ``images_largescale/`` as its download script lays them out."""
+    lists = f"benchmark_imglist/{bench}"
+
+    def entry(file, folder):
+        return ("list", f"{lists}/{file}", folder)
+    sets = {bench: entry(f"test_{bench}.txt", id_dir), f"{bench}_train": entry(f"train_{bench}.txt", id_dir),
+            f"{bench}_val": entry(f"val_{bench}.txt", id_dir)}
+    for name, folder in [*near, *far]:
+        sets[name] = entry(f"test_{name}.txt", folder)
+    sets[f"{val_ood[0]}_val"] = entry(f"val_{val_ood[0]}.txt", val_ood[1])
+    return {"id": bench, "preprocess": preprocess, "arch": arch, "num_classes": num_classes,
+            "odin": [(1000.0, 0.0014, True)], "score_params": score_params or {}, "sets": sets,
+            "groups": {"near": [n for n, _ in near], "far": [n for n, _ in far]},
+            "val": {"id": f"{bench}_val", "ood": f"{val_ood[0]}_val"}, "openood": True}
+
+
+CLASSIC, LARGE = "images_classic", "images_largescale"
+_CIFAR_FAR = [("mnist", CLASSIC), ("svhn", CLASSIC), ("texture", CLASSIC), ("places365", CLASSIC)]
+_IMAGENET_NEAR = [("ssb_hard", LARGE), ("ninco", LARGE)]
+_IMAGENET_FAR = [("inaturalist", LARGE), ("textures", CLASSIC), ("openimage_o", LARGE)]
+
 # Benchmarks: ID test set, ID training set, OOD sets; each entry is (kind, relative path).
 BENCHMARKS = {
     "demo": {
@@ -50,6 +82,28 @@ BENCHMARKS = {
     },
 }
 
+BENCHMARKS.update({
+    "openood_cifar10": _openood("cifar10", 10, "resnet18_32x32", "openood_cifar10",
+                                [("cifar100", CLASSIC), ("tin", CLASSIC)], _CIFAR_FAR, ("tin", CLASSIC), CLASSIC,
+                                CIFAR_SCORE_PARAMS),
+    "openood_cifar100": _openood("cifar100", 100, "resnet18_32x32", "openood_cifar100",
+                                 [("cifar10", CLASSIC), ("tin", CLASSIC)], _CIFAR_FAR, ("tin", CLASSIC), CLASSIC,
+                                 CIFAR_SCORE_PARAMS),
+    "openood_imagenet200": _openood("imagenet200", 200, "tv_resnet18", "imagenet_tv", _IMAGENET_NEAR,
+                                    _IMAGENET_FAR, ("openimage_o", LARGE), LARGE),
+    "openood_imagenet": _openood("imagenet", 1000, "tv_resnet50", "imagenet_tv", _IMAGENET_NEAR,
+                                 _IMAGENET_FAR, ("openimage_o", LARGE), LARGE, {"dice": {"p": 70.0}}),
+})
+BENCHMARKS["demo"]["groups"] = {"near": ["mashups"], "far": ["photo_patches", "textures", "noise", "shapes"]}
+BENCHMARKS["imagenet"]["score_params"] = {"dice": {"p": 70.0}}
+
+WHERE_TO_GET_OPENOOD = (
+    "OpenOOD v1.5 data: its download script (scripts/download/download.py in "
+    "Jingkang50/OpenOOD, or the evaluation API's download) puts benchmark_imglist/, "
+    "images_classic/ and images_largescale/ under one folder: give that folder as "
+    "--data-root. ImageNet-1K training images come from the ImageNet site. This tool never "
+    "downloads data.")
+
 WHERE_TO_GET = (
     "CIFAR-10/100: the python versions from the CIFAR page (cifar-10-python.tar.gz, "
     "cifar-100-python.tar.gz), unpacked in the data root. SVHN: test_32x32.mat. LSUN, "
@@ -68,10 +122,22 @@ def benchmark(name):
     return BENCHMARKS[name]
 
 
+def is_fitting_or_validation(name):
+    """True for cache names that are never OOD test sets (``*_train``, ``*_val``)."""
+    return name.endswith("_train") or name.endswith("_val")
+
+
 def ood_sets(name):
-    """OOD set names of preset ``name``, in table order (ID test and training sets excluded)."""
+    """OOD test set names of preset ``name``, in table order (near then far when grouped)."""
     preset = benchmark(name)
-    return [s for s in preset["sets"] if s != preset["id"] and not s.endswith("_train")]
+    if preset.get("groups"):
+        return [*preset["groups"]["near"], *preset["groups"]["far"]]
+    return [s for s in preset["sets"] if s != preset["id"] and not is_fitting_or_validation(s)]
+
+
+def groups_of(attrs):
+    """``{"near": [...], "far": [...]}`` of the benchmark a cache was extracted for, or None."""
+    return BENCHMARKS.get(attrs.get("benchmark") or "", {}).get("groups")
 
 
 def preset_params(attrs):

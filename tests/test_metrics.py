@@ -40,5 +40,33 @@ def test_perfect_and_reversed_separation():
 
 
 def test_unknown_convention_names_the_valid_ones():
-    with pytest.raises(ValueError, match="sklearn, gaia"):
-        ood_metrics([1.0], [0.0], "openood")
+    with pytest.raises(ValueError, match="sklearn, gaia, openood"):
+        ood_metrics([1.0], [0.0], "ood_pos")
+
+
+def _openood_fpr_by_thresholds(known, novel):
+    """OpenOOD's FPR@95TPR from its definition, by a loop: OOD is positive, the detector
+    flags a sample when -score >= t; walking t from high to low, the FPR (ID flagged) at
+    the first threshold whose OOD recall reaches 95%."""
+    conf_ood, conf_id = -np.asarray(novel), -np.asarray(known)
+    for t in np.sort(np.unique(np.r_[conf_ood, conf_id]))[::-1]:
+        if np.mean(conf_ood >= t) >= 0.95:
+            return float(np.mean(conf_id >= t))
+    return 1.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_openood_convention_is_ood_positive(seed):
+    """FPR@95 as OpenOOD v1.5 computes it (openood/evaluators/metrics.py): the share of ID
+    samples flagged at 95% OOD recall, not the share of OOD accepted at 95% ID recall."""
+    rng = np.random.default_rng(seed)
+    known = rng.normal(1.0, 1.0, 300 + seed)
+    novel = rng.normal(0.0, 1.5, 250)
+    got = ood_metrics(known, novel, "openood")
+    assert got["FPR95"] == pytest.approx(_openood_fpr_by_thresholds(known, novel), abs=1e-12)
+    y = np.r_[np.ones(len(known)), np.zeros(len(novel))]
+    assert got["AUROC"] == pytest.approx(roc_auc_score(y, np.r_[known, novel]), abs=1e-12)
+    # not the ID-positive FPR95 of the seed papers
+    assert got["FPR95"] != pytest.approx(ood_metrics(known, novel, "sklearn")["FPR95"], abs=1e-3)
+    tied = (np.round(known, 1), np.round(novel, 1))
+    assert 0 <= ood_metrics(*tied, "openood")["FPR95"] <= 1

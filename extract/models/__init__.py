@@ -13,7 +13,7 @@ def _torchvision(name):
     def build(num_classes):
         import torchvision
         model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
-        model.head_name = "fc" if name == "resnet50" else "classifier.1"
+        model.head_name = "fc" if name.startswith("resnet") else "classifier.1"
         return model
     return build
 
@@ -31,6 +31,7 @@ ARCHITECTURES = {
     "wrn_40_2": wide_resnet.wrn_40_2,
     "BiT-S-R50x1": _bit("BiT-S-R50x1"),
     "BiT-S-R101x1": _bit("BiT-S-R101x1"),
+    "tv_resnet18": _torchvision("resnet18"),
     "tv_resnet50": _torchvision("resnet50"),
     "tv_mobilenet_v2": _torchvision("mobilenet_v2"),
 }
@@ -40,7 +41,7 @@ FAMILY = {
     "resnet18": "cifar_resnet", "resnet34": "cifar_resnet", "resnet50": "cifar_resnet",
     "resnet18_32x32": "cifar_resnet", "wrn_40_2": "wrn",
     "BiT-S-R50x1": "bit", "BiT-S-R101x1": "bit",
-    "tv_resnet50": "torchvision", "tv_mobilenet_v2": "torchvision",
+    "tv_resnet18": "torchvision", "tv_resnet50": "torchvision", "tv_mobilenet_v2": "torchvision",
 }
 
 

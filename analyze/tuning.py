@@ -1,0 +1,70 @@
+"""Hyperparameters chosen on validation data, as OpenOOD v1.5's automatic parameter search.
+
+For every score with a sweep grid (its entry's ``grid``, per-layer ``layers=each`` tables
+left out: those are ablations, not hyperparameters), each variant is scored on the ID
+validation cache and on the OOD validation cache, and the variant with the highest AUROC
+wins (the first one on ties, as OpenOOD's ``Evaluator.hyperparam_search``); the entry's
+defaults are always candidates, first. Test sets are never looked at.
+"""
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from store.reader import CacheReader, cache_path
+from store.recipes import missing
+from store.schema import CacheError
+
+from .evaluation import FitStore, fit_source, score_cache
+from .registry import ScoreError, entry
+from .sweep import expand
+
+
+def candidates(name, attrs, base=None):
+    """Parameter dicts to try for score ``name``: the defaults (updated by ``base``), then
+    the grid's variants, in grid order, those the cache with ``attrs`` can serve."""
+    e = entry(name)
+    base = dict(base or {})
+    tables = [t for t in e.grid if "each" not in t.get("layers", [])]
+    found = [base]
+    for _, _, params in expand({name: tables}, attrs) if tables else []:
+        p = {**base, **params}
+        if p not in found and not missing(e.needs_for(p), e.passes, attrs):
+            found.append(p)
+    return found
+
+
+def tune(cache_dir, id_name, id_val, ood_val, names, params=None, fit_on=None):
+    """``{score: {"params", "auroc", "tried"}}``: the chosen parameters of every score in
+    ``names`` that has a grid, by AUROC of ``id_val`` against ``ood_val`` (cache names)."""
+    params = params or {}
+    out = {}
+    store = FitStore()
+    with CacheReader(cache_path(cache_dir, id_val)) as iv, CacheReader(cache_path(cache_dir, ood_val)) as ov:
+        keep_i = ~iv.read_all("skipped").astype(bool)
+        keep_o = ~ov.read_all("skipped").astype(bool)
+        for name in names:
+            e = entry(name)
+            if not e.grid:
+                continue
+            best, tried = None, 0
+            for p in candidates(name, iv.attrs, params.get(name)):
+                if missing(e.needs_for(p), e.passes, ov.attrs):
+                    continue
+                source = fit_source(name, id_name, fit_on, p)
+                try:
+                    if source:
+                        with CacheReader(cache_path(cache_dir, source)) as fr:
+                            est = store.get(fr, name, p)
+                    else:
+                        est = e.make(p)
+                    known, novel = score_cache(iv, name, est, p)[keep_i], score_cache(ov, name, est, p)[keep_o]
+                except (CacheError, ScoreError):      # a variant these caches cannot serve
+                    continue
+                if not (np.isfinite(known).all() and np.isfinite(novel).all()):
+                    continue
+                auroc = roc_auc_score(np.r_[np.ones(len(known)), np.zeros(len(novel))], np.r_[known, novel])
+                tried += 1
+                if best is None or auroc > best[1]:
+                    best = (p, float(auroc))
+            if best is not None:
+                out[name] = {"params": best[0], "auroc": best[1], "tried": tried}
+    return out
