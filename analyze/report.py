@@ -70,6 +70,7 @@ def grouped_table(evaluation):
     AUROC), then AUROC per set, near sets first; the ID accuracy is in the caption."""
     groups = evaluation["groups"]
     sets = [d for g in ("near", "far") for d in groups.get(g, [])]
+    sets += [d for d in evaluation["ood"] if d not in sets]
     header = ["Method", "Near FPR95 ↓", "Near AUROC ↑", "Far FPR95 ↓", "Far AUROC ↑",
               *[f"{d} AUROC" for d in sets]]
     rows = []
@@ -151,8 +152,11 @@ def caption(evaluation):
         text += f", classifier accuracy {100 * evaluation['id_accuracy']:.2f}%"
     groups = evaluation.get("groups")
     if groups:
-        text += ". " + "; ".join(f"{g}-OOD: " + ", ".join(count(d) for d in groups[g])
-                                 for g in ("near", "far") if groups.get(g)) + "."
+        grouped = {d for g in groups.values() for d in g}
+        other = [d for d in evaluation["ood"] if d not in grouped]
+        parts = [f"{g}-OOD: " + ", ".join(count(d) for d in groups[g]) for g in ("near", "far") if groups.get(g)]
+        parts += ["other OOD sets: " + ", ".join(count(d) for d in other)] if other else []
+        text += ". " + "; ".join(parts) + "."
     else:
         text += ". OOD sets: " + ", ".join(count(d) for d in evaluation["ood"]) + "."
     if evaluation.get("fit_caches"):

@@ -138,7 +138,7 @@ def test_fit_on_cache_is_not_an_ood_set(setup, tmp_path):
                          "--score", "knn,msp", "--results", str(tmp_path / "r")])
         assert code == 0, out
         assert "train1000 FPR95" not in out and "Fitted on: train1000 (not OOD sets)" in out
-        assert "OOD sets: noise (12 images), textures (12 images)" in out
+        assert "far-OOD: textures (12 images), noise (12 images)" in out
         res = json.loads((tmp_path / "r" / "results.json").read_text())
         assert res["ood"] == ["noise", "textures"] and "train1000" not in res["results"]["knn"]
     finally:
