@@ -8,7 +8,7 @@ extraction plans and cache comparisons rely on.
 """
 import numpy as np
 
-from store.recipes import holds
+from store.recipes import holds, layers_of
 from store.schema import MAHA_ADVERSARIAL, MAHA_SCORES, MAP, STATS, TRACKING_PATH, CacheError, odin_pairs, odin_path, stat_path
 
 
@@ -100,7 +100,7 @@ class CacheData:
     # ------------------------------------------------------------------ hooked layers
     def layers(self, hook_set):
         """Layer names of ``hook_set`` in module order; raises when it was not extracted."""
-        layers = self.attrs["hook_sets"].get(hook_set)
+        layers = layers_of(self.attrs["hook_sets"], hook_set)
         if not layers:
             raise CacheError(f"{self.path}: hook set {hook_set!r} was not extracted (extracted: "
                              f"{', '.join(self.attrs['hook_sets']) or 'none'})")
@@ -121,7 +121,7 @@ class CacheData:
         if self._needs is None:
             return True
         for set_name, src, st in self._needs:
-            if src == source and (st == stat or st == MAP) and layer in self.attrs["hook_sets"].get(set_name, [set_name]):
+            if src == source and (st == stat or st == MAP) and layer in (layers_of(self.attrs["hook_sets"], set_name) or [set_name]):
                 return True
         return False
 

@@ -32,7 +32,7 @@ def compare_caches(cpu_path, gpu_path, scores=SCORES):
     """
     import h5py
 
-    from analyze.scores import compute_score
+    from helpers import compute_score
     from store.reader import CacheReader
     out = {"scores": {}, "counts": {"entries": 0, "differing": 0, "max_abs": 0, "by_layer": {}}}
     with CacheReader(cpu_path) as a, CacheReader(gpu_path) as b:
@@ -73,7 +73,7 @@ def main(argv=None):
         return 2
     from extract.runner import select_device
     gpu = select_device(args.device)
-    images, image_note = _load_images(torch, args.images)
+    images, _, image_note = _load_images(torch, args.images)
     model, model_note, sha = _load_model(torch)
     os.makedirs(args.workdir, exist_ok=True)
     policies = {"*": "scores"}

@@ -95,7 +95,7 @@ def channel_stats(t, stats):
     out = {}
     for stat in stats:
         if stat == "nonzero":
-            out[stat] = (flat != 0).sum(2, dtype=torch.int32)
+            out[stat] = torch.count_nonzero(flat, dim=2).to(torch.int32)
         elif stat == "mean":
             out[stat] = t.mean(dim=(-1, -2))   # the authors' reduction, same op
         elif stat == "abs_mean":

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from store.recipes import build_plan, objectives_for
 from store.recipes import hook_names as hook_names_of
+from store.recipes import layers_of, split_selector
 from store.schema import MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
 from store.schema import layout as schema_layout
 from store.writer import BackgroundWriter, CacheWriter
@@ -58,12 +59,17 @@ def select_device(name):
 
 
 def resolve_hooks(model, arch, hook_names, needs):
-    """``{hook set or module name: [layer, ...]}`` for the requested hooks and the needs."""
+    """``{hook set or module name: [layer, ...]}`` for the requested hooks and the needs
+    (a selected set ``set:selector`` is recorded beside its whole set)."""
     wanted = list(hook_names)
     for set_name in hook_names_of(needs):
         if set_name not in wanted:
             wanted.append(set_name)
-    return {name: H.resolve_hook_set(model, arch, name) for name in wanted}
+    out = {}
+    for name in wanted:
+        base, sel = split_selector(name)
+        out[name] = H.resolve_hook_set(model, arch, name) if sel is None else layers_of(out, name)
+    return out
 
 
 class ExtractionPlan:

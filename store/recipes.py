@@ -28,12 +28,37 @@ _PASS_HOW = {
 }
 
 
+# Selectors on a hook set: ``before_head:last`` is its last layer, ``before_head:inner`` the
+# others (GAIA-A reads one objective at each part, so each backward stops where it must).
+SELECTORS = {"last": lambda layers: layers[-1:], "inner": lambda layers: layers[:-1]}
+
+
+def split_selector(name):
+    """``(hook set, selector or None)`` of a need's hook-set name."""
+    base, sep, sel = name.partition(":")
+    if sep and sel not in SELECTORS:
+        raise ValueError(f"unknown hook-set selector {sel!r} in {name!r}; choose from {', '.join(SELECTORS)}")
+    return base, (sel if sep else None)
+
+
+def layers_of(hook_sets, name):
+    """Layers of hook set ``name`` (``set`` or ``set:selector``) in a cache's ``hook_sets``;
+    None when the set was not extracted."""
+    if name in hook_sets:
+        return list(hook_sets[name])
+    base, sel = split_selector(name)
+    if sel and base in hook_sets:
+        return SELECTORS[sel](list(hook_sets[base]))
+    return None
+
+
 def check_needs(needs, where="needs"):
     """Raise ValueError when a need is not a valid ``(hook_set, source, stat)`` triple."""
     for need in needs:
         if len(tuple(need)) != 3:
             raise ValueError(f"{where}: a need is (hook_set, source, stat), got {need!r}")
-        _, source, stat = need
+        hook_set, source, stat = need
+        split_selector(hook_set)
         if source not in SOURCES:
             raise ValueError(f"{where}: source {source!r} in {need!r} is not one of {', '.join(SOURCES)}")
         if stat not in (*STATS, MAP):
@@ -47,11 +72,14 @@ def objectives_for(needs):
 
 
 def hook_names(needs):
-    """Hook sets (or module names) named by ``needs``, in first-use order."""
+    """Hook sets (or module names) named by ``needs``, in first-use order; a selected set
+    (``set:selector``) brings its whole set first."""
     out = []
     for hook_set, _, _ in needs:
-        if hook_set not in out:
-            out.append(hook_set)
+        base, sel = split_selector(hook_set)
+        for name in ([base, hook_set] if sel else [hook_set]):
+            if name not in out:
+                out.append(name)
     return out
 
 
@@ -69,7 +97,7 @@ def build_plan(hook_sets, needs, policies, objectives):
         for layer in layers:
             plan.setdefault(layer, {})
     for set_name, source, stat in needs:
-        for layer in hook_sets.get(set_name, []):
+        for layer in layers_of(hook_sets, set_name) or []:
             stats = plan[layer].setdefault(source, [])
             if stat not in stats:
                 stats.append(stat)
@@ -101,7 +129,7 @@ def missing(needs, passes, attrs):
     problems = [_PASS_HOW[p] for p in passes if not attrs.get(_PASS_ATTR[p])]
     hook_sets = attrs["hook_sets"]
     for set_name, source, stat in needs:
-        layers = hook_sets.get(set_name)
+        layers = layers_of(hook_sets, set_name)
         if not layers:
             problems.append(f"hook set {set_name!r} was not extracted")
             continue
@@ -122,7 +150,7 @@ def comparable(attrs, needs=(), passes=()):
     ident = identity(attrs)
     out = {k: ident[k] for k in MODEL_FIELDS}
     for set_name, _, _ in needs:
-        layers = attrs["hook_sets"].get(set_name, [])
+        layers = layers_of(attrs["hook_sets"], set_name) or []
         out[f"hook set {set_name}"] = {l: attrs["layer_shapes"].get(l) for l in layers}
     if "mahalanobis" in passes:
         recipe = attrs.get("mahalanobis") or {}

@@ -285,15 +285,14 @@ class CacheWriter:
             text = str(err)
             err.__traceback__ = None
             del err
-            return text
-        finally:
             if out is not None:
                 try:
                     out.close()
                 except Exception:
                     pass
             import gc
-            gc.collect()
+            gc.collect()      # drop every h5py object of the failed file before it is removed
+            return text
 
 
 class _interrupts_deferred:
@@ -373,4 +372,4 @@ def _create_rows_dataset(f, path, n, row_shape, dtype):
     rows = max(1, min(n, ROWS_PER_CHUNK, (1 << 20) // max(1, int(np.prod(row_shape)) * 4)))
     return f.create_dataset(path, shape=(n, *row_shape), dtype=dtype,
                             chunks=(rows, *row_shape), compression="gzip",
-                            compression_opts=4, shuffle=True, fletcher32=True)
+                            compression_opts=1, shuffle=True, fletcher32=True)

@@ -27,7 +27,9 @@ GAIA = "Chen et al., NeurIPS 2023 (GAIA); JGEthanChen/GAIA-OOD cal_method.py"
 
 
 def _gaia_a_needs(p):
-    return [("before_head", "log_softmax_sum", "mean"), ("before_head", "feature_sum", SPATIAL[p["spatial"]])]
+    # the log-softmax gradient at the last before_head layer, the feature-sum gradient at
+    # the others: each backward pass stops at the layers it feeds
+    return [("before_head:last", "log_softmax_sum", "mean"), ("before_head:inner", "feature_sum", SPATIAL[p["spatial"]])]
 
 
 def _gaia_z_needs(p):
