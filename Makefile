@@ -1,9 +1,12 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Every target installs first.
+# SCORE: for extract, the scores the caches must serve (default: every default score);
+# for analyze, the scores to compute (default: all the caches can serve).
 PY        := .venv/bin/python
 BENCHMARK ?= demo
 ARCH      ?= resnet18
 DATASET   ?= all
-SCORE     ?= all
+SCORE     ?=
+POLICY    ?= scores
 CHECKPOINT ?= checkpoints/$(BENCHMARK)_$(ARCH).pt
 DATA_ROOT ?= data/$(BENCHMARK)
 CACHE_DIR ?= caches/$(BENCHMARK)-$(ARCH)
@@ -36,11 +39,11 @@ demo: install
 extract: install
 	$(EXTRACT_LAUNCH) pipeline.py extract --benchmark $(BENCHMARK) --arch $(ARCH) --checkpoint $(CHECKPOINT) \
 	  --data-root $(DATA_ROOT) --cache-dir $(CACHE_DIR) --dataset $(DATASET) \
-	  --device $(DEVICE) --batch-size $(BATCH_SIZE)
+	  --device $(DEVICE) --batch-size $(BATCH_SIZE) --policy $(POLICY) $(if $(SCORE),--score $(SCORE))
 
 analyze: install
 	$(PY) pipeline.py analyze --benchmark $(BENCHMARK) --arch $(ARCH) --cache-dir $(CACHE_DIR) \
-	  --score $(SCORE) --metrics $(METRICS)
+	  --score $(or $(SCORE),all) --metrics $(METRICS)
 
 sweep: install
 	$(PY) pipeline.py sweep --benchmark $(BENCHMARK) --arch $(ARCH) --cache-dir $(CACHE_DIR) \

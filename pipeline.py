@@ -184,7 +184,7 @@ def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preproces
 
     \b
     Examples:
-      pipeline.py extract --benchmark demo --dataset all
+      pipeline.py extract --benchmark demo --dataset noise --dataset shapes
       pipeline.py extract --arch resnet18 --checkpoint ckpt.pth --num-classes 10 \\
           --preprocess cifar10 --dataset LSUN=data/LSUN --cache-dir caches/c10
     """

@@ -279,14 +279,14 @@ def _maha_setup(model, arch, weights, preprocess, device, req):
     """
     from store.gaussian import fit_layer_gaussians
     from store.reader import CacheReader
-    from store.schema import identity
+    from store.schema import differing, identity
 
     from .hooks import resolve_hook_set
     from .mahalanobis import ADV_NOISE, RELEASE_MAGNITUDES, LayerGaussians
     layers = resolve_hook_set(model, arch, "nac")
     with CacheReader(req.maha_fit) as reader:
-        ident = identity(reader.attrs)
-        diff = [k for k, v in (("weights", weights), ("preprocess", preprocess)) if ident[k] != v]
+        diff = differing(identity(reader.attrs), {"weights": weights, "preprocess": preprocess},
+                         ("weights", "preprocess"))
         if diff and weights != "random-init":
             raise ValueError(f"--maha-fit {req.maha_fit}: made with other {' and '.join(diff)} than "
                              "this extraction; use the training cache of the same model")

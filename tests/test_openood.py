@@ -29,9 +29,9 @@ def _images(folder, n, skip=0):
     return files[skip:skip + n]
 
 
-@pytest.fixture(scope="module")
-def openood_root(tmp_path_factory):
-    base = tmp_path_factory.mktemp("openood")
+def build_openood_root(base):
+    """An OpenOOD v1.5 data root for ``openood_cifar10`` under ``base/data`` made of demo
+    images (lists + images_classic); returns (root, {set: image folder})."""
     demo = build_demo_data(str(base / "demo"))
     root = base / "data"
     preset = BENCHMARKS["openood_cifar10"]
@@ -52,10 +52,17 @@ def openood_root(tmp_path_factory):
         with open(os.path.join(root, rel), "w") as f:
             f.write("\n".join(lines) + "\n")
         folders[name] = dest_dir
+    return str(root), folders
+
+
+@pytest.fixture(scope="module")
+def openood_root(tmp_path_factory):
+    base = tmp_path_factory.mktemp("openood")
+    root, folders = build_openood_root(base)
     ckpt = str(base / "model.pt")
     torch.manual_seed(0)
     torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
-    return base, str(root), ckpt, folders
+    return base, root, ckpt, folders
 
 
 @pytest.fixture(scope="module")

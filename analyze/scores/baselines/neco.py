@@ -28,7 +28,8 @@ class NECO:
         self.scale_mean_ = x.mean(axis=0)
         std = x.std(axis=0)
         self.scale_std_ = np.where(std == 0, 1.0, std)       # StandardScaler keeps constant dims
-        pca = PCA(n_components=x.shape[1]).fit((x - self.scale_mean_) / self.scale_std_)
+        # all components (the release's PCA(D)); at most n of them when there are fewer rows
+        pca = PCA(n_components=min(x.shape)).fit((x - self.scale_mean_) / self.scale_std_)
         self.pca_mean_, self.components_ = pca.mean_, pca.components_
         return self
 

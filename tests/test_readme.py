@@ -1,0 +1,132 @@
+"""Every command of the README runs as written, in order, in a fresh working folder.
+
+``bash`` blocks: ``pipeline.py`` commands run (through click, in a folder holding the
+demo data and a demo-layout checkpoint), with the README's placeholders bound to small
+real files (CKPT, DIR_ID, DIR_OOD, ROOT, CACHE, CACHE_OPENOOD, OUT); extractions get
+``--limit 60`` appended so the whole README runs in about a minute. ``make`` lines are
+expanded with ``make -n`` (the recipes run in the other tests). ``pip install`` lines are
+what ``tests/test_install.py`` runs. ``python`` blocks run as Python; a block whose first
+line is ``# NAME.py`` is written to that file. The ``sh`` block (a SLURM job script) needs
+a cluster and is not run. The examples of ``extract --help`` are run the same way.
+"""
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from extract.demo_data import build_demo_data
+from extract.models import build_model
+from helpers import randomize_norms
+from pipeline import cli
+from test_openood import build_openood_root
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def blocks(text):
+    """``[(language, body)]`` of the fenced code blocks of a Markdown text."""
+    return re.findall(r"```(\w+)\n(.*?)```", text, flags=re.S)
+
+
+def commands(body):
+    """Shell command lines of a block, continuation lines joined, comments dropped."""
+    body = body.replace("\\\n", " ")
+    out = []
+    for line in body.splitlines():
+        line = re.sub(r"\s+#\s.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("readme")
+    build_demo_data(str(base / "data" / "demo"))
+    os.makedirs(base / "checkpoints")
+    torch.manual_seed(0)
+    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), base / "checkpoints" / "demo_resnet18.pt")
+    root, _ = build_openood_root(base / "openood")
+    names = {"CKPT": str(base / "checkpoints" / "demo_resnet18.pt"),
+             "DIR_ID": str(base / "data" / "demo" / "digits" / "test"),
+             "DIR_OOD": str(base / "data" / "demo" / "noise"), "ROOT": root,
+             "CACHE_OPENOOD": str(base / "caches" / "openood"), "CACHE": str(base / "caches" / "custom"),
+             "OUT": str(base / "out")}
+    return base, names
+
+
+def run_pipeline(args, names, cwd):
+    args = [names.get(a, a) for a in args]
+    args = [re.sub(r"=(DIR_ID|DIR_OOD)$", lambda m: "=" + names[m.group(1)], a) for a in args]
+    if args[0] == "extract" and "--dry-run" not in args:
+        args += ["--limit", "60", "--quiet"]
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        res = CliRunner().invoke(cli, args)
+    finally:
+        os.chdir(old)
+    assert res.exit_code == 0, f"{' '.join(args)}\n{res.output}"
+    return res.output
+
+
+def run_line(line, names, cwd):
+    words = shlex.split(line)
+    if words[0] == "make":
+        p = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0 and "pipeline.py" in p.stdout or "pytest" in p.stdout or "bench/run.py" in p.stdout, \
+            f"{line}\n{p.stdout}{p.stderr}"
+        return "make"
+    if words[0] == "pip":
+        return "pip"
+    if words[:2] in (([".venv/bin/python", "pipeline.py"]), (["python", "pipeline.py"])):
+        run_pipeline(words[2:], names, cwd)
+        return "pipeline"
+    if words[0] == ".venv/bin/python" and words[1] == "bench/devices.py":
+        return "devices"
+    raise AssertionError(f"a README command the test does not know how to run: {line}")
+
+
+def test_every_readme_command_runs(workdir):
+    base, names = workdir
+    text = open(os.path.join(ROOT, "README.md")).read()
+    ran = {"pipeline": 0, "python": 0, "make": 0}
+    for lang, body in blocks(text):
+        if lang == "python":
+            first = body.splitlines()[0]
+            m = re.match(r"# (\w+\.py)$", first)
+            if m:
+                (base / m.group(1)).write_text(body)
+                continue
+            old = os.getcwd()
+            os.chdir(base)
+            try:
+                exec(compile(body, "README.md", "exec"), {})
+            finally:
+                os.chdir(old)
+            ran["python"] += 1
+        elif lang == "bash":
+            for line in commands(body):
+                kind = run_line(line, names, base)
+                ran[kind] = ran.get(kind, 0) + 1
+    assert ran["pipeline"] >= 15 and ran["python"] == 2 and ran["make"] >= 7, ran
+    assert os.path.exists(base / "caches" / "python" / "random.h5")
+    assert os.path.exists(os.path.join(names["OUT"], "margin", "noise.csv")) is False  # OUT holds the OpenOOD run
+    assert os.path.exists(os.path.join(names["OUT"], "gaia_z"))
+
+
+def test_extract_help_examples_run(workdir):
+    base, names = workdir
+    res = CliRunner().invoke(cli, ["extract", "--help"])
+    examples = res.output.split("Examples:")[1].split("Options:")[0]
+    lines = commands(examples)
+    assert len(lines) == 2
+    for line in lines:
+        words = shlex.split(line.replace("ckpt.pth", names["CKPT"]).replace("data/LSUN", names["DIR_OOD"])
+                            .replace("--preprocess cifar10", "--preprocess demo"))
+        assert words[0] == "pipeline.py"
+        run_pipeline(words[1:], names, base)
