@@ -161,13 +161,16 @@ def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_o
     ``score`` argument) is an ``analyze.data.CacheData`` block; it returns ``(n,)``
     scores, higher = more in-distribution. ``fit_on`` defaults to "train" for classes.
     ``fit_params`` defaults to every parameter of a class. ``aliases``: other names that
-    select the same entry (e.g. OpenOOD's names). Registering an existing name
-    raises unless ``replace=True`` or it is the same function again (a re-run notebook cell).
+    select the same entry (e.g. OpenOOD's names). Registering the name of a built-in score
+    raises unless ``replace=True``; the same function again (a re-run notebook cell) or a
+    plugin's score registered by another plugin replaces it.
     """
     def decorate(impl):
         old = SCORES.get(name)
         same = old is not None and (old.impl.__module__, old.impl.__qualname__) == (impl.__module__, impl.__qualname__)
-        if old is not None and not (replace or same):
+        # a plugin may replace another plugin's score (the last one loaded wins); built-ins stay
+        by_plugin = old is not None and old.plugin is not None and not impl.__module__.startswith("analyze.")
+        if old is not None and not (replace or same or by_plugin):
             raise ValueError(f"a score named {name!r} is already registered "
                              f"({SCORES[name].plugin or 'built in'}); choose another name")
         if not name.isidentifier():

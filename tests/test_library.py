@@ -187,6 +187,9 @@ def test_registry_derives_every_list_from_the_entries():
     labels = paper_variants()
     assert labels["GAIA-Z (paper)"] == ("gaia_z", {})
     assert all(entries[s].grid for s in default_grid())
+    from analyze import register_score
+    with pytest.raises(ValueError, match="already registered"):
+        register_score("msp")(lambda data: data.logits[:, 0])     # built-ins are not replaced silently
     for name, e in entries.items():
         for table in e.grid:
             assert set(table) <= set(e.params), name
