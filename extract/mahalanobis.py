@@ -12,7 +12,10 @@ ID training cache (``analyze.feature_scores.fit_layer_gaussians``):
    (their ``torch.ge``); x' = x - eps * s.
 3. score_{l,eps}(x) = max_c g_{l,c}(x').
 
-``layer_scores`` returns the (N, M, L) array of score_{l,eps} for M magnitudes eps. The
+``layer_scores`` returns the (N, M, L) array of score_{l,eps} for M magnitudes eps; per
+layer one backward pass gives the sign, and the copies of all magnitudes go through one
+partial forward pass (batched: float32 rounding may differ from one pass per magnitude
+at 1e-7 relative). The
 logistic-regression combination over layers and the choice of eps need validation data
 and happen in analysis (``analyze.maha_ensemble``). As pseudo-OOD validation data the
 release perturbs ID images towards higher cross-entropy at their label,
@@ -97,13 +100,18 @@ def layer_scores(model, x, gaussians, magnitudes):
             loss = (0.5 * ((d @ prec) * d).sum(dim=1)).mean()
             (grad,) = torch.autograd.grad(loss, x, retain_graph=i < len(layers) - 1)
             sign = (grad >= 0).to(x.dtype) * 2 - 1
+            moved = [(j, eps) for j, eps in enumerate(magnitudes) if eps != 0]
             for j, eps in enumerate(magnitudes):
                 if eps == 0:
                     out[:, j, i] = g.max(dim=1).values
-                    continue
+            if moved:
+                # every magnitude's perturbed copy in one partial forward pass
                 with torch.no_grad():
-                    noisy = _spatial_means(model, x.detach() - eps * sign, [layer], stop_at=layer)[layer]
-                    out[:, j, i] = _gaussian_scores(noisy, mu, prec).max(dim=1).values
+                    copies = torch.cat([x.detach() - eps * sign for _, eps in moved])
+                    noisy = _spatial_means(model, copies, [layer], stop_at=layer)[layer]
+                    best = _gaussian_scores(noisy, mu, prec).max(dim=1).values.view(len(moved), len(x))
+                for k, (j, _) in enumerate(moved):
+                    out[:, j, i] = best[k]
     return out
 
 

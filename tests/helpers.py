@@ -11,6 +11,18 @@ from extract.datasets import ImageSet
 from store.reader import CacheReader
 
 
+def demo_workspace(base):
+    """The demo images under ``base/data`` and a random demo-layout checkpoint
+    ``base/model.pt`` (CIFAR ResNet-18 with random norm layers); returns (data, ckpt)."""
+    from extract.demo_data import build_demo_data
+    from extract.models import build_model
+    data = build_demo_data(str(base / "data"))
+    ckpt = str(base / "model.pt")
+    torch.manual_seed(0)
+    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
+    return data, ckpt
+
+
 def randomize_norms(model, seed=0):
     """Give every norm layer random affine parameters and running statistics (in place)."""
     g = torch.Generator().manual_seed(seed)

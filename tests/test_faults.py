@@ -17,7 +17,7 @@ from PIL import Image
 
 from extract.demo_data import build_demo_data
 from extract.models import build_model
-from helpers import randomize_norms
+from helpers import demo_workspace, randomize_norms
 from pipeline import cli
 from store.reader import CacheReader
 from store.writer import CacheLock, list_parts, parts_dir
@@ -28,10 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("faults")
-    data = build_demo_data(str(base / "data"))
-    ckpt = str(base / "model.pt")
-    torch.manual_seed(0)
-    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
+    data, ckpt = demo_workspace(base)
     cache = str(base / "cache")
     common = ["--benchmark", "demo", "--data-root", data, "--checkpoint", ckpt, "--cache-dir", cache,
               "--batch-size", "8", "--quiet"]

@@ -1,5 +1,6 @@
 """Batched per-sample gradients equal one backward pass per sample at batch size 1."""
 import numpy as np
+import pytest
 import torch
 
 from extract.models import build_model, head_module
@@ -69,3 +70,31 @@ def test_backward_starts_at_earliest_hooked_block(tmp_path):
     with CacheReader(path) as r:
         g = r.read(stat_path("layer3.0.shortcut.1", "feature_sum", "mean"))
         assert np.abs(g).sum() > 0
+
+
+@pytest.mark.parametrize("arch,policy", [("resnet18", "stats"), ("wrn_40_2", "raw")])
+def test_truncated_backward_is_bit_identical_to_full_depth(tmp_path, arch, policy):
+    """Each objective's backward stops at the layers it feeds; every stored array equals a
+    run whose backward passes go down to the earliest hooked layer (WRN: in-place ReLUs)."""
+    import h5py
+    torch.manual_seed(0)
+    model = randomize_norms(build_model(arch, 10))
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    scores = ["gaia_a", "gaia_z", "nac", "odin"]
+    params = {"nac": {"layers": ["avgpool", "layer3"] if arch == "resnet18" else ["avgpool", "block2"]}}
+    paths = [extract_tensor(model, arch, x, str(tmp_path / f"{t}.h5"), scores, policies={"*": policy},
+                            batch_size=3, params=params, truncate=t) for t in (True, False)]
+    with h5py.File(paths[0]) as a, h5py.File(paths[1]) as b:
+        names = []
+        a.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert len(names) > 50 and any("grad/feature_sum" in n for n in names)
+        for n in names:
+            np.testing.assert_array_equal(a[n][...], b[n][...], err_msg=n)
+
+
+def test_nac_alone_records_no_backward_pass(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_norms(build_model("resnet18", 10))
+    path = extract_tensor(model, "resnet18", torch.randn(4, 3, 32, 32), str(tmp_path / "n.h5"), ["nac"])
+    with CacheReader(path) as r:
+        assert r.attrs["objectives"] == [] and r.attrs["layers"] == []

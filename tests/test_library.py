@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from analyze.registry import ScoreError, all_entries, default_grid, default_scores, entry, paper_variants
 from extract.demo_data import build_demo_data
 from extract.models import build_model
-from helpers import compute_score, extract_tensor, randomize_norms
+from helpers import demo_workspace, compute_score, extract_tensor, randomize_norms
 from pipeline import cli
 from store.reader import CacheReader
 from store.schema import stat_path
@@ -40,10 +40,7 @@ PLUGIN = textwrap.dedent('''
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     base = tmp_path_factory.mktemp("lib")
-    data = build_demo_data(str(base / "data"))
-    ckpt = str(base / "model.pt")
-    torch.manual_seed(0)
-    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
+    data, ckpt = demo_workspace(base)
     cache = str(base / "cache")
     common = ["--benchmark", "demo", "--data-root", data, "--checkpoint", ckpt, "--cache-dir", cache,
               "--batch-size", "8", "--quiet"]

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from extract.checkpoint import CheckpointMismatch, load_checkpoint
 from extract.demo_data import build_demo_data
 from extract.models import build_model
-from helpers import randomize_norms
+from helpers import demo_workspace, randomize_norms
 from pipeline import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,10 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def demo_slice(tmp_path_factory):
     base = tmp_path_factory.mktemp("demo")
-    data = build_demo_data(str(base / "data"))
-    ckpt = str(base / "model.pt")
-    torch.manual_seed(0)
-    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
+    data, ckpt = demo_workspace(base)
     cache = str(base / "cache")
     res = CliRunner().invoke(cli, ["extract", "--benchmark", "demo", "--data-root", data,
                                    "--checkpoint", ckpt, "--cache-dir", cache, "--limit", "12",
