@@ -303,8 +303,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
         if scores_out:
             _check_writable(scores_out, "--scores-out")
         with CacheReader(cache_path(cache_dir, id_name), allow_partial=True) as r:
-            defaults = preset_params(r.attrs)
-        params = {s: {**defaults.get(s, {}), **params.get(s, {})} for s in set(defaults) | set(params)}
+            params = preset_params(r.attrs, params)
         names = _servable(cache_dir, id_name, ood_names, names, fit_on, params, explicit)
         if not names:
             _fail("none of the requested scores can be computed from these caches")

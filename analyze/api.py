@@ -15,7 +15,7 @@ import os
 from store.benchmarks import is_fitting_or_validation, preset_params
 from store.reader import CacheReader, cache_path
 
-from .evaluation import FitStore, fit_source, run_evaluation, score_cache
+from .evaluation import FitStore, check_compatible, fit_caches, run_evaluation, score_cache
 from .metrics import METRICS
 from .registry import ScoreError, entry
 
@@ -57,13 +57,11 @@ def score(cache_dir, dataset, name, fit_on=None, allow_partial=False, fitted_dir
     e = entry(name)
     path = cache_path(cache_dir, dataset)
     with CacheReader(path, allow_partial=allow_partial) as reader:
-        params = {**preset_params(reader.attrs).get(name, {}), **params}
-        e.resolve(params)
+        params = preset_params(reader.attrs, {name: params})[name]
         estimator = e.make(params)
         if e.fitted:
             source = _fit_cache(cache_dir, name, dataset if e.fit_on == "validation" else None, fit_on, params)
             with CacheReader(cache_path(cache_dir, source)) as fit_reader:
-                from .evaluation import check_compatible
                 check_compatible(name, params, fit_reader.attrs, fit_reader.path, reader.attrs, path)
                 estimator = FitStore(fitted_dir).get(fit_reader, name, params)
         return score_cache(reader, name, estimator, params)
@@ -73,20 +71,19 @@ def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None,
              allow_partial=False, fitted_dir=None):
     """Metrics of ``scores`` with ``id`` as the in-distribution test cache, as a
     ``pandas.DataFrame``: one row per (score, OOD set) and one "Average" row per score,
-    columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT, DetErr`` (fractions in [0, 1],
-    ID positive, in the named ``convention``: "sklearn" or "gaia").
+    columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT, DetErr`` (fractions in [0, 1], in
+    the named ``convention``: "sklearn" or "gaia", ID positive, or "openood", OOD positive);
+    with a grouped benchmark, also "nearood" and "farood" rows.
 
     ood: OOD cache names (default: every other cache in the folder except training and
     fitting caches). params: ``{score: {parameter: value}}``. fit_on: the training cache
     of the training-fitted scores (default ``<id>_train``).
     """
     import pandas as pd
-    from .evaluation import fit_caches
     scores = [scores] if isinstance(scores, str) else list(scores)
     params = {s: dict(p) for s, p in (params or {}).items()}
     with CacheReader(cache_path(cache_dir, id), allow_partial=allow_partial) as reader:
-        defaults = preset_params(reader.attrs)
-    params = {s: {**defaults.get(s, {}), **params.get(s, {})} for s in scores}
+        params = preset_params(reader.attrs, params)
     if ood is None:
         ood = default_ood_sets(cache_dir, id, fit_caches(id, scores, fit_on, params))
     ev = run_evaluation(cache_dir, id, list(ood), scores, convention, allow_partial, params, fit_on, fitted_dir)

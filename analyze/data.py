@@ -163,8 +163,7 @@ class CacheData:
         With ``tau`` = 0 this is the ``nonzero`` count; a small positive ``tau`` counts
         entries that rounding (e.g. a GPU kernel) may have moved off exact zero.
         """
-        if float(tau) == 0 and holds(self.attrs, layer, source, "nonzero") and \
-                "nonzero" in self.attrs["plan"].get(layer, {}).get(source, []):
+        if float(tau) == 0 and "nonzero" in self.attrs["plan"].get(layer, {}).get(source, []):
             return self.stat(layer, source, "nonzero")
         m = self.map(layer, source)
         return (np.abs(m) > float(tau)).sum(axis=(2, 3)).astype(np.float64)

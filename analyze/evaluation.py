@@ -13,7 +13,7 @@ import numpy as np
 
 from store.benchmarks import groups_of
 from store.reader import BLOCK_ROWS, CacheReader, cache_path
-from store.recipes import comparable, missing
+from store.recipes import comparable, layers_of, missing
 from store.schema import CacheError, differing
 
 from .data import CacheData
@@ -29,7 +29,7 @@ def block_rows(needs, attrs):
     per_row = 0
     for set_name, _, stat in needs:
         if stat == "map":
-            for layer in attrs["hook_sets"].get(set_name, []):
+            for layer in layers_of(attrs["hook_sets"], set_name) or []:
                 per_row += 8 * int(np.prod(attrs["layer_shapes"][layer]))
     return BLOCK_ROWS if not per_row else max(1, min(BLOCK_ROWS, MAP_BLOCK_BYTES // per_row))
 
@@ -243,6 +243,15 @@ def _check_finite(name, values, keep, paths, path, params):
                          "check the parameters (e.g. a temperature of 0) and the cache")
 
 
+def _accuracy(reader, keep):
+    """Top-1 accuracy of the classifier on the labelled, usable rows of an open cache (None
+    when no row is labelled)."""
+    labels = reader.read_all("labels")
+    pred = np.concatenate([reader.read("logits", a, b).argmax(axis=1) for a, b in reader.blocks()])
+    labelled = (labels >= 0) & keep
+    return float((pred[labelled] == labels[labelled]).mean()) if labelled.any() else None
+
+
 def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", allow_partial=False,
                    params=None, fit_on=None, fitted_dir=None, lenient=False):
     """Scores and metrics for the ID cache against each OOD cache in ``cache_dir``.
@@ -317,14 +326,11 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
             if reader.partial:
                 out["partial"].append(dataset)
             keep[dataset] = ~skipped
+            if dataset == id_name:
+                out["id_accuracy"] = _accuracy(reader, keep[dataset])
     groups = groups_of(id_attrs) or {}
     groups = {g: [d for d in sets if d in ood_names] for g, sets in groups.items()}
     out["groups"] = groups if any(groups.values()) else None
-    with CacheReader(id_path, allow_partial=allow_partial) as reader:
-        labels = reader.read_all("labels")
-        pred = np.concatenate([reader.read("logits", a, b).argmax(axis=1) for a, b in reader.blocks()])
-    labelled = (labels >= 0) & keep[id_name]
-    out["id_accuracy"] = float((pred[labelled] == labels[labelled]).mean()) if labelled.any() else None
     names = [n for n in names if n not in out["failed"]]
     for dataset in out["scores"]:
         out["scores"][dataset] = {n: v for n, v in out["scores"][dataset].items() if n in names}

@@ -222,10 +222,9 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     train_path = train_path if os.path.exists(train_path) else None
     with CacheReader(paths[id_name], allow_partial=allow_partial) as r:
         attrs = r.attrs
-    preset = preset_params(attrs)
     variants = [(label, s, p) for label, (s, p) in paper_variants().items()]
     variants += [v for v in expand(grid or default_grid(), attrs) if v[0] not in {x[0] for x in variants}]
-    variants = [(label, s, {**preset.get(s, {}), **p}) for label, s, p in variants]
+    variants = [(label, s, preset_params(attrs, {s: p})[s]) for label, s, p in variants]
     not_stored = {}
     if grid is None:
         # the default grid adapts to what the caches store; an explicit grid reports every variant

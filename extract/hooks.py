@@ -87,6 +87,13 @@ def graph_start(model, layers):
     return first
 
 
+def objective_depth(plan, objective, order):
+    """Index in ``order`` (module order) of the earliest layer whose ``plan`` records
+    ``objective``: how deep its backward pass goes."""
+    layers = [l for l in plan if objective in plan[l]]
+    return min((order.index(l) for l in layers), default=len(order))
+
+
 def channel_stats(t, stats):
     """Per-channel statistics of ``t`` (N, C, H, W) or (N, C): ``{stat: (N, C) tensor}``."""
     if t.dim() == 2:
@@ -183,11 +190,6 @@ class Recorder:
         if absent:
             raise RuntimeError(f"no gradient of {objective} reached {', '.join(absent[:3])}; "
                                "these layers do not depend on the graph's start")
-
-    def depth(self, objective, order):
-        """Index in ``order`` (module order) of the earliest layer recording ``objective``."""
-        layers = [l for l in self.plan if objective in self.plan[l]]
-        return min((order.index(l) for l in layers), default=len(order))
 
     def reset(self):
         self.records = {}

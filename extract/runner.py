@@ -14,7 +14,6 @@ images/second. Under torchrun each rank extracts its share of the batches
 import datetime
 import os
 import shutil
-import time
 
 import numpy as np
 import torch
@@ -109,10 +108,8 @@ class ExtractionPlan:
         self.num_classes, self.feature_dim = weight.shape
         self.layer_shapes = self._probe_shapes(model, image_shape, device)
         order = [n for n, _ in model.named_modules()]
-        rec = H.Recorder(model, self.plan, None)
-        rec.close()
         # shallow objectives first; the deepest (freeing the most of the graph) last
-        self.objectives = sorted(self.objectives, key=lambda o: -rec.depth(o, order))
+        self.objectives = sorted(self.objectives, key=lambda o: -H.objective_depth(self.plan, o, order))
 
     def _probe_shapes(self, model, image_shape, device):
         if not self.layers:
@@ -247,7 +244,6 @@ def extract_to_cache(model, dataset, cache_path, config, provenance, indices=Non
     dataset = as_image_set(dataset)
     model = model.to(device).eval().requires_grad_(False)
     plan = plan or ExtractionPlan(model, config, dataset.image_shape, device)
-    batch_size = config.batch_size
     indices = list(range(len(dataset))) if indices is None else list(indices)
     n = len(indices)
     if n == 0:

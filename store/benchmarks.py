@@ -140,7 +140,10 @@ def groups_of(attrs):
     return BENCHMARKS.get(attrs.get("benchmark") or "", {}).get("groups")
 
 
-def preset_params(attrs):
-    """``{score: {parameter: value}}`` defaults of the benchmark a cache was extracted for
-    (its ``benchmark`` attribute; empty for custom datasets)."""
-    return dict(BENCHMARKS.get(attrs.get("benchmark") or "", {}).get("score_params", {}))
+def preset_params(attrs, params=None):
+    """``{score: {parameter: value}}``: the score defaults of the benchmark a cache was
+    extracted for (its ``benchmark`` attribute; none for custom datasets), updated by
+    ``params`` (``{score: {parameter: value}}``, which win)."""
+    preset = BENCHMARKS.get(attrs.get("benchmark") or "", {}).get("score_params", {})
+    params = params or {}
+    return {s: {**preset.get(s, {}), **params.get(s, {})} for s in {*preset, *params}}

@@ -15,7 +15,6 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from extract.demo_data import build_demo_data
 from extract.models import build_model
 from helpers import demo_workspace, randomize_norms
 from pipeline import cli

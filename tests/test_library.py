@@ -13,7 +13,6 @@ import torch
 from click.testing import CliRunner
 
 from analyze.registry import ScoreError, all_entries, default_grid, default_scores, entry, paper_variants
-from extract.demo_data import build_demo_data
 from extract.models import build_model
 from helpers import demo_workspace, compute_score, extract_tensor, randomize_norms
 from pipeline import cli

@@ -10,9 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from extract.checkpoint import CheckpointMismatch, load_checkpoint
-from extract.demo_data import build_demo_data
 from extract.models import build_model
-from helpers import demo_workspace, randomize_norms
+from helpers import demo_workspace
 from pipeline import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
