@@ -20,7 +20,7 @@ import click
 
 from analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from store.benchmarks import BENCHMARKS, benchmark, ood_sets, preset_params
-from store.reader import CacheReader, cache_path
+from store.reader import CacheReader, cache_path, default_cache_dir
 from store.schema import POLICIES, CacheError
 
 ERRORS = (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError, ScoreError)
@@ -35,10 +35,6 @@ def _interrupted(err):
     text = str(err) or "interrupted"
     click.echo(f"\n{text}", err=True)
     sys.exit(130)
-
-
-def _default_cache_dir(bench, arch):
-    return os.path.join("caches", f"{bench}-{arch}")
 
 
 def _extract_stage():
@@ -147,10 +143,13 @@ def cli():
 @click.option("--benchmark", "bench", default=None, help=f"Preset: {', '.join(BENCHMARKS)}. Gives dataset names, layouts, preprocessing, architecture, class count (demo: also the checkpoint).")
 @click.option("--dataset", "datasets", multiple=True, help="Dataset to extract: a preset name (with --benchmark; 'all' for every set), NAME=DIR for an ImageFolder root, or NAME=LIST.txt for an image list (paths relative to --data-root). Repeatable.")
 @click.option("--data-root", default=None, help="Root folder of the preset datasets and of image-list paths. [default: data/<benchmark>]")
-@click.option("--arch", default=None, help="Architecture: resnet18, resnet34, resnet50 (GAIA layout), resnet18_32x32, wrn_40_2, BiT-S-R50x1, BiT-S-R101x1, tv_resnet50, tv_mobilenet_v2.")
+@click.option("--arch", default=None, help="Architecture: torchvision:NAME (any torchvision classifier), timm:NAME (needs gradood[timm]), or a release layout: resnet18, resnet34, resnet50 (GAIA CIFAR), resnet18_32x32 (OpenOOD), resnet20 (Open_OOD), wrn_40_2, wrn_40_1, wrn_16_2, wrn_16_1, wrn_28_10, densenet_bc_100, BiT-S-R50x1, BiT-S-R101x1. Weights always come from --checkpoint.")
+@click.option("--model-file", default=None, help="Your own model: FILE.py:FUNC, where FUNC(num_classes) returns an nn.Module (instead of --arch). The file's path and SHA-256 are recorded.")
+@click.option("--head", default=None, help="Module name of the linear head. [default: found by tracing: the last nn.Linear / 1x1 nn.Conv2d whose output is the model's output]")
+@click.option("--hook-set", "hook_sets", multiple=True, help="Replace a hook set by module names or globs, NAME=PATTERN[,PATTERN...], e.g. bn='features.*.norm*' or nac=encoder.layers.encoder_layer_9,encoder.layers.encoder_layer_10. Repeatable.")
 @click.option("--checkpoint", default=None, type=click.Path(), help="Checkpoint file (bare state dict, {'state_dict':...} or {'model':...}, 'module.' prefixes allowed). [default: the demo preset's]")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="Classes of the head.")
-@click.option("--preprocess", default=None, help="Evaluation transform: cifar10, cifar100, imagenet_bit, imagenet_tv, demo (or an OpenOOD preset's).")
+@click.option("--preprocess", default=None, help="Evaluation transform: cifar10, cifar100, imagenet_bit, imagenet_tv, demo, openood_cifar10, openood_cifar100, totensor (ToTensor alone, as Open_OOD), timm (the timm model's data config).")
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override the crop/resize size of --preprocess.")
 @click.option("--cache-dir", default=None, help="Folder of the caches, one <dataset>.h5 each. [default: caches/<benchmark>-<arch>]")
 @click.option("--hook", "hooks", multiple=True, help="Hook set (bn, before_head, before_head_gn, nac, penultimate) or module name to record besides what the scores need (with --policy/--store). Repeatable.")
@@ -172,7 +171,7 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace existing caches of the same names (default: skip those that are complete and equal, refuse those that differ).")
 @click.option("--dry-run", is_flag=True, help="Print passes, layers, shapes, stored statistics and the size estimate, then stop.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preprocess, image_size,
+def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, checkpoint, num_classes, preprocess, image_size,
             cache_dir, hooks, scores, param_items, plugins, policy, store_overrides, odin_pairs, maha_fit,
             maha_magnitudes, maha_adversarial, split, limit, balanced, batch_size, device, skip_bad,
             overwrite, dry_run, quiet):
@@ -200,6 +199,7 @@ def extract(bench, datasets, data_root, arch, checkpoint, num_classes, preproces
         needs, passes = requirements(names, params)
         stage.extract_command(stage.ExtractRequest(
             needs=needs, passes=passes, bench=bench, datasets=datasets, data_root=data_root, arch=arch,
+            model_file=model_file, head=head, hook_sets=hook_sets,
             checkpoint=checkpoint, num_classes=num_classes, preprocess=preprocess, image_size=image_size,
             cache_dir=cache_dir, hooks=hooks, policy=policy, store=store_overrides, odin=odin_pairs,
             maha_fit=maha_fit, maha_magnitudes=maha_magnitudes, maha_adversarial=maha_adversarial,
@@ -217,7 +217,7 @@ def _caches(bench, arch, cache_dir, id_name, ood_names, exclude=()):
     from analyze.api import default_ood_sets
     if bench:
         preset = benchmark(bench)
-        cache_dir = cache_dir or _default_cache_dir(bench, arch or preset["arch"])
+        cache_dir = cache_dir or default_cache_dir(bench, arch or preset["arch"])
         id_name = id_name or preset["id"]
     if not cache_dir or not id_name:
         _fail("give --benchmark, or --cache-dir and --id")

@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from store.benchmarks import benchmark
-from store.reader import cache_path
+from store.reader import cache_path, default_cache_dir
 from store.schema import CacheError, differing
 from store.writer import parts_dir, run_identity
 
@@ -20,7 +20,8 @@ from . import datasets as D
 from .checkpoint import load_checkpoint
 from .config import ODIN_DEFAULT, ExtractConfig, Provenance
 from .distributed import init_shard
-from .models import build_model
+from .adapters import adapter_for
+from .models import build_model, canonical_arch, model_file_provenance
 from .runner import ExtractionPlan, cache_attrs, extract_to_cache, select_device
 
 
@@ -33,6 +34,9 @@ class ExtractRequest:
     datasets: tuple = ()
     data_root: Optional[str] = None
     arch: Optional[str] = None
+    model_file: Optional[str] = None
+    head: Optional[str] = None
+    hook_sets: tuple = ()
     checkpoint: Optional[str] = None
     num_classes: Optional[int] = None
     preprocess: Optional[str] = None
@@ -65,6 +69,19 @@ def parse_policies(items):
         if not sep or value not in ("scores", "pooled", "stats", "raw"):
             raise ValueError(f"--store {item!r}: expected LAYER=POLICY with POLICY one of scores, pooled, stats, raw")
         out[layer] = value
+    return out
+
+
+def parse_hook_sets(items):
+    """``{set name: [module name or glob, ...]}`` from ``NAME=PATTERN[,PATTERN...]`` items."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        patterns = [p.strip() for p in value.split(",") if p.strip()]
+        if not sep or not name or not patterns:
+            raise ValueError(f"--hook-set {item!r}: expected NAME=MODULE[,MODULE...] with module "
+                             "names or globs, e.g. bn='features.*.norm*'")
+        out[name] = patterns
     return out
 
 
@@ -181,24 +198,26 @@ def check_existing(target, attrs, overwrite, log):
 def extract_command(req):
     """Extract every requested dataset to the cache folder; see ``pipeline.py extract --help``."""
     preset = benchmark(req.bench) if req.bench else {}
-    arch = req.arch or preset.get("arch")
+    arch = req.arch or (None if req.model_file else preset.get("arch"))
     num_classes = req.num_classes or preset.get("num_classes")
     preprocess = req.preprocess or preset.get("preprocess")
     data_root = req.data_root or (os.path.join("data", req.bench) if req.bench else "")
     checkpoint = req.checkpoint or preset.get("checkpoint")
-    missing = [n for n, v in (("--arch", arch), ("--num-classes", num_classes), ("--preprocess", preprocess)) if not v]
+    missing = [n for n, v in (("--arch", arch or req.model_file), ("--num-classes", num_classes),
+                              ("--preprocess", preprocess)) if not v]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --benchmark)")
     if req.limit is not None and req.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {req.limit}")
-    cache_dir = req.cache_dir or os.path.join("caches", f"{req.bench or 'custom'}-{arch}")
+    arch = canonical_arch(arch, req.model_file)
+    cache_dir = req.cache_dir or default_cache_dir(req.bench, arch)
     if req.maha_adversarial or req.maha_magnitudes:
         if not req.maha_fit:
             raise ValueError("--maha-magnitude and --maha-adversarial need --maha-fit TRAIN_CACHE")
     specs = dataset_specs(req.bench, req.datasets, data_root, req.split)
     shard, device = init_shard(req.device)
     dev = select_device(device)
-    model = build_model(arch, num_classes)
+    model = build_model(arch, num_classes, req.model_file)
     if checkpoint and (os.path.exists(checkpoint) or not req.dry_run):
         sha, weights = load_checkpoint(model, checkpoint)
     elif req.dry_run:
@@ -206,26 +225,29 @@ def extract_command(req):
     else:
         raise ValueError("--checkpoint is required (a randomly initialised model is only allowed with --dry-run)")
     model.to(dev).eval().requires_grad_(False)
-    transform, description = D.build_transform(preprocess, req.image_size)
+    transform, description = D.build_transform(preprocess, req.image_size, model)
     image_shape = D.probe_shape(transform)
+    hook_sets = parse_hook_sets(req.hook_sets)
+    adapter = adapter_for(model, image_shape, req.head, hook_sets)
     passes = tuple(req.passes) + (("mahalanobis",) if req.maha_fit and "mahalanobis" not in req.passes else ())
-    maha = _maha_setup(model, arch, weights, description, dev, req) if req.maha_fit else None
-    config = ExtractConfig(arch=arch, needs=req.needs, passes=passes, hooks=tuple(req.hooks),
+    maha = _maha_setup(adapter, weights, description, dev, req) if req.maha_fit else None
+    config = ExtractConfig(arch=arch, head=req.head, hook_sets=hook_sets, needs=req.needs, passes=passes, hooks=tuple(req.hooks),
                            policy=req.policy, store=parse_policies(req.store),
                            odin=tuple(parse_odin(req.odin)) or tuple(
                                (p[0], p[1], bool(p[2]) if len(p) > 2 else False) for p in preset.get("odin", ()))
                            or ODIN_DEFAULT,
                            odin_std=_odin_std(description), maha=maha, batch_size=req.batch_size,
                            device=str(dev), progress=not req.quiet)
-    plan = ExtractionPlan(model, config, image_shape, dev)
+    plan = ExtractionPlan(model, config, image_shape, dev, adapter)
+    model_source = model_file_provenance(req.model_file) if req.model_file else {}
     for spec in specs:
         _extract_one(req, shard, model, plan, config, spec, transform, description,
-                     checkpoint, sha, weights, cache_dir, dev)
+                     checkpoint, sha, weights, cache_dir, dev, model_source)
     shard.close()
 
 
 def _extract_one(req, shard, model, plan, config, spec, transform, description,
-                 checkpoint, sha, weights, cache_dir, dev):
+                 checkpoint, sha, weights, cache_dir, dev, model_source):
     log, name = req.log, spec.name
     if req.dry_run and spec.kind in ("folder", "list") and not os.path.exists(os.path.join(spec.root, spec.rel)):
         ds, n_images = None, req.limit or 0
@@ -248,7 +270,8 @@ def _extract_one(req, shard, model, plan, config, spec, transform, description,
                             weights_sha256=weights, preprocess=description,
                             dataset_root=os.path.abspath(source),
                             split="train" if name.endswith("_train") else req.split,
-                            subset={"limit": req.limit, "balanced": req.balanced}, benchmark=req.bench or "")
+                            subset={"limit": req.limit, "balanced": req.balanced}, benchmark=req.bench or "",
+                            **model_source)
     attrs = cache_attrs(plan, provenance, n_images, dev, shard.world_size)
     if check_existing(target, attrs, req.overwrite and shard.is_main, log if shard.is_main else (lambda m: None)):
         return
@@ -271,19 +294,19 @@ def _count_skipped(path):
         return int(r.attrs.get("n_skipped", 0))
 
 
-def _maha_setup(model, arch, weights, preprocess, device, req):
+def _maha_setup(adapter, weights, preprocess, device, req):
     """``{"gaussians", "recipe"}`` for the multi-layer Mahalanobis pass (extract.mahalanobis).
 
-    The class means and precisions of the ``nac`` stage outputs are fitted on the
-    ``--maha-fit`` cache, which must come from the same weights and preprocessing.
+    The class means and precisions of the ``nac`` stage outputs (the adapter's, or the
+    modules of ``--hook-set nac=...``) are fitted on the ``--maha-fit`` cache, which must
+    come from the same weights and preprocessing.
     """
     from store.gaussian import fit_layer_gaussians
     from store.reader import CacheReader
     from store.schema import differing, identity
 
-    from .hooks import resolve_hook_set
     from .mahalanobis import ADV_NOISE, RELEASE_MAGNITUDES, LayerGaussians
-    layers = resolve_hook_set(model, arch, "nac")
+    layers = adapter.hook_set("nac")
     with CacheReader(req.maha_fit) as reader:
         diff = differing(identity(reader.attrs), {"weights": weights, "preprocess": preprocess},
                          ("weights", "preprocess"))

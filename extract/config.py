@@ -22,7 +22,10 @@ ODIN_DEFAULT = ((1000.0, 0.0014, False),)
 class ExtractConfig:
     """Everything an extraction decides before the first batch.
 
-    arch: architecture name (``extract.models.ARCHITECTURES``; decides the hook sets).
+    arch: architecture name (``extract.models``: a release layout, ``torchvision:NAME``,
+    ``timm:NAME`` or ``file:NAME.py:FUNC``), recorded in the cache.
+    head: module name of the linear head (default: found by tracing, ``extract.adapters``).
+    hook_sets: ``{set name: [module name or glob, ...]}`` replacing the adapter's sets.
     needs: ``(hook set, source, stat)`` triples to record (``store.recipes``).
     passes: extra passes, a subset of ``store.recipes.PASSES``.
     hooks: hook sets or module names recorded besides the needs (policy permitting).
@@ -37,6 +40,8 @@ class ExtractConfig:
     down to the earliest hooked layer, for comparisons; the results are identical).
     """
     arch: str
+    head: Optional[str] = None
+    hook_sets: dict = field(default_factory=dict)
     needs: list = field(default_factory=list)
     passes: tuple = ()
     hooks: tuple = ()
@@ -87,7 +92,8 @@ class Provenance:
     checkpoint: path; checkpoint_sha256: hash of the file; weights_sha256: hash of the
     loaded tensors (``extract.checkpoint.weights_sha256``); preprocess: the transform's
     JSON description; dataset: name; dataset_root: folder or list file; split: test or
-    train; subset: {"limit", "balanced"}; benchmark: preset name or "".
+    train; subset: {"limit", "balanced"}; benchmark: preset name or "". model_file,
+    model_file_sha256: the user's model file (``--model-file``) and its hash.
     """
     dataset: str
     checkpoint: str = "in-memory"
@@ -98,7 +104,12 @@ class Provenance:
     split: str = "test"
     subset: dict = field(default_factory=lambda: {"limit": None, "balanced": False})
     benchmark: str = ""
+    model_file: str = ""
+    model_file_sha256: str = ""
 
     def attrs(self):
-        """The root attributes this provenance writes."""
-        return dict(vars(self))
+        """The root attributes this provenance writes (the model file only when there is one)."""
+        out = dict(vars(self))
+        if not self.model_file:
+            del out["model_file"], out["model_file_sha256"]
+        return out

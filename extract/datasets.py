@@ -32,23 +32,50 @@ PREPROCESS = {
                         ("Normalize", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))],
     "openood_cifar100": [("Resize", 32), ("CenterCrop", 32), ("ToTensor",),
                          ("Normalize", (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))],
+    # gengandrew/Open_OOD (gradient tracking) feeds CIFAR images through ToTensor() alone
+    "totensor": [("ToTensor",)],
 }
+# "timm": the model's own data config (timm.data.resolve_data_config): Resize of the
+# shorter side to size / crop_pct with its interpolation, CenterCrop, its mean and std.
+PRESETS_HELP = ", ".join(PREPROCESS) + ", timm (the timm model's data config)"
 
 
-def build_transform(name, image_size=None):
+def timm_steps(model):
+    """Preprocessing steps of a timm model's data config (see ``PRESETS_HELP``)."""
+    try:
+        from timm.data import resolve_data_config
+    except ModuleNotFoundError:
+        raise ValueError("--preprocess timm needs timm: pip install 'gradood[timm]'") from None
+    cfg = resolve_data_config({}, model=model)
+    size = int(cfg["input_size"][-1])
+    return [("Resize", int(size / cfg["crop_pct"]), cfg["interpolation"]), ("CenterCrop", size),
+            ("ToTensor",), ("Normalize", tuple(cfg["mean"]), tuple(cfg["std"]))]
+
+
+def build_transform(name, image_size=None, model=None):
     """Transform for preprocessing ``name``; returns (transform, JSON-able description).
 
-    image_size overrides the crop/resize size (for small test models).
+    image_size overrides the crop/resize size (for small test models). model: the
+    classifier, for ``timm`` (its data config).
     """
-    if name not in PREPROCESS:
-        raise ValueError(f"unknown preprocessing {name!r}; choose one of: {', '.join(PREPROCESS)}")
+    if name == "timm":
+        if model is None or not hasattr(model, "pretrained_cfg"):
+            raise ValueError("--preprocess timm reads a timm model's data config: use it with "
+                             "--arch timm:NAME")
+        preset = timm_steps(model)
+    elif name not in PREPROCESS:
+        raise ValueError(f"unknown preprocessing {name!r}; choose one of: {PRESETS_HELP}")
+    else:
+        preset = PREPROCESS[name]
     steps = []
-    for step in PREPROCESS[name]:
+    for step in preset:
         if image_size and step[0] in ("CenterCrop", "Resize"):
-            step = (step[0], (image_size, image_size) if isinstance(step[1], tuple) else image_size)
+            step = (step[0], (image_size, image_size) if isinstance(step[1], tuple) else image_size, *step[2:])
         steps.append(step)
     ops = []
     for kind, *args in steps:
+        if kind == "Resize" and len(args) > 1:      # (size, interpolation name)
+            args = [args[0], T.InterpolationMode(args[1])]
         ops.append(getattr(T, kind)(*args))
     description = {"name": name, "steps": [[kind, *args] for kind, *args in steps]}
     return T.Compose(ops), description

@@ -1,72 +1,19 @@
-"""Hook sets (which modules to record) and the recorder that captures them per batch.
+"""The recorder that captures hooked modules' activations and gradients per batch.
 
-Hook sets, as the authors define them (METHODS.md; GAIA ``hook.py``):
-    bn           every BatchNorm2d in module order; BiT: every GroupNorm in body.block4
-    before_head  CIFAR ResNet / torchvision ResNet: BatchNorm2d in layer3 and layer4, then
-                 ``layer4``; WRN: every BatchNorm2d, then ``AdaptAvgPool``; BiT: GroupNorm
-                 in body.block4, then ``before_head``
-    before_head_gn  BiT only: as before_head but ending with ``before_head.gn`` (GAIA's
-                 choice for GAIA-Z on Textures; never applied implicitly)
-    nac          the stage outputs NAC-UE reads (its ``layer1..4``): ResNets ``layer1..4``,
-                 WRN ``block1..3``, BiT ``body.block1..4``. NAC's ``avgpool`` layer needs no
-                 hook: it is the cached head input and its gradient follows from the head.
-    penultimate  the last feature map, i.e. the input of the global average pool (post
-                 ReLU): ResNets ``layer4``, WRN ``relu``, BiT ``before_head``, MobileNetV2
-                 ``features``. ASH prunes this map.
-Any other module name (``layer1``, ``avgpool``, ...) is hooked as given.
+Which modules to hook (hook sets such as ``bn``, ``before_head``, ``nac``,
+``penultimate``) is the model adapter's business (``extract.adapters``). Every output and
+gradient is turned into channels-first (N, C, H, W) form (``adapters.trace.canonical``)
+before any statistic is taken, so a token sequence (N, T, C) or a channels-last map
+(N, H, W, C) gives per-channel statistics over its T tokens or H x W positions.
+Statistics are taken when the module returns, so an in-place op applied later in
+``forward()`` (DenseNet's ``F.relu(features, inplace=True)`` after ``features.norm5``)
+changes neither them nor the gradient, which a tensor hook registered on that output
+receives as the gradient w.r.t. the value the module produced.
 """
 import torch
 import torch.nn as nn
 
-from .models import FAMILY, is_norm
-
-HOOK_SETS = ("bn", "before_head", "before_head_gn", "nac", "penultimate")
-
-_NAC_STAGES = {"cifar_resnet": ["layer1", "layer2", "layer3", "layer4"],
-               "wrn": ["block1", "block2", "block3"],
-               "bit": ["body.block1", "body.block2", "body.block3", "body.block4"]}
-_PENULTIMATE = {"cifar_resnet": "layer4", "wrn": "relu", "bit": "before_head"}
-_TORCHVISION = {"tv_resnet18": (["layer1", "layer2", "layer3", "layer4"], "layer4"),
-                "tv_resnet50": (["layer1", "layer2", "layer3", "layer4"], "layer4"),
-                "tv_mobilenet_v2": (None, "features")}
-
-
-def _norms_under(model, prefix, kinds):
-    root = model.get_submodule(prefix) if prefix else model
-    base = f"{prefix}." if prefix else ""
-    return [base + name for name, m in root.named_modules() if name and isinstance(m, kinds)]
-
-
-def resolve_hook_set(model, arch, name):
-    """Ordered module names of hook set ``name`` on ``model``; a plain module name is one layer."""
-    family = FAMILY[arch]
-    if name == "bn":
-        if family == "bit":
-            return _norms_under(model, "body.block4", nn.GroupNorm)
-        return _norms_under(model, "", nn.BatchNorm2d)
-    if name in ("before_head", "before_head_gn"):
-        if family in ("cifar_resnet",) or arch in ("tv_resnet18", "tv_resnet50"):
-            if name == "before_head":
-                return (_norms_under(model, "layer3", nn.BatchNorm2d)
-                        + _norms_under(model, "layer4", nn.BatchNorm2d) + ["layer4"])
-        elif family == "wrn" and name == "before_head":
-            return _norms_under(model, "", nn.BatchNorm2d) + ["AdaptAvgPool"]
-        elif family == "bit":
-            last = "before_head" if name == "before_head" else "before_head.gn"
-            return _norms_under(model, "body.block4", nn.GroupNorm) + [last]
-        raise ValueError(f"hook set {name!r} is not defined for architecture {arch!r}")
-    if name == "nac":
-        stages = _TORCHVISION[arch][0] if family == "torchvision" else _NAC_STAGES[family]
-        if stages is None:
-            raise ValueError(f"hook set 'nac' is not defined for architecture {arch!r}")
-        return list(stages)
-    if name == "penultimate":
-        return [_TORCHVISION[arch][1] if family == "torchvision" else _PENULTIMATE[family]]
-    modules = dict(model.named_modules())
-    if name not in modules or name == "":
-        raise ValueError(f"unknown hook {name!r}: use a hook set ({', '.join(HOOK_SETS)}) or a "
-                         f"module name of {arch}, e.g. {', '.join(list(modules)[1:6])}")
-    return [name]
+from .adapters.trace import canonical
 
 
 def graph_start(model, layers):
@@ -120,6 +67,7 @@ class Recorder:
     """Captures activation and gradient statistics of hooked modules during one batch.
 
     plan: ``{layer: {"act" | objective: [stat, ...]}}`` (store.recipes.build_plan).
+    layouts: ``{layer: layout}`` (``adapters.trace.LAYOUTS``; default channels first).
     start_module: the module whose input becomes the autograd leaf (None: the caller's
     input already requires grad, or no gradient is recorded).
     After ``model(x)`` the activations are in ``self.records``; ``backward(objective,
@@ -127,8 +75,9 @@ class Recorder:
     device with leading dimension N.
     """
 
-    def __init__(self, model, plan, start_module):
+    def __init__(self, model, plan, start_module, layouts=None):
         self.plan = plan
+        self.layouts = dict(layouts or {})
         self.enabled = True   # off during extra passes (ODIN, gradient tracking)
         self.objective = None
         self.records = {}
@@ -154,7 +103,8 @@ class Recorder:
             self.shapes[layer] = list(output.shape[1:])
             act_stats = self.plan[layer].get("act", [])
             if act_stats:
-                for stat, value in channel_stats(output.detach(), act_stats).items():
+                value = canonical(output.detach(), self.layouts.get(layer))
+                for stat, value in channel_stats(value, act_stats).items():
                     self.records[("act", layer, stat)] = value
             if output.requires_grad and any(s != "act" for s in self.plan[layer]):
                 output.register_hook(self._grad_hook(layer))
@@ -165,7 +115,8 @@ class Recorder:
     def _grad_hook(self, layer):
         def tensor_hook(grad):
             stats = self.plan[layer].get(self.objective, [])
-            for stat, value in channel_stats(grad.detach(), stats).items():
+            value = canonical(grad.detach(), self.layouts.get(layer))
+            for stat, value in channel_stats(value, stats).items():
                 self.records[(self.objective, layer, stat)] = value
         return tensor_hook
 

@@ -25,6 +25,8 @@ to the normalised input, as in the release); ``adversarial_images`` makes them.
 import numpy as np
 import torch
 
+from .adapters.trace import canonical
+
 # The magnitudes the GradNorm release tries, in its order (the first best one wins).
 RELEASE_MAGNITUDES = (0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005)
 ADV_NOISE = 0.05
@@ -34,14 +36,16 @@ class _Stop(Exception):
     """Raised by a forward hook to end the forward pass after the layer of interest."""
 
 
-def _spatial_means(model, x, layers, stop_at=None):
-    """``{layer: (N, C) spatial means of its output}``; the forward ends after ``stop_at``."""
+def _spatial_means(model, x, layers, stop_at=None, layouts=None):
+    """``{layer: (N, C) spatial means of its output}`` (over H x W or the tokens, by
+    ``layouts``, ``{layer: layout}``); the forward ends after ``stop_at``."""
+    layouts = layouts or {}
     modules = dict(model.named_modules())
     feats = {}
 
     def hook(name):
         def record(module, inputs, output):
-            feats[name] = output.flatten(2).mean(2) if output.dim() > 2 else output
+            feats[name] = canonical(output, layouts.get(name)).flatten(2).mean(2) if output.dim() > 2 else output
             if name == stop_at:
                 raise _Stop
         return record
@@ -81,16 +85,17 @@ class LayerGaussians:
                            for i in range(len(self.layers))]
 
 
-def layer_scores(model, x, gaussians, magnitudes):
+def layer_scores(model, x, gaussians, magnitudes, layouts=None):
     """(N, M, L) float32 tensor: score_{l,eps} for each magnitude (M) and layer (L).
 
-    x: (N, C, H, W) preprocessed images. gaussians: ``LayerGaussians``.
+    x: (N, C, H, W) preprocessed images. gaussians: ``LayerGaussians``. layouts:
+    ``{layer: layout}`` of the layers (default channels first).
     """
     layers = gaussians.layers
     x = x.detach().clone().requires_grad_(True)
     out = torch.empty(len(x), len(magnitudes), len(layers), device=x.device)
     with torch.enable_grad():
-        feats = _spatial_means(model, x, layers, stop_at=layers[-1])
+        feats = _spatial_means(model, x, layers, stop_at=layers[-1], layouts=layouts)
         for i, layer in enumerate(layers):
             mu, prec = gaussians.means[i], gaussians.precisions[i]
             f = feats[layer]
@@ -108,7 +113,7 @@ def layer_scores(model, x, gaussians, magnitudes):
                 # every magnitude's perturbed copy in one partial forward pass
                 with torch.no_grad():
                     copies = torch.cat([x.detach() - eps * sign for _, eps in moved])
-                    noisy = _spatial_means(model, copies, [layer], stop_at=layer)[layer]
+                    noisy = _spatial_means(model, copies, [layer], stop_at=layer, layouts=layouts)[layer]
                     best = _gaussian_scores(noisy, mu, prec).max(dim=1).values.view(len(moved), len(x))
                 for k, (j, _) in enumerate(moved):
                     out[:, j, i] = best[k]

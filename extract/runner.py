@@ -29,7 +29,7 @@ from store.writer import BackgroundWriter, CacheWriter
 
 from . import hooks as H
 from .distributed import Shard, grid_batches
-from .models import FAMILY, head_module, head_weight_bias
+from .adapters import adapter_for
 from .objectives import objective_value
 
 TOOL_VERSION = "0.1.0"
@@ -57,9 +57,10 @@ def select_device(name):
     return torch.device(name)
 
 
-def resolve_hooks(model, arch, hook_names, needs):
-    """``{hook set or module name: [layer, ...]}`` for the requested hooks and the needs
-    (a selected set ``set:selector`` is recorded beside its whole set)."""
+def resolve_hooks(adapter, hook_names, needs):
+    """``{hook set or module name: [layer, ...]}`` on the model of ``adapter``
+    (``extract.adapters``) for the requested hooks and the needs (a selected set
+    ``set:selector`` is recorded beside its whole set)."""
     wanted = list(hook_names)
     for set_name in hook_names_of(needs):
         if set_name not in wanted:
@@ -67,7 +68,7 @@ def resolve_hooks(model, arch, hook_names, needs):
     out = {}
     for name in wanted:
         base, sel = split_selector(name)
-        out[name] = H.resolve_hook_set(model, arch, name) if sel is None else layers_of(out, name)
+        out[name] = adapter.hook_set(name) if sel is None else layers_of(out, name)
     return out
 
 
@@ -75,19 +76,22 @@ class ExtractionPlan:
     """Everything decided before the first batch: layers, shapes, objectives, storage.
 
     model: the network (eval mode, on ``device``). config: ``extract.config.ExtractConfig``.
-    image_shape: (3, H, W) of one preprocessed image.
+    image_shape: (3, H, W) of one preprocessed image. adapter: the model's
+    ``extract.adapters.ModelAdapter`` (default: found here, with ``config.head`` and
+    ``config.hook_sets``).
     """
 
-    def __init__(self, model, config, image_shape, device):
+    def __init__(self, model, config, image_shape, device, adapter=None):
         self.config = config
-        self.hook_sets = resolve_hooks(model, config.arch, config.hooks, config.needs)
+        self.adapter = adapter or adapter_for(model, image_shape, config.head, config.hook_sets)
+        self.hook_sets = resolve_hooks(self.adapter, config.hooks, config.needs)
         self.maha = config.maha if "mahalanobis" in config.passes else None
         self.odin_passes = [list(p) for p in config.odin] if "odin" in config.passes else []
         self.odin_std = list(config.odin_std) if config.odin_std else None
         self.tracked = []
         if "tracking" in config.passes:
             from .tracking import tracked_parameters
-            self.tracked = tracked_parameters(model)
+            self.tracked = tracked_parameters(model, self.adapter.trace)
         self.layers = _module_order(model, {l for ls in self.hook_sets.values() for l in ls})
         policies = config.policies
         unknown = [l for l in policies if l != "*" and l not in self.layers]
@@ -104,24 +108,12 @@ class ExtractionPlan:
         self.graph_from_input = bool(self.odin_passes) and any(e != 0 for _, e, _ in self.odin_passes)
         self.start_module = (H.graph_start(model, grad_layers)
                              if grad_layers and not self.graph_from_input else None)
-        weight, bias = head_weight_bias(model)
-        self.num_classes, self.feature_dim = weight.shape
-        self.layer_shapes = self._probe_shapes(model, image_shape, device)
+        self.num_classes, self.feature_dim = self.adapter.num_classes, self.adapter.feature_dim
+        self.layer_shapes = {l: self.adapter.shape(l) for l in self.layers}
+        self.layer_layouts, self.layer_types = self.adapter.describe(self.layers)
         order = [n for n, _ in model.named_modules()]
         # shallow objectives first; the deepest (freeing the most of the graph) last
         self.objectives = sorted(self.objectives, key=lambda o: -H.objective_depth(self.plan, o, order))
-
-    def _probe_shapes(self, model, image_shape, device):
-        if not self.layers:
-            return {}
-        rec = H.Recorder(model, {l: {} for l in self.layers}, None)
-        try:
-            with torch.no_grad():
-                model(torch.zeros((1, *image_shape), device=device))
-        finally:
-            rec.close()
-        return {l: (rec.shapes[l] + [1, 1])[:3] if len(rec.shapes[l]) == 1 else rec.shapes[l]
-                for l in self.layers}
 
     def layout(self):
         """``{dataset path: (row shape, dtype name)}`` of every per-sample dataset."""
@@ -214,7 +206,8 @@ def cache_attrs(plan, provenance, n, device, world_size=1):
         "layers": plan.layers, "layer_shapes": plan.layer_shapes, "hook_sets": plan.hook_sets,
         "plan": plan.plan, "policies": plan.policies, "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__, "device": str(device),
-        "tool_version": TOOL_VERSION, "family": FAMILY.get(config.arch, "custom"), "odin": plan.odin_passes,
+        "tool_version": TOOL_VERSION, "family": plan.adapter.family, "odin": plan.odin_passes,
+        "layer_layouts": plan.layer_layouts, "layer_types": plan.layer_types, "head": plan.adapter.head_name,
         "tracked_parameters": plan.tracked, "batch_size": int(config.batch_size),
         **({"odin_std": plan.odin_std} if plan.odin_std else {}),
         **({"mahalanobis": plan.maha["recipe"]} if plan.maha else {}),
@@ -228,8 +221,9 @@ def extract_to_cache(model, dataset, cache_path, config, provenance, indices=Non
     """Extract ``dataset`` with ``model`` into the cache file ``cache_path``; resumes an
     interrupted run of the same settings. Returns the path of the complete cache.
 
-    model: the classifier (``extract.models`` layout with a ``head_name``); it is put in
-    eval mode with frozen parameters. dataset: an ``ImageSet`` or a map-style dataset of
+    model: any ``nn.Module`` image classifier returning (N, K) logits (its head, norms and
+    stages are found by ``extract.adapters``); it is put in eval mode with frozen
+    parameters. dataset: an ``ImageSet`` or a map-style dataset of
     ``(image tensor (3, H, W), label)``. config: ``ExtractConfig``. provenance:
     ``Provenance`` (root attributes). indices: optional subset of dataset rows (kept in
     order). plan: an ``ExtractionPlan`` built for this model and config (default: built
@@ -248,7 +242,7 @@ def extract_to_cache(model, dataset, cache_path, config, provenance, indices=Non
     n = len(indices)
     if n == 0:
         raise ValueError(f"{provenance.dataset}: no images to extract")
-    weight, bias = head_weight_bias(model)
+    weight, bias = plan.adapter.head_weight_bias()
     attrs = cache_attrs(plan, provenance, n, device, shard.world_size)
     writer = CacheWriter(cache_path, attrs, plan.layout(),
                          {"head/weight": weight.cpu().numpy().astype(np.float32),
@@ -278,9 +272,9 @@ def _run(model, dataset, cache_path, config, provenance, indices, plan, shard, d
         torch.utils.data.Subset(dataset, indices), batch_sampler=[list(range(a, b)) for a, b in batches],
         num_workers=min(4, os.cpu_count() or 1) if device.type == "cuda" else 0,
         pin_memory=device.type == "cuda")
-    recorder = H.Recorder(model, plan.plan, plan.start_module)
+    recorder = H.Recorder(model, plan.plan, plan.start_module, plan.layer_layouts)
     captured = {}
-    head_handle = head_module(model).register_forward_pre_hook(
+    head_handle = plan.adapter.head.register_forward_pre_hook(
         lambda m, args: captured.__setitem__("x", args[0]))
     bar = tqdm(total=hi - lo, initial=hi - lo - todo, unit="img", desc=f"extract {provenance.dataset}",
                disable=not (config.progress and shard.is_main), dynamic_ncols=True)
@@ -350,10 +344,11 @@ def _extract_batch(model, recorder, captured, plan, x, labels):
         if plan.maha:
             from .mahalanobis import adversarial_images, layer_scores
             gauss, recipe = plan.maha["gaussians"], plan.maha["recipe"]
-            out[MAHA_SCORES] = layer_scores(model, x.detach(), gauss, recipe["magnitudes"]).cpu().numpy()
+            layouts = {l: plan.adapter.layout(l) for l in gauss.layers}
+            out[MAHA_SCORES] = layer_scores(model, x.detach(), gauss, recipe["magnitudes"], layouts).cpu().numpy()
             if recipe["adversarial"]:
                 adv = adversarial_images(model, x.detach(), labels, recipe["adv_noise"])
-                out[MAHA_ADVERSARIAL] = layer_scores(model, adv, gauss, recipe["magnitudes"]).cpu().numpy()
+                out[MAHA_ADVERSARIAL] = layer_scores(model, adv, gauss, recipe["magnitudes"], layouts).cpu().numpy()
     finally:
         recorder.enabled = True
     return out

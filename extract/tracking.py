@@ -8,12 +8,15 @@ module output holds every sample's own output gradient, and per-sample weight gr
 factorise through the module input:
 
 * ``nn.Linear``: dW_n = g_n a_n^T, so ||dW_n|| = ||g_n|| ||a_n||.
-* ``nn.Conv2d`` (groups 1): dW_n = G_n U_n^T with U_n the unfolded input patches
-  (C_in k k, L) and G_n the output gradient (C_out, L); ||dW_n||^2 is computed either
-  directly (batched matrix product) or as sum((G_n^T G_n) * (U_n^T U_n)) over L x L,
-  whichever holds fewer numbers.
-* ``nn.BatchNorm2d`` weight (eval mode): dgamma_n,c = sum over H x W of g * x_hat with
-  x_hat the input normalised by the running statistics. The release's name rule (no
+* ``nn.Conv2d``: dW_n = G_n U_n^T with U_n the unfolded input patches (C_in k k, L)
+  and G_n the output gradient (C_out, L); ||dW_n||^2 is computed either directly
+  (batched matrix product) or as sum((G_n^T G_n) * (U_n^T U_n)) over L x L, whichever
+  holds fewer numbers. A grouped (or depthwise) convolution is the same per group g
+  (its C_out / G output channels against its C_in / G input channels), summed over groups.
+* BatchNorm weight (eval mode): dgamma_n,c = sum over the positions of g * x_hat with
+  x_hat the input normalised by the running statistics.
+* ``nn.LayerNorm`` weight: dgamma_n = sum over the leading positions of g * x_hat with
+  x_hat the input normalised over its last ``normalized_shape`` axes. The release's name rule (no
   'bn', no 'bias') keeps the weights of norm layers whose names lack 'bn', such as a
   CIFAR ResNet's ``shortcut.1`` or torchvision's ``downsample.1``; so do we.
 """
@@ -21,10 +24,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-def tracked_parameters(model):
+def tracked_parameters(model, trace=None):
     """Names (``named_parameters`` order) of the tracked tensors, by the release's rule:
-    every parameter whose name contains neither 'bn' nor 'bias'."""
-    return [n for n, _ in model.named_parameters() if "bias" not in n and "bn" not in n]
+    every parameter whose name contains neither 'bn' nor 'bias'. Raises ValueError naming
+    the first tensor that is not the weight of a supported module (``_modules_of``) or
+    whose module runs more than once per forward (``trace``: ``adapters.trace.Trace``)."""
+    names = [n for n, _ in model.named_parameters() if "bias" not in n and "bn" not in n]
+    for owner, _ in _modules_of(model, names):
+        call = trace.calls.get(owner) if trace is not None else None
+        if trace is not None and (call is None or call.calls != 1):
+            raise ValueError(f"gradient tracking: module {owner} runs "
+                             f"{call.calls if call else 0} times per forward pass; its per-sample "
+                             "weight gradients cannot be factorised from one input and output")
+    return names
 
 
 def _modules_of(model, names):
@@ -32,14 +44,20 @@ def _modules_of(model, names):
     for name in names:
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner)
-        if leaf != "weight" or type(module) not in (nn.Conv2d, nn.Linear, nn.BatchNorm2d):
-            raise ValueError(f"gradient tracking supports the weights of plain nn.Conv2d, "
-                             f"nn.Linear and nn.BatchNorm2d modules; {name} belongs to "
-                             f"{type(module).__name__}")
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
-            raise ValueError(f"gradient tracking: grouped convolution {owner} is not supported")
+        if leaf != "weight" or not _supported(module):
+            raise ValueError(f"gradient tracking supports the weights of nn.Linear, nn.Conv2d, "
+                             f"BatchNorm and nn.LayerNorm modules; {name} belongs to "
+                             f"{type(module).__name__}{'' if owner else ' (the model itself)'}")
         modules.append((owner, module))
     return modules
+
+
+def _supported(module):
+    if type(module) in (nn.Conv2d, nn.Linear, nn.LayerNorm):
+        return True
+    # a BatchNorm whose forward is the plain one (not timm's BatchNormAct2d)
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and \
+        type(module).forward is nn.modules.batchnorm._BatchNorm.forward
 
 
 def _conv_sq_norms(module, a, g, patches_cache):
@@ -49,16 +67,29 @@ def _conv_sq_norms(module, a, g, patches_cache):
         u = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (N, P, L)
         n, p, length = u.shape
         c_out = module.out_channels
-        if c_out * p <= length * length:
+        if module.groups != 1 or c_out * p <= length * length:
             patches_cache[key] = ("direct", u)
         else:
             patches_cache[key] = ("gram", torch.bmm(u.transpose(1, 2).double(), u.double()))
     mode, u = patches_cache[key]
     gm = g.flatten(2)                                       # (N, C_out, L)
+    if module.groups != 1:
+        return _grouped_sq_norms(module, u, gm)
     if mode == "direct":
         return torch.bmm(gm, u.transpose(1, 2)).pow(2).sum(dim=(1, 2)).double()
     gram_g = torch.bmm(gm.transpose(1, 2).double(), gm.double())
     return (gram_g * u).sum(dim=(1, 2))
+
+
+def _grouped_sq_norms(module, u, gm):
+    """(N,) squared norms of a grouped convolution's per-sample weight gradients: u (N,
+    C_in k k, L) patches, gm (N, C_out, L) output gradients; per group g the block
+    (C_out / G, C_in / G k k) is G_g U_g^T."""
+    groups = module.groups
+    n, p, length = u.shape
+    ug = u.reshape(n, groups, p // groups, length)
+    gg = gm.reshape(n, groups, gm.shape[1] // groups, length)
+    return torch.einsum("ngcl,ngpl->ngcp", gg, ug).pow(2).sum(dim=(1, 2, 3)).double()
 
 
 def per_sample_grad_norms(model, x, names):
@@ -96,10 +127,20 @@ def per_sample_grad_norms(model, x, names):
             a = inputs[owner]
             if isinstance(module, nn.Linear):
                 sq = g.flatten(1).double().pow(2).sum(1) * a.flatten(1).double().pow(2).sum(1)
-            elif isinstance(module, nn.BatchNorm2d):
-                x_hat = (a.double() - module.running_mean.double()[:, None, None]) / torch.sqrt(
-                    module.running_var.double()[:, None, None] + module.eps)
-                sq = (g.double() * x_hat).sum(dim=(2, 3)).pow(2).sum(1)
+            elif isinstance(module, nn.LayerNorm):
+                axes = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
+                ad = a.double()
+                mean = ad.mean(dim=axes, keepdim=True)
+                var = ad.var(dim=axes, keepdim=True, unbiased=False)
+                x_hat = (ad - mean) / torch.sqrt(var + module.eps)
+                lead = tuple(range(1, a.dim() - len(module.normalized_shape)))
+                dgamma = (g.double() * x_hat).sum(dim=lead) if lead else g.double() * x_hat
+                sq = dgamma.flatten(1).pow(2).sum(1)
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+                shape = (1, -1) + (1,) * (a.dim() - 2)
+                x_hat = (a.double() - module.running_mean.double().view(shape)) / torch.sqrt(
+                    module.running_var.double().view(shape) + module.eps)
+                sq = (g.double() * x_hat).sum(dim=tuple(range(2, a.dim()))).pow(2).sum(1)
             else:
                 sq = _conv_sq_norms(module, a, g, cache)
             out[:, k, j] = sq.clamp_min(0).sqrt().float()

@@ -16,6 +16,13 @@ def cache_path(cache_dir, dataset):
     return os.path.join(cache_dir, f"{dataset}.h5")
 
 
+def default_cache_dir(bench, arch):
+    """The default cache folder ``caches/<benchmark or custom>-<arch>``, the ``:`` and
+    ``/`` of ``torchvision:NAME``-style names written as ``-``."""
+    name = f"{bench or 'custom'}-{arch}".replace(":", "-").replace("/", "-")
+    return os.path.join("caches", name)
+
+
 def _decode_attrs(raw):
     attrs = {}
     for key, value in raw.items():

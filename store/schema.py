@@ -19,7 +19,13 @@ The gradient recorded is what a tensor hook registered on the module's output re
 where an in-place ReLU follows the module, that is the gradient w.r.t. the pre-ReLU
 tensor (as in the authors' hooks). Activations are likewise taken before in-place ops.
 
-Versions: 2 added ``weights_sha256`` (the fingerprint of the loaded tensors), ``family``
+Layouts: a hooked output may be a map (N, C, H, W), a channels-last map (N, H, W, C), a
+token sequence (N, T, C) or a vector (N, C). Every statistic and stored map is of its
+channels-first form, (N, C, H, W), with a token sequence as (N, C, T, 1);
+``layer_layouts`` records each layer's own layout (``NCHW``, ``NHWC``, ``NTC``, ``NC``).
+
+Versions: 3 added ``layer_layouts``, ``layer_types``, ``head`` and the model file of
+``--model-file``; caches without them are channels first throughout. 2 added ``weights_sha256`` (the fingerprint of the loaded tensors), ``family``
 and ``subset`` as declared attributes and ODIN passes with the original ODIN's division
 by the normalisation std. Version 1 caches are still read (their ODIN passes are the
 GradNorm release's, their weights are identified by the checkpoint file's hash).
@@ -27,8 +33,8 @@ GradNorm release's, their weights are identified by the checkpoint file's hash).
 import json
 from typing import NamedTuple
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 STATS = ("nonzero", "mean", "abs_mean", "sq_mean", "abs_max")
 MAP = "map"
@@ -68,8 +74,11 @@ ROOT_ATTRS = {
     "benchmark": Attr(str, False, False, "benchmark preset of the extraction, empty for custom sets"),
     "split": Attr(str, False, False, "test or train"),
     "subset": Attr(dict, True, False, '{"limit": int or null, "balanced": bool}'),
-    "arch": Attr(str, False, True, "architecture name (extract.models)"),
-    "family": Attr(str, False, False, "architecture family: cifar_resnet, wrn, bit, torchvision"),
+    "arch": Attr(str, False, True, "architecture name (extract.models): NAME, torchvision:NAME, timm:NAME, file:FILE:FUNC"),
+    "family": Attr(str, False, False, "model adapter that defined the hook sets: generic, wrn, bit"),
+    "head": Attr(str, False, False, "module name of the linear head"),
+    "model_file": Attr(str, False, False, "the user's model file (--model-file)"),
+    "model_file_sha256": Attr(str, False, False, "SHA-256 of that file"),
     "num_classes": Attr(int, False, True, "K"),
     "checkpoint": Attr(str, False, False, "checkpoint path at extraction"),
     "checkpoint_sha256": Attr(str, False, True, "SHA-256 of the checkpoint file"),
@@ -77,7 +86,9 @@ ROOT_ATTRS = {
     "preprocess": Attr(dict, True, True, "the evaluation transform: name and steps"),
     "objectives": Attr(list, True, True, "backward objectives recorded (OBJECTIVES)"),
     "layers": Attr(list, True, True, "hooked module names, in module order"),
-    "layer_shapes": Attr(dict, True, True, "{layer: [C, H, W]} of each hooked module's output"),
+    "layer_shapes": Attr(dict, True, True, "{layer: [C, H, W]} of each hooked module's output, channels first"),
+    "layer_layouts": Attr(dict, True, False, "{layer: NCHW | NHWC | NTC | NC}: the module's own output layout"),
+    "layer_types": Attr(dict, True, False, "{layer: module class name}"),
     "hook_sets": Attr(dict, True, True, "{set name: [layer, ...]}, e.g. bn, before_head"),
     "plan": Attr(dict, True, True, '{layer: {"act" | objective: [stat, ...]}}: what was stored'),
     "policies": Attr(dict, True, False, "{layer: policy} (POLICIES)"),

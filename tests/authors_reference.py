@@ -12,6 +12,14 @@ import torch
 import torch.nn.functional as F
 
 
+def head_of(model):
+    """The head as the authors' code names it (``head_name`` of the zoo's layouts), else
+    the last ``nn.Linear`` in module order (torchvision's and timm's classifiers)."""
+    if hasattr(model, "head_name"):
+        return model.get_submodule(model.head_name)
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
 class OutputGradHook:
     """Forward hook that registers a tensor hook on the output, keeping the last grad."""
 
@@ -47,7 +55,7 @@ def authors_forward(model, x):
     # Architectures the GAIA release does not ship (OpenOOD, torchvision): the plain forward,
     # with the head input taken where the head receives it.
     captured = {}
-    handle = model.get_submodule(model.head_name).register_forward_pre_hook(
+    handle = head_of(model).register_forward_pre_hook(
         lambda m, a: captured.__setitem__("x", a[0]))
     try:
         logits = model(x)
@@ -96,7 +104,7 @@ def gaia_a(model, x, module_names):
 def gradnorm(model, x, temperature=1.0):
     """GradNorm at batch size 1: L1 norm of the head weight's gradient."""
     m = _fresh(model)
-    head = m.get_submodule(m.head_name)
+    head = head_of(m)
     scores = []
     for i in range(len(x)):
         inp = x[i:i + 1].clone().requires_grad_(True)
@@ -196,7 +204,7 @@ def gaia_before_head_modules(model, kind, textures_gn=False):
 
 # --------------------------------------------------------------------------- baselines
 def _head(model):
-    return model.get_submodule(model.head_name)
+    return head_of(model)
 
 
 def penultimate(model, images):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from extract.models import build_model, head_module
+from extract.models import build_model
 from extract.objectives import objective_value
 from helpers import extract_tensor, randomize_norms
 from store.reader import CacheReader
@@ -21,7 +21,7 @@ def per_sample_grads(model, x, layers, objective):
         captured = {}
         handles = [model.get_submodule(l).register_forward_hook(
             lambda m, a, o, l=l: captured.__setitem__(l, o)) for l in layers]
-        handles.append(head_module(model).register_forward_pre_hook(
+        handles.append(model.get_submodule(model.head_name).register_forward_pre_hook(
             lambda m, a: captured.__setitem__("x", a[0])))
         inp = x[i:i + 1].clone().requires_grad_(True)
         logits = model(inp)
@@ -49,7 +49,10 @@ def test_batched_gradients_equal_batch_size_one(tmp_path):
                 assert got.shape == expected[layer].shape
                 scale = np.abs(expected[layer]).max()
                 assert scale > 0
-                np.testing.assert_allclose(got, expected[layer], rtol=1e-5, atol=1e-6 * scale)
+                # float32: the convolution backward sums in another order at batch size 5
+                # than at 1 (oneDNN picks kernels by shape): entries near zero differ by
+                # up to ~2e-6 of the layer's largest gradient on this CPU
+                np.testing.assert_allclose(got, expected[layer], rtol=1e-5, atol=1e-5 * scale)
                 np.testing.assert_array_equal(r.read(stat_path(layer, objective, "nonzero")),
                                               (expected[layer] != 0).sum(axis=(2, 3)))
 

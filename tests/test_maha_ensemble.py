@@ -9,6 +9,7 @@ import authors_reference as ref
 from types import SimpleNamespace
 
 from analyze.metrics import fpr_at_recall
+from extract.adapters import adapter_for
 from extract.cli_support import _maha_setup
 from helpers import compute_score, fit_score
 from store.gaussian import fit_layer_gaussians
@@ -34,7 +35,7 @@ def setup(tmp_path_factory):
     test_y = torch.arange(24) % 4
     train = extract_tensor(model, "wrn_40_2", train_x, str(tmp / "train.h5"), ["msp"], hooks=["nac"],
                            policies={"*": "pooled"}, batch_size=64, labels=train_y, name="train")
-    maha = _maha_setup(model, "wrn_40_2", "test", {"name": "none"}, torch.device("cpu"),
+    maha = _maha_setup(adapter_for(model, (3, 32, 32)), "test", {"name": "none"}, torch.device("cpu"),
                        SimpleNamespace(maha_fit=train, maha_magnitudes=MAGNITUDES, maha_adversarial=True))
     test = extract_tensor(model, "wrn_40_2", test_x, str(tmp / "val.h5"), ["msp"], batch_size=10,
                           labels=test_y, name="val", maha=maha)
@@ -105,7 +106,7 @@ def test_ensemble_refuses_caches_without_copies_or_of_another_recipe(setup, tmp_
                            batch_size=12, labels=test_y[:12], name="plain")
     with CacheReader(plain) as r, pytest.raises(CacheError, match="--maha-fit"):
         compute_score(r, "mahalanobis_ens", {})
-    other = _maha_setup(model, "wrn_40_2", "test", {"name": "none"}, torch.device("cpu"),
+    other = _maha_setup(adapter_for(model, (3, 32, 32)), "test", {"name": "none"}, torch.device("cpu"),
                         SimpleNamespace(maha_fit=train, maha_magnitudes=(0.0,), maha_adversarial=False))
     odd = extract_tensor(model, "wrn_40_2", test_x[:12], str(tmp_path / "odd.h5"), ["msp"], batch_size=12,
                          labels=test_y[:12], name="odd", maha=other)

@@ -73,7 +73,10 @@ def test_entropy(wrn):
 def test_gen_generalized_entropy(wrn, gamma, M):
     *_, (_, _, _, zq) = wrn
     probs = torch.sort(torch.softmax(zq, 1), dim=1).values[:, -M:]
-    check(ours(wrn, "gen", gamma=gamma, M=M), -(probs ** gamma * (1 - probs) ** gamma).sum(1).numpy())
+    # the reference's logits come from one forward at batch size 300, the cache's at 8:
+    # float32 kernels differ at 1e-7, and (1 - p)^0.5 near p = 1 magnifies that to ~2e-6
+    check(ours(wrn, "gen", gamma=gamma, M=M), -(probs ** gamma * (1 - probs) ** gamma).sum(1).numpy(),
+          tol=1e-5)
 
 
 @pytest.mark.parametrize("p", [85.0, 65.0])

@@ -1,21 +1,25 @@
-"""Model zoo: architectures with the state-dict layouts of the authors' releases.
+"""Building a classifier from its name: the authors' layouts, torchvision, timm, a user's file.
 
-``build_model(arch, num_classes)`` returns an ``nn.Module`` in eval mode;
-``head_module(model)`` returns its final linear layer (``nn.Linear`` or a 1x1 ``nn.Conv2d``)
-whose input is the pooled penultimate vector.
+An architecture is named in one of four ways (``--arch``, ``ARCH=``, ``ExtractConfig.arch``):
+    NAME                 a layout of an author's release in this package (``BUILTIN``)
+    torchvision:NAME     ``torchvision.models.get_model(NAME, weights=None, num_classes=K)``,
+                         any classification model of ``torchvision.models``
+    timm:NAME            ``timm.create_model(NAME, pretrained=False, num_classes=K)`` (the
+                         optional extra ``gradood[timm]``)
+    file:PATH.py:FUNC    ``FUNC(num_classes)`` of a user's Python file, returning an
+                         ``nn.Module`` (``--model-file PATH.py:FUNC``)
+The older names ``tv_resnet18``, ``tv_resnet50`` and ``tv_mobilenet_v2`` are aliases of the
+torchvision names. Nothing is downloaded: weights always come from ``--checkpoint``. What
+extraction needs to know of the built model (head, norms, stages, hook sets) is found on
+the module itself (``extract.adapters``).
 """
+import hashlib
+import importlib.util
+import os
+
 import torch.nn as nn
 
-from . import bit_resnetv2, cifar_resnet, wide_resnet
-
-
-def _torchvision(name):
-    def build(num_classes):
-        import torchvision
-        model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
-        model.head_name = "fc" if name.startswith("resnet") else "classifier.1"
-        return model
-    return build
+from . import bit_resnetv2, cifar_resnet, densenet, wide_resnet
 
 
 def _bit(name):
@@ -23,48 +27,112 @@ def _bit(name):
     return lambda num_classes: bit_resnetv2.ResNetV2(units, wf, num_classes)
 
 
-ARCHITECTURES = {
-    "resnet18": cifar_resnet.resnet18,
-    "resnet34": cifar_resnet.resnet34,
-    "resnet50": cifar_resnet.resnet50,
-    "resnet18_32x32": cifar_resnet.ResNet18_32x32,
-    "wrn_40_2": wide_resnet.wrn_40_2,
-    "BiT-S-R50x1": _bit("BiT-S-R50x1"),
-    "BiT-S-R101x1": _bit("BiT-S-R101x1"),
-    "tv_resnet18": _torchvision("resnet18"),
-    "tv_resnet50": _torchvision("resnet50"),
-    "tv_mobilenet_v2": _torchvision("mobilenet_v2"),
+def _wrn(depth, widen):
+    return lambda num_classes: wide_resnet.WideResNet(depth, num_classes, widen_factor=widen)
+
+
+# The authors' layouts: (builder, release it follows)
+BUILTIN = {
+    "resnet18": (cifar_resnet.resnet18, "GAIA networks/resnet.py (CIFAR)"),
+    "resnet34": (cifar_resnet.resnet34, "GAIA networks/resnet.py (CIFAR)"),
+    "resnet50": (cifar_resnet.resnet50, "GAIA networks/resnet.py (CIFAR)"),
+    "resnet18_32x32": (cifar_resnet.ResNet18_32x32, "OpenOOD resnet18_32x32"),
+    "wrn_40_2": (_wrn(40, 2), "GAIA networks/wresnet.py"),
+    "wrn_40_1": (_wrn(40, 1), "GAIA networks/wresnet.py"),
+    "wrn_16_2": (_wrn(16, 2), "GAIA networks/wresnet.py"),
+    "wrn_16_1": (_wrn(16, 1), "GAIA networks/wresnet.py"),
+    "wrn_28_10": (_wrn(28, 10), "ODIN / Energy WideResNet-28-10 (same state-dict layout)"),
+    "densenet_bc_100": (densenet.densenet_bc_100, "ODIN / Mahalanobis / Energy / DICE DenseNet-BC-100"),
+    "BiT-S-R50x1": (_bit("BiT-S-R50x1"), "GradNorm / GAIA resnetv2.py (Big Transfer .npz readable)"),
+    "BiT-S-R101x1": (_bit("BiT-S-R101x1"), "GradNorm / GAIA resnetv2.py (Big Transfer .npz readable)"),
 }
-
-# Which family an architecture belongs to decides its hook sets (see extract.hooks).
-FAMILY = {
-    "resnet18": "cifar_resnet", "resnet34": "cifar_resnet", "resnet50": "cifar_resnet",
-    "resnet18_32x32": "cifar_resnet", "wrn_40_2": "wrn",
-    "BiT-S-R50x1": "bit", "BiT-S-R101x1": "bit",
-    "tv_resnet18": "torchvision", "tv_resnet50": "torchvision", "tv_mobilenet_v2": "torchvision",
-}
+ALIASES = {"tv_resnet18": "torchvision:resnet18", "tv_resnet50": "torchvision:resnet50",
+           "tv_mobilenet_v2": "torchvision:mobilenet_v2"}
+ARCH_HELP = ("torchvision:NAME, timm:NAME (gradood[timm]), --model-file FILE.py:FUNC, or a release "
+             "layout: " + ", ".join(BUILTIN))
 
 
-def build_model(arch, num_classes):
-    """Build ``arch`` with a ``num_classes``-way head, in eval mode; unknown names list the valid ones."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
+def canonical_arch(arch, model_file=None):
+    """The recorded architecture name: aliases resolved; with ``model_file``
+    (``PATH.py:FUNC``) ``file:<file name>:FUNC``."""
+    if model_file:
+        path, func = _split_model_file(model_file)
+        return f"file:{os.path.basename(path)}:{func}"
+    if not arch:
+        raise ValueError("no architecture: give --arch (" + ARCH_HELP + ")")
+    return ALIASES.get(arch, arch)
+
+
+def _split_model_file(spec):
+    path, sep, func = str(spec).rpartition(":")
+    if not sep or not path.endswith(".py") or not func.isidentifier():
+        raise ValueError(f"--model-file {spec!r}: expected FILE.py:FUNC, FUNC(num_classes) "
+                         "returning an nn.Module")
+    return path, func
+
+
+def model_file_provenance(model_file):
+    """``{"model_file": absolute path, "model_file_sha256": hex}`` of ``PATH.py:FUNC``."""
+    path, _ = _split_model_file(model_file)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"model_file": os.path.abspath(path), "model_file_sha256": digest}
+
+
+def _from_file(spec, num_classes):
+    path, func = _split_model_file(spec)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--model-file {spec}: {path} not found")
+    name = "gradood_model_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, func, None)):
+        raise ValueError(f"--model-file {spec}: {path} defines no function {func}")
+    model = getattr(module, func)(num_classes)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model-file {spec}: {func}({num_classes}) returned "
+                         f"{type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _torchvision(name, num_classes):
+    import torchvision
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise ValueError(f"unknown torchvision classification model {name!r}; choose one of: "
+                         + ", ".join(names))
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+def _timm(name, num_classes):
+    try:
+        import timm
+    except ModuleNotFoundError:
+        raise ValueError("--arch timm:... needs timm: pip install 'gradood[timm]'") from None
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r} (timm.list_models() lists them)")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+def build_model(arch, num_classes, model_file=None):
+    """The classifier ``arch`` (see the module docstring) with a ``num_classes``-way head,
+    randomly initialised, in eval mode. Unknown names list the valid ones."""
     if num_classes < 2:
         raise ValueError(f"--num-classes must be at least 2, got {num_classes}")
-    return ARCHITECTURES[arch](num_classes).eval()
-
-
-def head_module(model):
-    """The classifier head of ``model`` (``nn.Linear`` or 1x1 ``nn.Conv2d``), found by ``head_name``."""
-    return model.get_submodule(model.head_name)
-
-
-def head_weight_bias(model):
-    """Head weight as a (K, D) tensor and bias as (K,), detached, on the model's device."""
-    head = head_module(model)
-    weight = head.weight.detach().reshape(head.weight.shape[0], -1)
-    return weight, head.bias.detach()
-
-
-def is_norm(module):
-    return isinstance(module, (nn.BatchNorm2d, nn.GroupNorm))
+    arch = canonical_arch(arch, model_file)
+    kind, sep, name = arch.partition(":")
+    if model_file:
+        model = _from_file(model_file, num_classes)
+    elif sep and kind == "torchvision":
+        model = _torchvision(name, num_classes)
+    elif sep and kind == "timm":
+        model = _timm(name, num_classes)
+    elif sep and kind == "file":
+        raise ValueError(f"--arch {arch}: give the file with --model-file PATH.py:FUNC")
+    elif arch in BUILTIN:
+        model = BUILTIN[arch][0](num_classes)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; use {ARCH_HELP}")
+    return model.eval()

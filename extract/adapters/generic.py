@@ -1,0 +1,278 @@
+"""The generic model adapter: every hook set of any image classifier, from one traced
+forward pass (``extract.adapters.trace``).
+
+What it finds, and how:
+    head         the last ``nn.Linear`` / 1x1 ``nn.Conv2d`` whose output is the model's
+                 output (``--head MODULE`` names another); its input is the cached
+                 feature vector (D) and its weight the cached head (K, D).
+    norms        the normalisation layers of the first kind the model has, in this order:
+                 BatchNorm (any dimension), GroupNorm, LayerNorm (``LayerNorm2d`` too). A
+                 norm with a fused activation (timm's ``BatchNormAct2d``: BN, then ``drop``,
+                 then ``act``) is recorded at its ``drop`` child, i.e. before the activation.
+    stages       the model's top-level blocks: from the root, descend into the child that
+                 holds more than 90 % of the parameters (the head's excluded) or is the only
+                 block; the blocks are then the children whose own children hold
+                 parameters (``layer1..4``, ``features.0..8``,
+                 ``encoder.layers.*``, ``blocks.*``).
+    penultimate  the last module before the head whose output spans more than one
+                 position: the input of the global pool (``layer4``, ``features``) or the
+                 token sequence (a ViT's ``encoder``).
+
+Hook sets built from these (``HOOK_SETS``; GAIA's and NAC-UE's names):
+    bn           every norm layer
+    before_head  the norm layers of the last two stages, then ``penultimate``
+    nac          the stage outputs
+    penultimate  the one map above
+Family adapters (one file each in this package) replace a set where an author defined it
+otherwise. Any set may be replaced by module names or globs (``hook_sets`` overrides,
+``--hook-set bn='features.*.norm*'``), and any module that runs once per forward and
+returns a tensor can be hooked by name.
+"""
+import fnmatch
+
+import torch.nn as nn
+
+from .trace import canonical_shape, trace
+
+HOOK_SETS = ("bn", "before_head", "before_head_gn", "nac", "penultimate")
+
+_NORM_KINDS = (("BatchNorm", nn.modules.batchnorm._BatchNorm), ("GroupNorm", nn.GroupNorm),
+               ("LayerNorm", nn.LayerNorm))
+
+
+class HookSetError(ValueError):
+    """A hook set or module cannot be hooked on this model; the message says why."""
+
+
+def norm_kind(module):
+    """``"BatchNorm"``, ``"GroupNorm"``, ``"LayerNorm"`` or None for ``module``."""
+    for kind, cls in _NORM_KINDS:
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+def _fused_activation(module):
+    act = getattr(module, "act", None)
+    return isinstance(act, nn.Module) and not isinstance(act, nn.Identity)
+
+
+class ModelAdapter:
+    """What extraction needs to know of one ``nn.Module`` image classifier.
+
+    model: in eval mode. image_shape: (C, H, W) of one preprocessed image. head: module
+    name of the linear head (default: found by tracing). hook_sets: ``{set name: [module
+    name or glob, ...]}`` replacing the adapter's definition of those sets.
+
+    Attributes: ``trace`` (``Trace``), ``head_name``, ``num_classes`` (K), ``feature_dim``
+    (D), ``family`` (the adapter's name).
+    """
+
+    family = "generic"
+
+    def __init__(self, model, image_shape, head=None, hook_sets=None):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.order = list(self.modules)
+        self.trace = trace(model, image_shape)
+        self.overrides = {k: list(v) for k, v in (hook_sets or {}).items()}
+        if head is not None:
+            module = self.modules.get(head)
+            if not isinstance(module, (nn.Linear, nn.Conv2d)):
+                raise HookSetError(f"--head {head}: not an nn.Linear or nn.Conv2d of the model"
+                                   + (f" (it is {type(module).__name__})" if module is not None else ""))
+            self.head_name = head
+        elif self.trace.head is None:
+            raise HookSetError(f"{type(model).__name__}: {self.trace.head_problem}")
+        else:
+            self.head_name = self.trace.head
+        weight = self.head.weight
+        self.num_classes, self.feature_dim = int(weight.shape[0]), int(weight[0].numel())
+
+    # ------------------------------------------------------------------ the head
+    @property
+    def head(self):
+        """The head module (``nn.Linear`` or 1x1 ``nn.Conv2d``)."""
+        return self.modules[self.head_name]
+
+    def head_weight_bias(self):
+        """Head weight (K, D) and bias (K,) tensors, detached, on the model's device (a
+        head without bias gets zeros)."""
+        head = self.head
+        weight = head.weight.detach().reshape(head.weight.shape[0], -1)
+        bias = head.bias.detach() if head.bias is not None else weight.new_zeros(weight.shape[0])
+        return weight, bias
+
+    # ------------------------------------------------------------------ layers
+    def why_not_hookable(self, name):
+        """Empty when module ``name`` can be hooked, else the reason."""
+        if name not in self.modules or name == "":
+            return f"the model has no module {name!r}"
+        call = self.trace.calls.get(name)
+        if call is None:
+            return f"module {name} does not run in the forward pass"
+        if call.shape is None:
+            return f"module {name} returns no tensor ({type(self.modules[name]).__name__})"
+        if call.calls != 1:
+            return (f"module {name} runs {call.calls} times per forward pass (a shared module); "
+                    "hook a module that runs once")
+        return ""
+
+    def layout(self, name):
+        """Layout of module ``name``'s output (``trace.LAYOUTS``)."""
+        return self.trace.calls[name].layout
+
+    def shape(self, name):
+        """[C, H, W] of module ``name``'s output in channels-first form."""
+        call = self.trace.calls[name]
+        return canonical_shape(call.shape, call.layout)
+
+    def module_type(self, name):
+        """Class name of module ``name``."""
+        return type(self.modules[name]).__name__
+
+    def _in_order(self, names):
+        wanted = set(names)
+        return [n for n in self.order if n in wanted]
+
+    def _is_ancestor_of_head(self, name):
+        return name == "" or self.head_name.startswith(name + ".")
+
+    def norms(self, under=None):
+        """Recorded names of the norm layers of the model's first norm kind (see the
+        module docstring), in module order; only those inside ``under`` (module names)
+        when given. Raises HookSetError for a fused norm-activation without a ``drop``."""
+        kinds = {}
+        for name in self.order:
+            kind = norm_kind(self.modules[name])
+            if kind and name in self.trace.calls:
+                kinds.setdefault(kind, []).append(name)
+        kind = next((k for k, _ in _NORM_KINDS if k in kinds), None)
+        out = []
+        for name in kinds.get(kind, []):
+            if under is not None and not any(name.startswith(u + ".") for u in under):
+                continue
+            module = self.modules[name]
+            if _fused_activation(module):
+                if f"{name}.drop" not in self.trace.calls:
+                    raise HookSetError(f"norm layer {name} ({type(module).__name__}) applies its "
+                                       "activation inside its forward and has no 'drop' child to "
+                                       "record the normalised output at")
+                name = f"{name}.drop"
+            out.append(name)
+        return out
+
+    def norm_kind(self):
+        """The norm kind the ``bn`` set holds (``"BatchNorm"``, ...) or None."""
+        for kind, cls in _NORM_KINDS:
+            if any(isinstance(m, cls) for n, m in self.modules.items() if n in self.trace.calls):
+                return kind
+        return None
+
+    def stages(self):
+        """Module names of the model's top-level blocks (see the module docstring)."""
+        counts = {n: sum(p.numel() for p in m.parameters()) for n, m in self.modules.items()}
+        head_params = counts[self.head_name]
+
+        def size(name):
+            return counts[name] - (head_params if self._is_ancestor_of_head(name) else 0)
+
+        node = ""
+        while True:
+            prefix = f"{node}." if node else ""
+            kids = [prefix + n for n, m in self.modules[node].named_children()]
+            blocks = [k for k in kids if size(k) > 0 and not self._is_ancestor_of_head(k)
+                      and k != self.head_name and self._has_parametric_children(k)
+                      and k in self.trace.calls]
+            if not blocks:
+                return []
+            biggest = max(blocks, key=size)
+            if len(blocks) == 1 or size(biggest) > 0.9 * size(node):
+                node = biggest
+                continue
+            return [b for b in blocks if not self.why_not_hookable(b)]
+
+    def _has_parametric_children(self, name):
+        return any(any(True for _ in c.parameters()) for c in self.modules[name].children())
+
+    def penultimate(self):
+        """Name of the last module before the head whose output spans more than one
+        position: the input of the global pool, or the token sequence. Its channels are
+        usually D; a model with a hidden layer in its classifier (MobileNetV3) has
+        another count, which scores that pool this map into the head refuse."""
+        head_order = self.trace.calls[self.head_name].order
+        best = None
+        for call in self.trace.calls.values():
+            if call.order >= head_order or self.why_not_hookable(call.name) or \
+                    self._is_ancestor_of_head(call.name) or call.layout == "NC":
+                continue
+            c, h, w = canonical_shape(call.shape, call.layout)
+            if h * w > 1 and (best is None or call.order > best.order):
+                best = call
+        if best is None:
+            raise HookSetError(f"{type(self.model).__name__}: no module before the head "
+                               f"{self.head_name} outputs a map over more than one position "
+                               "(the input of a global pool)")
+        return best.name
+
+    # ------------------------------------------------------------------ hook sets
+    def hook_set(self, name):
+        """Ordered module names of hook set ``name`` (``HOOK_SETS``, an override, or a
+        plain module name). Raises HookSetError naming the set and the reason."""
+        if name in self.overrides:
+            return self._matching(name, self.overrides[name])
+        if name in HOOK_SETS:
+            layers = self.define(name)
+            bad = [(l, self.why_not_hookable(l)) for l in layers if self.why_not_hookable(l)]
+            if bad:
+                raise HookSetError(f"hook set {name!r}: {bad[0][1]}")
+            return layers
+        reason = self.why_not_hookable(name)
+        if reason:
+            examples = ", ".join(n for n in self.order[1:] if not self.why_not_hookable(n))
+            raise HookSetError(f"unknown hook {name!r}: use a hook set ({', '.join(HOOK_SETS)}) or a "
+                               f"module name that runs once ({reason}); e.g. {examples[:200]}")
+        return [name]
+
+    def define(self, name):
+        """This adapter's definition of hook set ``name`` (family adapters override)."""
+        what = type(self.model).__name__
+        if name == "bn":
+            norms = self.norms()
+            if not norms:
+                raise HookSetError(f"hook set 'bn' is not defined for {what}: it has no "
+                                   "BatchNorm, GroupNorm or LayerNorm layer")
+            return norms
+        if name == "before_head":
+            stages = self.stages()[-2:]
+            norms = self.norms(under=stages)
+            if not norms:
+                raise HookSetError(f"hook set 'before_head' is not defined for {what}: no norm "
+                                   f"layer in its last stages ({', '.join(stages) or 'none found'})")
+            return norms + [self.penultimate()]
+        if name == "nac":
+            stages = self.stages()
+            if not stages:
+                raise HookSetError(f"hook set 'nac' is not defined for {what}: no stages found")
+            return stages
+        if name == "penultimate":
+            return [self.penultimate()]
+        raise HookSetError(f"hook set {name!r} is not defined for {what} (it is "
+                           "GAIA's BiT-only set); name its modules with --hook-set "
+                           f"{name}=MODULES")
+
+    def _matching(self, set_name, patterns):
+        out = []
+        for pattern in patterns:
+            hits = [n for n in self.order if n and fnmatch.fnmatchcase(n, pattern)]
+            hooks = [n for n in hits if not self.why_not_hookable(n)]
+            if not hooks:
+                why = f" ({self.why_not_hookable(hits[0])})" if hits else ""
+                raise HookSetError(f"--hook-set {set_name}: {pattern!r} matches no module that can "
+                                   f"be hooked{why}")
+            out += [n for n in hooks if n not in out]
+        return self._in_order(out)
+
+    def describe(self, layers):
+        """``({layer: layout}, {layer: module class})`` of ``layers``."""
+        return ({l: self.layout(l) for l in layers}, {l: self.module_type(l) for l in layers})

@@ -1,0 +1,202 @@
+"""One traced forward pass: which modules run, in which order, what each outputs, and in
+which layout; which module is the head.
+
+``trace(model, image_shape)`` runs the model once (eval mode, no gradient) on a seeded
+random batch of two images, with a forward hook on every module. Each module that ran is
+described by a ``Call``: its call position (post-order: a container after its children),
+how often it ran, its output shape and its layout. The head is the last ``nn.Linear`` or
+1x1 ``nn.Conv2d`` that ran once and whose output, flattened per sample, is exactly the
+model's output.
+
+Layouts (of one module's output, batch first):
+    NC    (N, C) vectors
+    NCHW  channels first, one or more spatial axes (convolutions, batch/group norms,
+          pools; also (N, C, L))
+    NHWC  channels last over a 2-D grid (Swin blocks, ConvNeXt's inner LayerNorm)
+    NTC   a token sequence, channels last (ViT encoder blocks; class token included)
+A module's layout comes from what it is (``_own_layout``); a module returning a tensor
+some other module produced takes that module's layout; a shape-preserving module takes
+its input's; anything else (a block ending in a functional residual add) takes the layout
+of the last module inside it with the same output shape. ``canonical`` turns any of them
+into the channels-first (N, C, H, W) form every statistic and stored map uses.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+
+LAYOUTS = ("NC", "NCHW", "NHWC", "NTC")
+
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                   nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
+                   nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                   nn.modules.pooling._AdaptiveMaxPoolNd, nn.LocalResponseNorm)
+_CHANNELS_LAST = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention)
+
+
+class Call(NamedTuple):
+    """One module of a traced forward pass.
+
+    name: module name (``named_modules``). order: position of its (last) completion.
+    calls: how often it ran in one forward. shape: output shape without the batch axis
+    (None when the output is not a tensor). layout: one of ``LAYOUTS`` (None: no tensor).
+    """
+    name: str
+    order: int
+    calls: int
+    shape: Optional[tuple]
+    layout: Optional[str]
+
+
+class Trace(NamedTuple):
+    """What one forward pass showed. calls: ``{name: Call}`` of the modules that ran.
+    head: name of the head module (None when none was found, see ``head_problem``).
+    feature_dim: D, the flattened size of the head input per sample. num_classes: K."""
+    calls: dict
+    head: Optional[str]
+    head_problem: str
+    feature_dim: int
+    num_classes: int
+
+
+def _layout_from_shape(ndim):
+    return {2: "NC", 3: "NTC"}.get(ndim, "NCHW")
+
+
+def _own_layout(module, ndim):
+    """The layout a module's own computation gives its output, or None when it does not
+    decide one (shape-preserving ops, containers)."""
+    if ndim == 2:
+        return "NC"
+    kind = type(module).__name__
+    if kind == "LayerNorm2d":          # torchvision / timm: normalises over channels of NCHW
+        return "NCHW"
+    if isinstance(module, _CHANNELS_FIRST):
+        return "NCHW"
+    if isinstance(module, _CHANNELS_LAST):
+        return "NTC" if ndim == 3 else "NHWC"
+    return None
+
+
+def _permuted(module, layout):
+    """Layout after a torchvision ``Permute`` of a 4-D tensor."""
+    dims = list(getattr(module, "dims", []))
+    if dims == [0, 2, 3, 1] and layout == "NCHW":
+        return "NHWC"
+    if dims == [0, 3, 1, 2] and layout == "NHWC":
+        return "NCHW"
+    return None
+
+
+def trace(model, image_shape, device=None):
+    """``Trace`` of one forward pass of ``model`` (eval mode) on two seeded random images of
+    shape ``image_shape`` (C, H, W), on ``device`` (default: the model's)."""
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+    produced = {}      # id(tensor) -> layout; ``keep`` holds the tensors so ids stay unique
+    keep = []
+    seen = {}          # name -> [order, calls, shape, layout]
+    inputs = {}        # name -> first tensor input (head input)
+    outputs = {}
+    last_inside = {}   # name -> [(order, shape, layout)] of tensors produced inside it
+    counter = [0]
+
+    def hook(module, args, output):
+        name = names[module]
+        counter[0] += 1
+        x = args[0] if args and torch.is_tensor(args[0]) else None
+        if not torch.is_tensor(output):
+            seen[name] = [counter[0], seen.get(name, [0, 0])[1] + 1, None, None]
+            return
+        ndim = output.dim()
+        layout = produced.get(id(output))
+        if layout is None:
+            layout = _own_layout(module, ndim)
+        if layout is None and type(module).__name__ == "Permute" and x is not None:
+            layout = _permuted(module, produced.get(id(x), _layout_from_shape(x.dim())))
+        if layout is None and x is not None and tuple(x.shape) == tuple(output.shape) and id(x) in produced:
+            layout = produced[id(x)]
+        if layout is None:      # e.g. a block ending in a functional residual add
+            inner = sorted((o, l) for n, (o, s, l) in last_inside.items()
+                           if (name == "" or n.startswith(name + ".")) and s == tuple(output.shape))
+            layout = inner[-1][1] if inner else _layout_from_shape(ndim)
+        if id(output) not in produced:
+            produced[id(output)] = layout
+            keep.append(output)
+        last_inside[name] = (counter[0], tuple(output.shape), layout)
+        seen[name] = [counter[0], seen.get(name, [0, 0])[1] + 1, tuple(output.shape[1:]), layout]
+        if x is not None:
+            inputs[name] = x
+        outputs[name] = output
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *image_shape), generator=generator).to(device)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    calls = {n: Call(n, o, c, s, l) for n, (o, c, s, l) in seen.items()}
+    if not torch.is_tensor(out) or out.dim() != 2:
+        what = type(out).__name__ if not torch.is_tensor(out) else f"a tensor of shape {tuple(out.shape)}"
+        return Trace(calls, None, f"the model's output is {what}, not (N, K) logits", 0, 0)
+    head, problem = _find_head(model, calls, outputs, out)
+    dim = int(inputs[head][0].numel()) if head else 0
+    return Trace(calls, head, problem, dim, int(out.shape[1]))
+
+
+def _is_head_type(module):
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1
+
+
+def _find_head(model, calls, outputs, out):
+    modules = dict(model.named_modules())
+    candidates = sorted((c for c in calls.values() if c.calls == 1 and c.shape is not None
+                         and _is_head_type(modules[c.name])), key=lambda c: -c.order)
+    for c in candidates:
+        y = outputs[c.name]
+        if y.shape[0] == out.shape[0] and y.reshape(y.shape[0], -1).shape == out.shape \
+                and torch.equal(y.reshape(out.shape), out):
+            return c.name, ""
+    return None, ("no nn.Linear or 1x1 nn.Conv2d produces the model's output (N, K): the head "
+                  "must be the last linear map, with nothing after it but reshapes; name it "
+                  "with --head MODULE if another module is the linear head")
+
+
+def canonical(t, layout):
+    """``t`` in channels-first form: (N, C, H, W) for NCHW/NHWC, (N, C, T, 1) for NTC,
+    (N, C, 1, 1) for NC, (N, C, L, 1) for a 3-D channels-first tensor."""
+    if layout == "NHWC":
+        return t.permute(0, 3, 1, 2)
+    if layout == "NTC":
+        return t.transpose(1, 2)[..., None]
+    if t.dim() == 2:
+        return t[:, :, None, None]
+    if t.dim() == 3:
+        return t[..., None]
+    if t.dim() > 4:
+        return t.flatten(3)
+    return t
+
+
+def canonical_shape(shape, layout):
+    """[C, H, W] of one sample's output ``shape`` (no batch axis) in ``layout``."""
+    shape = list(shape)
+    if layout == "NHWC":
+        return [shape[2], shape[0], shape[1]]
+    if layout == "NTC":
+        return [shape[1], shape[0], 1]
+    if len(shape) == 1:
+        return [shape[0], 1, 1]
+    if len(shape) == 2:
+        return [shape[0], shape[1], 1]
+    rest = 1
+    for s in shape[2:]:
+        rest *= s
+    return [shape[0], shape[1], rest]
