@@ -4,12 +4,14 @@
 PY        := .venv/bin/python
 BENCHMARK ?= demo
 ARCH      ?= resnet18
+# MODEL_FILE: your own model, FILE.py:FUNC (FUNC(num_classes) returns an nn.Module), instead of ARCH
+MODEL_FILE ?=
 DATASET   ?= all
 SCORE     ?=
 POLICY    ?= scores
-CHECKPOINT ?= checkpoints/$(BENCHMARK)_$(ARCH).pt
+CHECKPOINT ?= checkpoints/$(BENCHMARK)_$(subst :,-,$(ARCH)).pt
 DATA_ROOT ?= data/$(BENCHMARK)
-CACHE_DIR ?= caches/$(BENCHMARK)-$(ARCH)
+CACHE_DIR ?= caches/$(BENCHMARK)-$(subst :,-,$(ARCH))
 DEVICE    ?= auto
 BATCH_SIZE ?= 64
 METRICS   ?= sklearn
@@ -30,14 +32,14 @@ install: .venv/.installed
 .venv/.installed: setup.cfg pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[extract,test,plots]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[extract,timm,test,plots]'
 	touch $@
 
 demo: install
 	$(PY) pipeline.py demo
 
 extract: install
-	$(EXTRACT_LAUNCH) pipeline.py extract --benchmark $(BENCHMARK) --arch $(ARCH) --checkpoint $(CHECKPOINT) \
+	$(EXTRACT_LAUNCH) pipeline.py extract --benchmark $(BENCHMARK) $(if $(MODEL_FILE),--model-file $(MODEL_FILE),--arch $(ARCH)) --checkpoint $(CHECKPOINT) \
 	  --data-root $(DATA_ROOT) --cache-dir $(CACHE_DIR) --dataset $(DATASET) \
 	  --device $(DEVICE) --batch-size $(BATCH_SIZE) --policy $(POLICY) $(if $(SCORE),--score $(SCORE))
 

@@ -21,6 +21,7 @@ import click
 from analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from store.benchmarks import BENCHMARKS, benchmark, ood_sets, preset_params
 from store.reader import CacheReader, cache_path, default_cache_dir
+from store.recipes import split_selector
 from store.schema import POLICIES, CacheError
 
 ERRORS = (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError, ScoreError)
@@ -194,6 +195,8 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
         _fail("the multi-layer Mahalanobis ensemble needs --maha-fit TRAIN_CACHE (the ID training "
               "cache, e.g. caches/<benchmark>-<arch>/<id>_train.h5)")
     params = _parse_params(param_items, names)
+    if bench:   # the preset's score settings decide what is recorded, as they do in analysis
+        params = preset_params({"benchmark": bench}, params)
     stage = _extract_stage()
     try:
         needs, passes = requirements(names, params)
@@ -422,10 +425,35 @@ def inspect(cache_file):
 # ----------------------------------------------------------------------------- scores
 @cli.command("scores")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Also list the scores of this plugin file. Repeatable.")
-def list_scores(plugins):
-    """The registered scores: title, what each reads, what it is fitted on, its parameters."""
+@click.option("--arch", default=None, help="Also say, per score, whether this model serves it and why not (a random-weight copy is built and traced; nothing is downloaded). Same names as extract --arch.")
+@click.option("--model-file", default=None, help="As --arch, for your own FILE.py:FUNC model.")
+@click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True, help="With --arch: classes of the head.")
+@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True, help="With --arch: side of the square input the model is traced at.")
+@click.option("--head", default=None, help="With --arch: module name of the linear head (as extract --head).")
+@click.option("--hook-set", "hook_sets", multiple=True, help="With --arch: hook-set overrides, as extract --hook-set.")
+def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_sets):
+    """The registered scores: title, what each reads, what it is fitted on, its parameters;
+    with --arch, whether that model serves each one.
+
+    \b
+    Example:
+      pipeline.py scores --arch torchvision:vit_b_16
+    """
     _load_plugins(plugins)
     from analyze.report import plain
+    names = list(all_entries())
+    if arch or model_file:
+        stage = _extract_stage()
+        try:
+            rows, title = model_serving(stage, names, arch, model_file, num_classes, image_size, head, hook_sets)
+        except ERRORS as err:
+            _fail(err)
+        click.echo(title)
+        click.echo(plain(["score", "title", "served"], [r[:3] for r in rows]))
+        for name, _, served, why in rows:
+            if why:
+                click.echo(f"  {name}: {'not served: ' if served == 'no' else ''}{why}")
+        return
     rows = []
     for name, e in all_entries().items():
         reads = ", ".join(f"{h}:{s}/{st}" for h, s, st in e.needs_for()) or "logits, features, head"
@@ -433,6 +461,39 @@ def list_scores(plugins):
         rows.append([name, e.title, reads, e.fit_on or "-", "yes" if e.default else "",
                      ", ".join(e.params) or "-"])
     click.echo(plain(["score", "title", "reads", "fitted on", "default", "parameters"], rows))
+
+
+def model_serving(stage, names, arch, model_file, num_classes, image_size, head=None, hook_sets=()):
+    """``(rows, title)``: per score in ``names`` ``[name, title, "yes" | "no", reason or
+    note]`` on a random-weight copy of the model, traced at ``image_size``; ``stage``:
+    ``extract.cli_support``. The one place that joins what a score reads (analysis) with
+    what the model has (extraction)."""
+    from extract.adapters import adapter_for
+    from extract.adapters.serves import model_attrs, unserved
+    model = stage.build_model(arch, num_classes, model_file)
+    adapter = adapter_for(model, (3, image_size, image_size), head, stage.parse_hook_sets(hook_sets))
+    rows = []
+    for name in names:
+        e = entry(name)
+        needs, passes = requirements([name])
+        reasons = unserved(adapter, needs, passes)
+        note = ""
+        if not reasons:
+            attrs = model_attrs(adapter, [split_selector(h)[0] for h, _, _ in needs])
+            params = e.resolve()
+            why = e.defined_on(params, attrs) if e.defined_on else ""
+            if why:
+                reasons = [why]
+            elif e.describe:
+                try:        # a description of the model's layers; others read cache parts
+                    note = e.describe(params, attrs)
+                except (KeyError, TypeError, ValueError, CacheError):
+                    note = ""
+        rows.append([name, e.title, "no" if reasons else "yes", "; ".join(reasons) or note])
+    title = (f"{stage.canonical_arch(arch, model_file)} ({type(model).__name__}, adapter "
+             f"{adapter.family}): head {adapter.head_name}, {adapter.feature_dim} features, "
+             f"traced at {image_size}x{image_size}")
+    return rows, title
 
 
 # ----------------------------------------------------------------------------- demo

@@ -13,7 +13,7 @@ import numpy as np
 
 from store.benchmarks import groups_of
 from store.reader import BLOCK_ROWS, CacheReader, cache_path
-from store.recipes import comparable, layers_of, missing
+from store.recipes import comparable, layers_of
 from store.schema import CacheError, differing
 
 from .data import CacheData
@@ -37,7 +37,7 @@ def block_rows(needs, attrs):
 def check_serves(reader, name, params=None):
     """Raise CacheError when the cache lacks what score ``name`` reads with ``params``."""
     e = entry(name)
-    problems = missing(e.needs_for(params), e.passes, reader.attrs)
+    problems = e.problems(reader.attrs, params)
     if problems:
         raise CacheError(f"{reader.path} lacks what {name} needs: {'; '.join(problems)}. "
                          f"Re-extract it with --score {name}")
@@ -179,7 +179,7 @@ def unavailable_scores(cache_dir, id_name, names, fit_on=None, params=None):
     for name in names:
         e = entry(name)
         try:
-            problems = missing(e.needs_for(params.get(name)), e.passes, attrs)
+            problems = e.problems(attrs, params.get(name))
         except ScoreError as err:
             out[name] = str(err)
             continue

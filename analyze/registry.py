@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Callable, NamedTuple, Optional
 
-from store.recipes import PASSES, check_needs
+from store.recipes import PASSES, check_needs, missing
 
 SCORES = {}
 ALIASES = {}
@@ -51,7 +51,9 @@ class ScoreEntry(NamedTuple):
     when no ``--score`` is given. layer_set: callable ``attrs -> [layer]`` of the layers
     ``layers=each`` iterates, or None. family: table group ("gradient", "logits",
     "features"). describe: optional ``describe(params, attrs) -> str`` naming the setting
-    that ran (printed under tables). plugin: the file that registered it (None for built-ins).
+    that ran (printed under tables). defined_on: optional ``defined_on(params, attrs) ->
+    str``, the reason the score is not defined on the model a cache (or a model's
+    description, ``pipeline.py scores --arch``) comes from, empty where it is. plugin: the file that registered it (None for built-ins).
     """
     name: str
     title: str
@@ -70,6 +72,7 @@ class ScoreEntry(NamedTuple):
     family: str
     describe: Optional[Callable]
     plugin: Optional[str]
+    defined_on: Optional[Callable] = None
 
     @property
     def fitted(self):
@@ -80,6 +83,16 @@ class ScoreEntry(NamedTuple):
         """``[(hook set, source, stat)]`` the score reads with ``params``."""
         needs = self.needs(self.resolve(params)) if callable(self.needs) else self.needs
         return [tuple(n) for n in needs]
+
+    def problems(self, attrs, params=None):
+        """What keeps a cache (its root ``attrs``) from serving this score with ``params``:
+        the parts it lacks (``store.recipes.missing``), then ``defined_on``'s reason."""
+        out = missing(self.needs_for(params), self.passes, attrs)
+        if not out and self.defined_on is not None:
+            reason = self.defined_on(self.resolve(params), attrs)
+            if reason:
+                out.append(f"{self.name} is not defined on this model: {reason}")
+        return out
 
     def resolve(self, params=None):
         """Defaults updated by ``params``; unknown names or values outside ``choices`` raise."""
@@ -154,7 +167,8 @@ def _parameters(impl):
 
 def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_on=None,
                    fit_params=None, choices=None, grid=None, paper=None, default=False,
-                   layer_set=None, family="custom", describe=None, aliases=(), replace=False):
+                   layer_set=None, family="custom", describe=None, aliases=(), replace=False,
+                   defined_on=None):
     """Decorator registering a score function or class under ``name``; returns it unchanged.
 
     See ``ScoreEntry`` for the fields. A function's first argument (a class's ``fit`` and
@@ -199,7 +213,7 @@ def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_o
             fit_on=source, fit_params=tuple(params if fit_params is None else fit_params) if is_class else (),
             params=params, choices=dict(choices or {}), grid=list(grid or []), paper=dict(paper or {}),
             default=default, layer_set=layer_set, family=family, describe=describe,
-            plugin=None if builtin else plugin)
+            plugin=None if builtin else plugin, defined_on=defined_on)
         for alias in aliases:
             ALIASES[alias] = name
         return impl

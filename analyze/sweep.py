@@ -27,7 +27,6 @@ import numpy as np
 
 from store.benchmarks import preset_params
 from store.reader import CacheReader, cache_path
-from store.recipes import missing
 
 from .evaluation import fit_estimator, fit_source, score_cache
 from .metrics import ood_metrics
@@ -168,7 +167,7 @@ def _evaluate_variant(args):
     start = time.perf_counter()
     try:
         e = entry(name)
-        problems = missing(e.needs_for(params), e.passes, readers[id_name].attrs)
+        problems = e.problems(readers[id_name].attrs, params)
         if problems:
             raise ScoreError("; ".join(problems))
         if e.fitted:
@@ -232,7 +231,7 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
         for label, s, p in variants:
             e = entry(s)
             try:
-                problems = missing(e.needs_for(p), e.passes, attrs)
+                problems = e.problems(attrs, p)
             except ScoreError:
                 problems = []
             if problems and label not in paper_variants():

@@ -10,7 +10,6 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from store.reader import CacheReader, cache_path
-from store.recipes import missing
 from store.schema import CacheError
 
 from .evaluation import FitStore, fit_source, score_cache
@@ -27,7 +26,7 @@ def candidates(name, attrs, base=None):
     found = [base]
     for _, _, params in expand({name: tables}, attrs) if tables else []:
         p = {**base, **params}
-        if p not in found and not missing(e.needs_for(p), e.passes, attrs):
+        if p not in found and not e.problems(attrs, p):
             found.append(p)
     return found
 
@@ -47,7 +46,7 @@ def tune(cache_dir, id_name, id_val, ood_val, names, params=None, fit_on=None):
                 continue
             best, tried = None, 0
             for p in candidates(name, iv.attrs, params.get(name)):
-                if missing(e.needs_for(p), e.passes, ov.attrs):
+                if e.problems(ov.attrs, p):
                     continue
                 source = fit_source(name, id_name, fit_on, p)
                 try:

@@ -3,7 +3,13 @@
 Accepted formats (all read with ``torch.load(..., weights_only=True)``):
 a bare state dict; ``{'state_dict': sd}``; ``{'model': sd}``; any of them with keys
 prefixed by ``module.`` (saved from ``nn.DataParallel``), e.g. GradNorm's
-``BiT-S-R101x1-flat-finetune.pth.tar``.
+``BiT-S-R101x1-flat-finetune.pth.tar``. Big Transfer's own ``.npz`` weights (e.g.
+``BiT-S-R101x1.npz``) load into the BiT layouts through the model's
+``state_dict_from_npz`` (``extract.models.bit_resnetv2``). Pruned checkpoints in the layout
+of gradient tracking's release (``gengandrew/Open_OOD`` ``PrunedModel``: the weights under
+``model.``, a 0/1 ``mask_<name with . as ___>`` buffer per pruned weight) load with the
+masks multiplied into the weights, as its forward does, and kept as buffers of the same
+names on the model, which gradient tracking reads (``extract.tracking``).
 """
 import hashlib
 import os
@@ -70,12 +76,29 @@ def weights_sha256(model):
     return h.hexdigest()
 
 
-def _read(path):
+def _read_npz(path, model):
+    """The state dict of a Big Transfer ``.npz`` for ``model``."""
+    import numpy as np
+
+    from .models.bit_resnetv2 import ResNetV2, state_dict_from_npz
+    if not isinstance(model, ResNetV2):
+        raise CheckpointMismatch(f"checkpoint {path} is a NumPy .npz archive, read only for the BiT "
+                                 f"layouts (--arch BiT-S-R50x1, BiT-S-R101x1), not {type(model).__name__}")
+    try:
+        with np.load(path) as arrays:
+            return state_dict_from_npz(model, arrays)
+    except (OSError, ValueError) as err:
+        raise CheckpointMismatch(f"checkpoint {path} is not a readable .npz archive ({err})") from None
+
+
+def _read(path, model=None):
     """The object in a checkpoint file, loaded weights-only; one-line errors for the usual faults."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if os.path.getsize(path) == 0:
         raise CheckpointMismatch(f"checkpoint {path} is empty (0 bytes)")
+    if path.endswith(".npz"):
+        return _read_npz(path, model)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -92,16 +115,51 @@ def _read(path):
                                  "kind of file?") from None
 
 
+MASK_PREFIX = "mask_"
+
+
+def mask_name(parameter):
+    """The release's buffer name of the mask of ``parameter`` (``PrunedModel.to_mask_name``)."""
+    return MASK_PREFIX + parameter.replace(".", "___")
+
+
+def split_masks(state_dict):
+    """``(weights, {parameter name: mask})`` of a pruned checkpoint (``model.``-prefixed
+    weights and ``mask_*`` buffers); other state dicts come back unchanged with no masks."""
+    masks = {k: v for k, v in state_dict.items() if k.startswith(MASK_PREFIX)}
+    if not masks:
+        return state_dict, {}
+    rest = {k: v for k, v in state_dict.items() if k not in masks}
+    if rest and all(k.startswith("model.") for k in rest):
+        rest = {k[len("model."):]: v for k, v in rest.items()}
+    return rest, {k[len(MASK_PREFIX):].replace("___", "."): v for k, v in masks.items()}
+
+
+def apply_masks(model, masks, path):
+    """Multiply each mask into its parameter and register it as a buffer ``mask_<name>``
+    on ``model``; raises CheckpointMismatch for a mask of no parameter or another shape."""
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params or params[name].shape != mask.shape:
+            what = "names no parameter" if name not in params else (
+                f"has shape {tuple(mask.shape)}, the parameter {tuple(params[name].shape)}")
+            raise CheckpointMismatch(f"checkpoint {path}: mask {mask_name(name)} {what}")
+        with torch.no_grad():
+            params[name].mul_(mask.to(params[name].dtype))
+        model.register_buffer(mask_name(name), mask.detach().float().clone())
+
+
 def load_checkpoint(model, path):
     """Load the checkpoint at ``path`` into ``model`` strictly; returns ``(file SHA-256,
     weights SHA-256)`` (``weights_sha256``).
 
+    Masks of a pruned checkpoint are applied (``split_masks``, ``apply_masks``).
     Raises ``FileNotFoundError`` naming the path, or ``CheckpointMismatch`` for a file that
     is not a weights checkpoint, whose keys or shapes do not fit (listing the missing,
     unexpected and mis-shaped keys), or whose tensors hold NaN or infinite values (naming
     them).
     """
-    state_dict = unwrap_state_dict(_read(path))
+    state_dict, masks = split_masks(unwrap_state_dict(_read(path, model)))
     problems = describe_mismatch(model, state_dict)
     if problems:
         raise CheckpointMismatch(
@@ -113,4 +171,5 @@ def load_checkpoint(model, path):
                                  f"{len(bad)} tensor(s): {', '.join(bad[:5])}"
                                  + (" ..." if len(bad) > 5 else "") + "; it cannot give meaningful scores")
     model.load_state_dict(state_dict, strict=True)
+    apply_masks(model, masks, path)
     return sha256_of(path), weights_sha256(model)

@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint
 from .config import ODIN_DEFAULT, ExtractConfig, Provenance
 from .distributed import init_shard
 from .adapters import adapter_for
-from .models import build_model, canonical_arch, model_file_provenance
+from .models import build_model, canonical_arch, model_file_provenance  # noqa: F401 (pipeline scores --arch)
 from .runner import ExtractionPlan, cache_attrs, extract_to_cache, select_device
 
 
@@ -209,8 +209,8 @@ def extract_command(req):
         raise ValueError(f"missing {', '.join(missing)} (or give --benchmark)")
     if req.limit is not None and req.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {req.limit}")
+    cache_dir = req.cache_dir or default_cache_dir(req.bench, arch or canonical_arch(None, req.model_file))
     arch = canonical_arch(arch, req.model_file)
-    cache_dir = req.cache_dir or default_cache_dir(req.bench, arch)
     if req.maha_adversarial or req.maha_magnitudes:
         if not req.maha_fit:
             raise ValueError("--maha-magnitude and --maha-adversarial need --maha-fit TRAIN_CACHE")

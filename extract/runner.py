@@ -202,7 +202,7 @@ def cache_attrs(plan, provenance, n, device, world_size=1):
     config = plan.config
     attrs = {
         "schema_version": SCHEMA_VERSION, "n_samples": n, "arch": config.arch,
-        "num_classes": int(plan.num_classes), "objectives": plan.objectives,
+        "num_classes": int(plan.num_classes), "feature_dim": int(plan.feature_dim), "objectives": plan.objectives,
         "layers": plan.layers, "layer_shapes": plan.layer_shapes, "hook_sets": plan.hook_sets,
         "plan": plan.plan, "policies": plan.policies, "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__, "device": str(device),

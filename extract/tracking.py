@@ -7,7 +7,8 @@ in eval mode samples do not interact, so the gradient of ``sum_n CE(z_n, k)`` w.
 module output holds every sample's own output gradient, and per-sample weight gradients
 factorise through the module input:
 
-* ``nn.Linear``: dW_n = g_n a_n^T, so ||dW_n|| = ||g_n|| ||a_n||.
+* ``nn.Linear``: dW_n = g_n a_n^T, so ||dW_n|| = ||g_n|| ||a_n||; on token inputs
+  (N, T, D) dW_n = sum_t g_nt a_nt^T, formed per sample.
 * ``nn.Conv2d``: dW_n = G_n U_n^T with U_n the unfolded input patches (C_in k k, L)
   and G_n the output gradient (C_out, L); ||dW_n||^2 is computed either directly
   (batched matrix product) or as sum((G_n^T G_n) * (U_n^T U_n)) over L x L, whichever
@@ -16,13 +17,23 @@ factorise through the module input:
 * BatchNorm weight (eval mode): dgamma_n,c = sum over the positions of g * x_hat with
   x_hat the input normalised by the running statistics.
 * ``nn.LayerNorm`` weight: dgamma_n = sum over the leading positions of g * x_hat with
-  x_hat the input normalised over its last ``normalized_shape`` axes. The release's name rule (no
-  'bn', no 'bias') keeps the weights of norm layers whose names lack 'bn', such as a
-  CIFAR ResNet's ``shortcut.1`` or torchvision's ``downsample.1``; so do we.
+  x_hat the input normalised over its last ``normalized_shape`` axes.
+
+Pruned weights (a 0/1 buffer ``mask_<name>`` on the model, ``extract.checkpoint``): the
+release takes the norm of ``grad * mask`` (``track_gradient_gmm.py``
+``extract_gradients``); so do we, with ||(g a^T) * M||^2 = (g^2)^T M (a^2) for a Linear
+and the masked per-sample gradient formed directly for a Conv2d.
+
+The release's name rule (no 'bn', no 'bias') keeps the weights of norm layers whose names
+lack 'bn', such as a CIFAR ResNet's ``shortcut.1`` or torchvision's ``downsample.1``; so
+do we. Weights of other modules (a ViT's ``class_token``, a Swin's position-bias tables)
+are refused by name.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .checkpoint import mask_name
 
 def tracked_parameters(model, trace=None):
     """Names (``named_parameters`` order) of the tracked tensors, by the release's rule:
@@ -60,28 +71,32 @@ def _supported(module):
         type(module).forward is nn.modules.batchnorm._BatchNorm.forward
 
 
-def _conv_sq_norms(module, a, g, patches_cache):
-    """(N,) squared Frobenius norms of the per-sample weight gradients of a Conv2d."""
+def _conv_sq_norms(module, a, g, patches_cache, mask=None):
+    """(N,) squared Frobenius norms of the per-sample weight gradients of a Conv2d (times
+    ``mask``, the weight's shape, when given)."""
     key = id(module)
     if key not in patches_cache:
         u = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (N, P, L)
         n, p, length = u.shape
         c_out = module.out_channels
-        if module.groups != 1 or c_out * p <= length * length:
+        if mask is not None or module.groups != 1 or c_out * p <= length * length:
             patches_cache[key] = ("direct", u)
         else:
             patches_cache[key] = ("gram", torch.bmm(u.transpose(1, 2).double(), u.double()))
     mode, u = patches_cache[key]
     gm = g.flatten(2)                                       # (N, C_out, L)
     if module.groups != 1:
-        return _grouped_sq_norms(module, u, gm)
+        return _grouped_sq_norms(module, u, gm, mask)
+    if mask is not None:
+        per_sample = torch.bmm(gm, u.transpose(1, 2)) * mask.reshape(mask.shape[0], -1)
+        return per_sample.pow(2).sum(dim=(1, 2)).double()
     if mode == "direct":
         return torch.bmm(gm, u.transpose(1, 2)).pow(2).sum(dim=(1, 2)).double()
     gram_g = torch.bmm(gm.transpose(1, 2).double(), gm.double())
     return (gram_g * u).sum(dim=(1, 2))
 
 
-def _grouped_sq_norms(module, u, gm):
+def _grouped_sq_norms(module, u, gm, mask=None):
     """(N,) squared norms of a grouped convolution's per-sample weight gradients: u (N,
     C_in k k, L) patches, gm (N, C_out, L) output gradients; per group g the block
     (C_out / G, C_in / G k k) is G_g U_g^T."""
@@ -89,7 +104,10 @@ def _grouped_sq_norms(module, u, gm):
     n, p, length = u.shape
     ug = u.reshape(n, groups, p // groups, length)
     gg = gm.reshape(n, groups, gm.shape[1] // groups, length)
-    return torch.einsum("ngcl,ngpl->ngcp", gg, ug).pow(2).sum(dim=(1, 2, 3)).double()
+    per_sample = torch.einsum("ngcl,ngpl->ngcp", gg, ug)
+    if mask is not None:
+        per_sample = per_sample * mask.reshape(groups, gm.shape[1] // groups, p // groups)
+    return per_sample.pow(2).sum(dim=(1, 2, 3)).double()
 
 
 def per_sample_grad_norms(model, x, names):
@@ -100,12 +118,16 @@ def per_sample_grad_norms(model, x, names):
     names: from ``tracked_parameters``.
     """
     modules = _modules_of(model, names)
+    masks = {owner: getattr(model, mask_name(f"{owner}.weight"), None) for owner, _ in modules}
     inputs, outputs = {}, {}
 
     def hook(owner):
+        # the rest of the network gets a copy, so an in-place op after the module (a ReLU)
+        # changes neither the input kept nor the output the gradient is taken w.r.t.
         def record(module, args, output):
-            inputs[owner] = args[0].detach()
+            inputs[owner] = args[0].detach().clone()
             outputs[owner] = output
+            return output.clone()
         return record
 
     handles = [m.register_forward_hook(hook(owner)) for owner, m in modules]
@@ -125,7 +147,13 @@ def per_sample_grad_norms(model, x, names):
         grads = torch.autograd.grad(loss, targets, retain_graph=k < k_classes - 1)
         for j, ((owner, module), g) in enumerate(zip(modules, grads)):
             a = inputs[owner]
-            if isinstance(module, nn.Linear):
+            mask = masks[owner]
+            if isinstance(module, nn.Linear) and a.dim() > 2:
+                dw = torch.einsum("ntc,ntd->ncd", g.flatten(1, -2), a.flatten(1, -2))
+                sq = (dw if mask is None else dw * mask).double().pow(2).sum(dim=(1, 2))
+            elif isinstance(module, nn.Linear) and mask is not None:
+                sq = ((g.double().pow(2) @ mask.double()) * a.double().pow(2)).sum(1)
+            elif isinstance(module, nn.Linear):
                 sq = g.flatten(1).double().pow(2).sum(1) * a.flatten(1).double().pow(2).sum(1)
             elif isinstance(module, nn.LayerNorm):
                 axes = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
@@ -142,6 +170,6 @@ def per_sample_grad_norms(model, x, names):
                     module.running_var.double().view(shape) + module.eps)
                 sq = (g.double() * x_hat).sum(dim=tuple(range(2, a.dim()))).pow(2).sum(1)
             else:
-                sq = _conv_sq_norms(module, a, g, cache)
+                sq = _conv_sq_norms(module, a, g, cache, mask)
             out[:, k, j] = sq.clamp_min(0).sqrt().float()
     return out

@@ -89,13 +89,16 @@ BENCHMARKS.update({
     "openood_cifar100": _openood("cifar100", 100, "resnet18_32x32", "openood_cifar100",
                                  [("cifar10", CLASSIC), ("tin", CLASSIC)], _CIFAR_FAR, ("tin", CLASSIC), CLASSIC,
                                  CIFAR_SCORE_PARAMS),
-    "openood_imagenet200": _openood("imagenet200", 200, "tv_resnet18", "imagenet_tv", _IMAGENET_NEAR,
+    "openood_imagenet200": _openood("imagenet200", 200, "torchvision:resnet18", "imagenet_tv", _IMAGENET_NEAR,
                                     _IMAGENET_FAR, ("openimage_o", LARGE), LARGE),
-    "openood_imagenet": _openood("imagenet", 1000, "tv_resnet50", "imagenet_tv", _IMAGENET_NEAR,
+    "openood_imagenet": _openood("imagenet", 1000, "torchvision:resnet50", "imagenet_tv", _IMAGENET_NEAR,
                                  _IMAGENET_FAR, ("openimage_o", LARGE), LARGE, {"dice": {"p": 70.0}}),
 })
 BENCHMARKS["demo"]["groups"] = {"near": ["mashups"], "far": ["photo_patches", "textures", "noise", "shapes"]}
-BENCHMARKS["imagenet"]["score_params"] = {"dice": {"p": 70.0}}
+# GAIA's ImageNet command passes -hook before_head to GAIA-Z too (hook.py: the block4
+# GroupNorms, then the pooled before_head output; its Textures row ends at before_head.gn
+# instead: --param gaia_z.hooks=before_head_gn)
+BENCHMARKS["imagenet"]["score_params"] = {"dice": {"p": 70.0}, "gaia_z": {"hooks": "before_head"}}
 
 WHERE_TO_GET_OPENOOD = (
     "OpenOOD v1.5 data: its download script (scripts/download/download.py in "

@@ -80,6 +80,7 @@ ROOT_ATTRS = {
     "model_file": Attr(str, False, False, "the user's model file (--model-file)"),
     "model_file_sha256": Attr(str, False, False, "SHA-256 of that file"),
     "num_classes": Attr(int, False, True, "K"),
+    "feature_dim": Attr(int, False, False, "D, the head input's size"),
     "checkpoint": Attr(str, False, False, "checkpoint path at extraction"),
     "checkpoint_sha256": Attr(str, False, True, "SHA-256 of the checkpoint file"),
     "weights_sha256": Attr(str, False, False, "SHA-256 of the loaded tensors (names, shapes, float32 values)"),

@@ -3,7 +3,8 @@ Abnormality for Out-of-distribution Detection", NeurIPS 2023; code JGEthanChen/G
 ``cal_method.py``: ``cal_zero`` and ``cal_grad_value``).
 
 GAIA-Z (zero-deflation): for every BatchNorm2d output (hook set ``bn``; BiT: the
-GroupNorms of ``body.block4``), r_c is the fraction of non-zero entries of the gradient of
+GroupNorms of ``body.block4``; on models without BatchNorm the GroupNorms or LayerNorms,
+where exact zeros are rare: see ``tau``), r_c is the fraction of non-zero entries of the gradient of
 the summed max logit in channel c; the score is minus the mean over all channels of all
 layers of r_c^2.
 
@@ -34,7 +35,22 @@ def _gaia_a_needs(p):
 
 def _gaia_z_needs(p):
     stat = "map" if p["tau"] and p["spatial"] == "nonzero" else SPATIAL[p["spatial"]]
-    return [("bn", p["objective"], stat)]
+    return [(p["hooks"], p["objective"], stat)]
+
+
+# GAIA-Z counts exact zeros, which a gradient gets behind ReLU-like activations; the
+# LayerNorm models (ViT, Swin, ConvNeXt) use GELU, so their counts are nearly constant.
+_NO_EXACT_ZEROS = ("LayerNorm", "LayerNorm2d")
+
+
+def _gaia_z_note(p, attrs):
+    kinds = sorted({(attrs.get("layer_types") or {}).get(l, "") for l in attrs["hook_sets"].get(p["hooks"], [])}
+                   & set(_NO_EXACT_ZEROS))
+    note = f"{p['hooks']} layers, {p['objective']} gradient"
+    if kinds and p["spatial"] == "nonzero" and not p["tau"]:
+        note += (f"; {'/'.join(kinds)} layers are followed by GELU, not ReLU, so exact zeros of "
+                 "their gradients are rare: gaia_z.tau=T counts |g| > T instead (needs raw maps)")
+    return note
 
 
 def _before_head_inner(attrs):
@@ -64,17 +80,24 @@ def gaia_a(data, layers=None, spatial="mean", channel="sq_mean"):
 
 @register_score(
     "gaia_z", title="GAIA-Z", reference=GAIA, family="gradient", default=True,
-    needs=_gaia_z_needs, choices={"spatial": tuple(SPATIAL), "channel": CHANNEL, "objective": tuple(OBJECTIVES)},
+    needs=_gaia_z_needs, describe=_gaia_z_note,
+    choices={"spatial": tuple(SPATIAL), "channel": CHANNEL, "objective": tuple(OBJECTIVES),
+             "hooks": ("bn", "before_head", "before_head_gn")},
     layer_set=lambda attrs: attrs["hook_sets"].get("bn", []), paper={"GAIA-Z (paper)": {}},
     grid=[{"layers": ["all"], "objective": ["max_logit", "log_softmax_sum", "feature_sum"],
            "spatial": ["nonzero", "mean", "l1", "l2", "max"],
            "channel": ["sq_mean", "mean", "l1", "l2", "max"]},
           {"layers": ["each"]}])
-def gaia_z(data, layers=None, spatial="nonzero", channel="sq_mean", objective="max_logit", tau=0.0):
+def gaia_z(data, layers=None, spatial="nonzero", channel="sq_mean", objective="max_logit", tau=0.0,
+           hooks="bn"):
     """GAIA-Z, (n,) float64: minus the mean over all channels of all ``bn`` layers of r_c^2,
-    r_c the fraction of non-zero entries of the max-logit gradient (the defaults)."""
+    r_c the fraction of non-zero entries of the max-logit gradient (the defaults).
+
+    hooks: the hook set read: ``bn`` (GAIA's CIFAR command), ``before_head`` (its ImageNet
+    command on BiT), ``before_head_gn`` (its ImageNet Textures row).
+    """
     if tau < 0:
         raise ValueError(f"gaia_z.tau must be >= 0, got {tau}")
-    layers = choose_layers(data, "bn", layers)
+    layers = choose_layers(data, hooks, layers)
     r = np.concatenate([spatial_stat(data, l, objective, spatial, tau) for l in layers], axis=1)
     return -aggregate_channels(r, channel)

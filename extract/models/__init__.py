@@ -19,7 +19,7 @@ import os
 
 import torch.nn as nn
 
-from . import bit_resnetv2, cifar_resnet, densenet, wide_resnet
+from . import bit_resnetv2, cifar_resnet, densenet, resnet20, wide_resnet
 
 
 def _bit(name):
@@ -37,6 +37,7 @@ BUILTIN = {
     "resnet34": (cifar_resnet.resnet34, "GAIA networks/resnet.py (CIFAR)"),
     "resnet50": (cifar_resnet.resnet50, "GAIA networks/resnet.py (CIFAR)"),
     "resnet18_32x32": (cifar_resnet.ResNet18_32x32, "OpenOOD resnet18_32x32"),
+    "resnet20": (resnet20.resnet20, "gengandrew/Open_OOD models/resnet.py ResNet20 (gradient tracking)"),
     "wrn_40_2": (_wrn(40, 2), "GAIA networks/wresnet.py"),
     "wrn_40_1": (_wrn(40, 1), "GAIA networks/wresnet.py"),
     "wrn_16_2": (_wrn(16, 2), "GAIA networks/wresnet.py"),

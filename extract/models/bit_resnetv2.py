@@ -82,3 +82,35 @@ class ResNetV2(nn.Module):
 
 
 BIT_UNITS = {"BiT-S-R50x1": ([3, 4, 6, 3], 1), "BiT-S-R101x1": ([3, 4, 23, 3], 1)}
+
+
+def _npz_names(model):
+    """``{state-dict key: Big Transfer .npz key}`` for ``model`` (``bit_pytorch/models.py``
+    ``load_from``, with GradNorm's split of the head into ``before_head`` and ``head``)."""
+    p = "resnet/"
+    names = {"root.conv.weight": f"{p}root_block/standardized_conv2d/kernel",
+             "before_head.gn.weight": f"{p}group_norm/gamma", "before_head.gn.bias": f"{p}group_norm/beta",
+             "head.conv.weight": f"{p}head/conv2d/kernel", "head.conv.bias": f"{p}head/conv2d/bias"}
+    for block, stage in model.body.named_children():
+        for unit, module in stage.named_children():
+            u = f"{p}{block}/{unit}/"
+            for i, part in enumerate("abc", start=1):
+                names[f"body.{block}.{unit}.conv{i}.weight"] = f"{u}{part}/standardized_conv2d/kernel"
+                names[f"body.{block}.{unit}.gn{i}.weight"] = f"{u}{part}/group_norm/gamma"
+                names[f"body.{block}.{unit}.gn{i}.bias"] = f"{u}{part}/group_norm/beta"
+            if hasattr(module, "downsample"):
+                names[f"body.{block}.{unit}.downsample.weight"] = f"{u}a/proj/standardized_conv2d/kernel"
+    return names
+
+
+def state_dict_from_npz(model, arrays):
+    """A state dict for ``model`` from the arrays of a Big Transfer ``.npz`` (``{key:
+    ndarray}``): 4-D kernels HWIO -> OIHW (``tf2th``: transpose 3, 2, 0, 1), 1-D arrays
+    as they are. Keys the file lacks are left out (the strict load then names them)."""
+    import numpy as np
+    out = {}
+    for key, name in _npz_names(model).items():
+        if name in arrays:
+            value = np.asarray(arrays[name])
+            out[key] = torch.from_numpy(value.transpose(3, 2, 0, 1).copy() if value.ndim == 4 else value.copy())
+    return out

@@ -73,8 +73,26 @@ def ash(data, percentile=90.0, variant="ash_s"):
     return logsumexp(shaped @ data.head_weight.T + data.head_bias)
 
 
+def pooled_map_defined(params, attrs):
+    """Why the mean of the ``penultimate`` map is not the head's input on this model
+    (empty where it is): scores that pool a changed map into the head need that."""
+    layer = ((attrs.get("hook_sets") or {}).get("penultimate") or [None])[0]
+    if layer is None:
+        return ""
+    channels = attrs["layer_shapes"][layer][0]
+    dim = attrs.get("feature_dim")
+    if dim is not None and channels != dim:
+        return (f"its last map {layer} has {channels} channels but the head reads {dim} features "
+                "(a hidden layer sits between the pool and the head)")
+    if (attrs.get("layer_layouts") or {}).get(layer) == "NTC":
+        return (f"{layer} is a token sequence; the head reads one token (or a pooling the "
+                "cache does not describe), not the mean over the tokens")
+    return ""
+
+
 @register_score("ash_map", title="ASH on the map (ablation)", family="features", reference=REFERENCE,
                 needs=[("penultimate", "act", "map")], choices={"variant": ASH_VARIANTS},
+                defined_on=pooled_map_defined,
                 describe=lambda p, attrs: f"{p['variant']} at p={p['percentile']:g} on the map before pooling (not the release's placement)")
 def ash_map(data, percentile=90.0, variant="ash_s"):
     """(n,) float64 energy of the head on the average-pooled ASH-shaped last feature map."""

@@ -8,11 +8,12 @@ import numpy as np
 
 from analyze.logits import logsumexp
 from analyze.registry import register_score
+from analyze.scores.baselines.ash import pooled_map_defined
 
 
 @register_score("rankfeat", title="RankFeat (block 4)", family="features",
                 reference="Song et al., NeurIPS 2022; KingJamesSong/RankFeat",
-                needs=[("penultimate", "act", "map")])
+                needs=[("penultimate", "act", "map")], defined_on=pooled_map_defined)
 def rankfeat(data):
     """(n,) float64 energy of the head on the pooled map without its rank-1 part."""
     layer = data.layers("penultimate")[0]
