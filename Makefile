@@ -57,6 +57,7 @@ test: install
 
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/models.py
 
 clean:
 	rm -rf caches results .pytest_cache

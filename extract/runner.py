@@ -147,7 +147,10 @@ class ExtractionPlan:
 
     def describe(self, n_images):
         """Lines of text for ``--dry-run``: passes, layers, shapes, stored statistics, sizes."""
-        lines = [f"passes per batch: {self.passes_per_batch()}",
+        a = self.adapter
+        lines = [f"model: {type(a.model).__name__} ({a.family} adapter), head {a.head_name}, "
+                 f"{a.num_classes} classes, {a.feature_dim} features",
+                 f"passes per batch: {self.passes_per_batch()}",
                  f"objectives: {', '.join(self.objectives) or '(none: logits and features only)'}",
                  f"graph starts at: {self.start_module or ('the input' if self.graph_from_input else '-')}"]
         if self.odin_passes:
@@ -163,7 +166,7 @@ class ExtractionPlan:
         lines.append("layers:")
         for layer in self.layers:
             stored = "; ".join(f"{src}: {','.join(st)}" for src, st in self.plan[layer].items()) or "-"
-            lines.append(f"  {layer:40s} {str(self.layer_shapes[layer]):18s} "
+            lines.append(f"  {layer:40s} {str(self.layer_shapes[layer]):18s} {self.layer_layouts[layer]:5s} "
                          f"{self.policies[layer]:7s} {stored}")
         per = self.bytes_per_image()
         lines.append(f"estimated size: {per / 1024:.1f} KiB per image, "

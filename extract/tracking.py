@@ -43,10 +43,14 @@ def tracked_parameters(model, trace=None):
     names = [n for n, _ in model.named_parameters() if "bias" not in n and "bn" not in n]
     for owner, _ in _modules_of(model, names):
         call = trace.calls.get(owner) if trace is not None else None
-        if trace is not None and (call is None or call.calls != 1):
-            raise ValueError(f"gradient tracking: module {owner} runs "
-                             f"{call.calls if call else 0} times per forward pass; its per-sample "
-                             "weight gradients cannot be factorised from one input and output")
+        if trace is not None and call is None:
+            raise ValueError(f"gradient tracking: module {owner} never runs as a module (its "
+                             "weight is used functionally, e.g. by an attention block), so its "
+                             "input and output cannot be hooked")
+        if trace is not None and call.calls != 1:
+            raise ValueError(f"gradient tracking: module {owner} runs {call.calls} times per "
+                             "forward pass; its per-sample weight gradients cannot be factorised "
+                             "from one input and output")
     return names
 
 

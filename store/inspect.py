@@ -30,7 +30,8 @@ def summary(path):
             f"schema       v{a['schema_version']}, complete={a['complete']}",
             f"dataset      {a['dataset']} ({a.get('split', '?')}), {count}",
             f"source       {a.get('dataset_root', '?')}" + (f"  (benchmark {a['benchmark']})" if a.get("benchmark") else ""),
-            f"model        {a['arch']}, {a['num_classes']} classes, checkpoint {a.get('checkpoint', '?')}",
+            f"model        {a['arch']}, {a['num_classes']} classes, head {a.get('head', '?')} "
+            f"({a.get('family', '?')} adapter), checkpoint {a.get('checkpoint', '?')}",
             f"sha256       file {a['checkpoint_sha256']}; weights {a.get('weights_sha256') or '-'}",
             f"preprocess   {a['preprocess']}",
             f"objectives   {', '.join(a['objectives']) or '-'}",
@@ -42,8 +43,9 @@ def summary(path):
             "hook sets    " + "; ".join(f"{k}: {len(v)} layers" for k, v in a["hook_sets"].items()),
             "layers:",
         ]
+        layouts = a.get("layer_layouts") or {}
         for layer in a["layers"]:
             stored = "; ".join(f"{src}: {','.join(st)}" for src, st in a["plan"].get(layer, {}).items())
-            lines.append(f"  {layer:36s} {str(a['layer_shapes'][layer]):16s} "
+            lines.append(f"  {layer:36s} {str(a['layer_shapes'][layer]):16s} {layouts.get(layer, 'NCHW'):5s} "
                          f"{(a.get('policies') or {}).get(layer, ''):7s} {stored}")
     return "\n".join(lines)

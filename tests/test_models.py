@@ -389,3 +389,15 @@ def test_gaia_z_on_bit_reads_the_imagenet_hook_set(tmp_path):
     with CacheReader(path) as r:
         assert r.attrs["hook_sets"]["before_head"] == ref.gaia_before_head_modules(model, "bit")
         assert rel_err(compute_score(r, "gaia_z", **params["gaia_z"]), want) <= 1e-6
+
+
+def test_timm_data_config_preprocessing():
+    from extract.datasets import build_transform, probe_shape
+    model = build_model("timm:vit_tiny_patch16_224", 5)
+    transform, description = build_transform("timm", model=model)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert description["steps"][0] == ["Resize", int(224 / cfg["crop_pct"]), cfg["interpolation"]]
+    assert description["steps"][-1] == ["Normalize", tuple(cfg["mean"]), tuple(cfg["std"])]
+    assert probe_shape(transform) == (3, 224, 224)
+    with pytest.raises(ValueError, match="timm model's data config"):
+        build_transform("timm", model=build_model("resnet18", 5))
