@@ -108,6 +108,7 @@ MODELS = [
     ("timm ViT", lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5,
                                            img_size=32, patch_size=8), 32,
      {"blocks.0.norm1": "NTC", "norm": "NTC"}),
+    ("resnet20", lambda: build_model("resnet20", 5), 32, {"layer1.0.bn2": "NCHW", "layer3": "NCHW"}),
     ("densenet_bc_100", lambda: build_model("densenet_bc_100", 5), 32, {"block1.layer.0.bn1": "NCHW", "bn1": "NCHW"}),
     ("wrn_28_10", lambda: build_model("wrn_28_10", 5), 32, {"block1.layer.0.bn1": "NCHW", "relu": "NCHW"}),
     ("BiT", tiny_bit, 32, {"body.block4.unit01.gn1": "NCHW", "before_head.relu": "NCHW"}),

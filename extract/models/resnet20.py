@@ -11,6 +11,8 @@ lottery-ticket checkpoints wrap this model (``model.`` prefixes, ``mask_*`` buff
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cifar_resnet
+
 
 class Shortcut(nn.Module):
     """Option A: ``x[:, :, ::2, ::2]`` with ``pad`` zero channels on each side."""
@@ -23,13 +25,11 @@ class Shortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(cifar_resnet.BasicBlock):
+    """GAIA's basic block with the parameter-free option-A shortcut."""
+
     def __init__(self, in_planes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(in_planes, planes, stride)
         self.shortcut = Shortcut(planes // 4) if stride != 1 or in_planes != planes else nn.Sequential()
 
     def forward(self, x):
