@@ -9,6 +9,8 @@ MODEL_FILE ?=
 DATASET   ?= all
 SCORE     ?=
 POLICY    ?= scores
+# OVERWRITE=1: replace existing caches (extract --overwrite)
+OVERWRITE ?=
 CHECKPOINT ?= checkpoints/$(BENCHMARK)_$(subst :,-,$(ARCH)).pt
 DATA_ROOT ?= data/$(BENCHMARK)
 CACHE_DIR ?= caches/$(BENCHMARK)-$(subst :,-,$(ARCH))
@@ -41,7 +43,8 @@ demo: install
 extract: install
 	$(EXTRACT_LAUNCH) pipeline.py extract --benchmark $(BENCHMARK) $(if $(MODEL_FILE),--model-file $(MODEL_FILE),--arch $(ARCH)) --checkpoint $(CHECKPOINT) \
 	  --data-root $(DATA_ROOT) --cache-dir $(CACHE_DIR) --dataset $(DATASET) \
-	  --device $(DEVICE) --batch-size $(BATCH_SIZE) --policy $(POLICY) $(if $(SCORE),--score $(SCORE))
+	  --device $(DEVICE) --batch-size $(BATCH_SIZE) --policy $(POLICY) $(if $(SCORE),--score $(SCORE)) \
+	  $(if $(OVERWRITE),--overwrite)
 
 analyze: install
 	$(PY) pipeline.py analyze --benchmark $(BENCHMARK) --arch $(ARCH) --cache-dir $(CACHE_DIR) \

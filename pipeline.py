@@ -33,9 +33,25 @@ def _fail(message):
 
 
 def _interrupted(err):
+    """Report an interrupt (Ctrl-C, or a scheduler's SIGTERM: ``_terminate_as_interrupt``)
+    and exit 130, or 143 for SIGTERM, as a shell would."""
     text = str(err) or "interrupted"
     click.echo(f"\n{text}", err=True)
-    sys.exit(130)
+    sys.exit(143 if _TERMINATED else 130)
+
+
+_TERMINATED = []
+
+
+def _terminate_as_interrupt():
+    """Treat SIGTERM (a cluster's time limit, ``kill``) like Ctrl-C: the run unwinds, keeps
+    what it finished, removes its lock and says how to resume."""
+    import signal
+
+    def handler(signum, frame):
+        _TERMINATED.append(signum)
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _extract_stage():
@@ -198,6 +214,7 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
     if bench:   # the preset's score settings decide what is recorded, as they do in analysis
         params = preset_params({"benchmark": bench}, params)
     stage = _extract_stage()
+    _terminate_as_interrupt()
     try:
         needs, passes = requirements(names, params)
         stage.extract_command(stage.ExtractRequest(
@@ -206,7 +223,7 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
             checkpoint=checkpoint, num_classes=num_classes, preprocess=preprocess, image_size=image_size,
             cache_dir=cache_dir, hooks=hooks, policy=policy, store=store_overrides, odin=odin_pairs,
             maha_fit=maha_fit, maha_magnitudes=maha_magnitudes, maha_adversarial=maha_adversarial,
-            split=split, limit=limit, balanced=balanced, batch_size=batch_size, device=device,
+            split=split, limit=limit, balanced=balanced, batch_size=batch_size, device=device, scores=tuple(names),
             skip_bad=skip_bad, dry_run=dry_run, quiet=quiet, overwrite=overwrite, log=click.echo))
     except KeyboardInterrupt as err:
         _interrupted(err)
@@ -282,9 +299,10 @@ def _servable(cache_dir, id_name, ood_names, names, fit_on, params, explicit):
 @click.option("--results", "results_dir", default=None, help="Where tables go (rewritten as one consistent set per run). [default: results/<cache folder name>]")
 @click.option("--scores-out", default=None, help="Also write OUT/<score>/<dataset>.csv (index,path,score,skipped).")
 @click.option("--allow-partial", is_flag=True, help="Analyse the finished part of unfinished caches.")
+@click.option("--allow-overlap", is_flag=True, help="Accept a fitting cache (training or validation) that shares images with the ID or OOD test caches (refused by default: the scores would be fitted on their test images).")
 @click.option("--plots/--no-plots", default=False, show_default=True, help="PNG score histograms and ROC curves in RESULTS/plots/ (needs matplotlib).")
 def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plugins, fit_on, convention,
-            results_dir, scores_out, allow_partial, plots, tune_on=None, tune_id=None):
+            results_dir, scores_out, allow_partial, plots, tune_on=None, tune_id=None, allow_overlap=False):
     """Compute scores and metrics from caches and print a paper-style table.
 
     Runs on CPU without torch. Scores are oriented higher = more in-distribution; metrics
@@ -329,7 +347,8 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
                            + (", ".join(f"{k}={v}" for k, v in t["params"].items()) or "defaults")
                            + f" (validation AUROC {100 * t['auroc']:.2f}, {t['tried']} candidates)", err=True)
         ev = run_evaluation(cache_dir, id_name, ood_names, names, convention, allow_partial,
-                            params, fit_on, os.path.join(out, "fitted"), lenient=not explicit)
+                            params, fit_on, os.path.join(out, "fitted"), lenient=not explicit,
+                            allow_overlap=allow_overlap)
         for name, why in ev["failed"].items():
             click.echo(f"note: {name} left out: {why}", err=True)
         names = list(ev["results"])
@@ -344,6 +363,8 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
         if plots:
             from analyze.plots import roc_curves, score_histograms
             figures = score_histograms(ev, os.path.join(out, "plots")) + roc_curves(ev, os.path.join(out, "plots"))
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     except ERRORS as err:
         _fail(err)
     click.echo(text)
@@ -398,6 +419,8 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
         if plots:
             from analyze.plots import layer_contribution
             figures = layer_contribution(result, out)
+    except KeyboardInterrupt as err:
+        _interrupted(err)
     except ERRORS as err:
         _fail(err)
     header, rows = sweep_table(result, top)

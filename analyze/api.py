@@ -68,7 +68,7 @@ def score(cache_dir, dataset, name, fit_on=None, allow_partial=False, fitted_dir
 
 
 def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None, params=None,
-             allow_partial=False, fitted_dir=None):
+             allow_partial=False, fitted_dir=None, allow_overlap=False):
     """Metrics of ``scores`` with ``id`` as the in-distribution test cache, as a
     ``pandas.DataFrame``: one row per (score, OOD set) and one "Average" row per score,
     columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT, DetErr`` (fractions in [0, 1], in
@@ -77,7 +77,8 @@ def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None,
 
     ood: OOD cache names (default: every other cache in the folder except training and
     fitting caches). params: ``{score: {parameter: value}}``. fit_on: the training cache
-    of the training-fitted scores (default ``<id>_train``).
+    of the training-fitted scores (default ``<id>_train``). allow_overlap: accept a fitting
+    cache that shares images with an evaluated one (refused by default).
     """
     import pandas as pd
     scores = [scores] if isinstance(scores, str) else list(scores)
@@ -86,7 +87,8 @@ def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None,
         params = preset_params(reader.attrs, params)
     if ood is None:
         ood = default_ood_sets(cache_dir, id, fit_caches(id, scores, fit_on, params))
-    ev = run_evaluation(cache_dir, id, list(ood), scores, convention, allow_partial, params, fit_on, fitted_dir)
+    ev = run_evaluation(cache_dir, id, list(ood), scores, convention, allow_partial, params, fit_on, fitted_dir,
+                        allow_overlap=allow_overlap)
     rows = []
     for name, per_set in ev["results"].items():
         for dataset, metrics in per_set.items():

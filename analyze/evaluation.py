@@ -74,6 +74,9 @@ def score_cache(reader, name, estimator, params=None):
         data = CacheData(reader, a, b, needs=needs, passes=e.passes, score=name)
         try:
             values = np.asarray(estimator.score(data), dtype=np.float64)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted while {name} scored rows {a}-{b} of {reader.path}; "
+                                    "no table or score file of this run was written") from None
         except Exception as err:
             raise _wrap(name, reader.path, err) from err
         if values.shape != (b - a,):
@@ -95,6 +98,9 @@ def fit_estimator(reader, name, params=None):
                      passes=e.passes, score=name)
     try:
         est = e.make(params).fit(data)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted while fitting {name} on {reader.path}; no table or "
+                                "fit of this run was written") from None
     except Exception as err:
         raise _wrap(name, reader.path, err) from err
     if est is None:
@@ -252,8 +258,35 @@ def _accuracy(reader, keep):
     return float((pred[labelled] == labels[labelled]).mean()) if labelled.any() else None
 
 
+def _images(reader):
+    """The image identities of a cache: content hashes where recorded, else the paths of
+    real files (``mem:`` and ``<set>:<index>`` rows of array datasets have none)."""
+    if reader.has("content_hash"):
+        return set(reader.read_all("content_hash"))
+    return {p for p in reader.read_all("paths") if os.sep in p and not p.startswith("mem:")}
+
+
+def check_overlap(fit_path, eval_paths, allow_partial=False):
+    """Raise CacheError when the fitting cache at ``fit_path`` shares images with one of
+    the evaluated caches (``eval_paths``): a score fitted on its own test images. Images
+    are compared by content hash (schema v3), or by file path for older caches."""
+    with CacheReader(fit_path, allow_partial=True) as fit:
+        fit_images = _images(fit)
+    for path in eval_paths:
+        if path == fit_path:
+            continue
+        with CacheReader(path, allow_partial=allow_partial) as reader:
+            shared = fit_images & _images(reader)
+        if shared:
+            raise CacheError(f"the fitting cache {fit_path} shares {len(shared)} image(s) with the "
+                             f"evaluated cache {path}: the scores would be fitted on the images they "
+                             "are tested on. Extract the training cache from other images (the "
+                             "training split), or pass --allow-overlap (API: allow_overlap=True) "
+                             "to accept it")
+
+
 def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", allow_partial=False,
-                   params=None, fit_on=None, fitted_dir=None, lenient=False):
+                   params=None, fit_on=None, fitted_dir=None, lenient=False, allow_overlap=False):
     """Scores and metrics for the ID cache against each OOD cache in ``cache_dir``.
 
     params: ``{score: {parameter: value}}``. fit_on: training cache name for the scores
@@ -265,7 +298,8 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
     "settings": {score: text}, "groups": {"near": [set], "far": [set]} or None,
     "id_accuracy": fraction or None, "failed": {score: reason}}``. lenient: a score that
     cannot be fitted or computed is left out (reason in "failed") instead of raising, as
-    ``--score all`` wants. With groups (the benchmark preset's near and far
+    ``--score all`` wants. allow_overlap: accept fitting caches that share images with the
+    evaluated ones (``check_overlap``; refused by default). With groups (the benchmark preset's near and far
     OOD sets), each score's results also hold "nearood" and "farood": the unweighted means
     over the group, as OpenOOD reports them. Skipped (unreadable) images are left out of
     the metrics.
@@ -282,6 +316,11 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
     id_path = cache_path(cache_dir, id_name)
     with CacheReader(id_path, allow_partial=allow_partial) as reader:
         id_attrs = reader.attrs
+    if not allow_overlap:
+        evaluated = [cache_path(cache_dir, d) for d in [id_name, *ood_names]]
+        for fit in out["fit_caches"]:
+            if os.path.exists(cache_path(cache_dir, fit)):
+                check_overlap(cache_path(cache_dir, fit), evaluated, allow_partial)
     for name in names:
         e = entry(name)
         resolved = e.resolve(params.get(name))

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import time
 
 from .metrics import METRICS
 from .registry import entry
@@ -169,30 +170,43 @@ def caption(evaluation):
     return text
 
 
-def _clear_previous(out_dir):
-    """Remove the files an earlier run listed in ``results.json`` (fitted attributes stay)."""
+def _keep_previous(out_dir):
+    """Move the files an earlier run listed in ``results.json`` (and that manifest) into
+    ``out_dir/previous/<time of that run>/``, so a new run's set is consistent and nothing
+    is lost (fitted attributes stay). Returns ``(number of files moved, folder)`` or
+    ``(0, None)``."""
     manifest = os.path.join(out_dir, "results.json")
     if not os.path.exists(manifest):
-        return
+        return 0, None
     try:
         with open(manifest) as f:
             files = json.load(f).get("files", [])
     except (OSError, ValueError):
-        return
-    for rel in files:
+        files = []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(manifest)))
+    dest = os.path.join(out_dir, "previous", stamp)
+    suffix = 1
+    while os.path.exists(dest):
+        suffix += 1
+        dest = os.path.join(out_dir, "previous", f"{stamp}-{suffix}")
+    moved = 0
+    for rel in [*files, "results.json"]:
         path = os.path.join(out_dir, rel)
-        if os.path.isdir(path) and rel not in ("fitted", ""):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.isfile(path):
-            os.remove(path)
+        if rel in ("fitted", "previous", "") or not os.path.exists(path):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+        moved += sum(len(f) for _, _, f in os.walk(path)) if os.path.isdir(path) else 1
+        shutil.move(path, os.path.join(dest, rel))
+    return moved, dest
 
 
 def write_report(evaluation, out_dir, extra_files=()):
     """Write per-score and summary tables (CSV, JSON, Markdown) into ``out_dir`` after
-    removing an earlier run's files; returns the text to print. extra_files: paths (relative
-    to out_dir) written besides, e.g. plots, listed in the manifest."""
+    moving an earlier run's files to ``previous/<its time>/`` (``_keep_previous``); returns
+    the text to print. extra_files: paths (relative to out_dir) written besides, e.g.
+    plots, listed in the manifest."""
     os.makedirs(out_dir, exist_ok=True)
-    _clear_previous(out_dir)
+    moved, kept = _keep_previous(out_dir)
     cap = caption(evaluation)
     files = []
     for name in evaluation["results"]:
@@ -225,4 +239,5 @@ def write_report(evaluation, out_dir, extra_files=()):
                    "skipped_files": evaluation.get("skip_reasons", {}),
                    "groups": evaluation.get("groups"), "id_accuracy": evaluation.get("id_accuracy"),
                    "results": evaluation["results"], "files": files}, f, indent=2)
-    return cap + "\n\n" + text
+    note = f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
+    return cap + "\n\n" + text + note

@@ -13,7 +13,8 @@ import torch
 
 from store.benchmarks import benchmark
 from store.reader import cache_path, default_cache_dir
-from store.schema import CacheError, differing
+from store.recipes import comparable, layers_of, missing
+from store.schema import CacheError, differing, odin_name, odin_pairs
 from store.writer import parts_dir, run_identity
 
 from . import datasets as D
@@ -58,6 +59,7 @@ class ExtractRequest:
     dry_run: bool = False
     quiet: bool = False
     overwrite: bool = False
+    scores: tuple = ()
     log: object = field(default=print, repr=False)
 
 
@@ -169,10 +171,32 @@ def _odin_std(description):
     return None
 
 
-def check_existing(target, attrs, overwrite, log):
+def _source(attrs, needs, passes, sets):
+    """What a cache must share with a run to stand in for it: the model parts the needs
+    read (``store.recipes.comparable``) among the hook sets ``sets`` (those the cache
+    holds; the others are what it lacks) and the rows (data, split, subset, count)."""
+    needs = [n for n in needs if layers_of(sets, n[0])]
+    return {"model": comparable(attrs, needs, passes),
+            **{k: attrs.get(k) for k in ("dataset", "dataset_root", "split", "subset", "n_samples")}}
+
+
+def _lacks(old, needs, passes, odin):
+    """What the complete cache ``old`` lacks for ``needs``, ``passes`` and the ODIN passes."""
+    lacks = missing(needs, passes, old)
+    if "odin" in passes:
+        have = {tuple(p) for p in odin_pairs(old)}
+        absent = [p for p in odin if tuple(p) not in have]
+        if absent:
+            lacks.append("ODIN passes " + ", ".join(odin_name(*p) for p in absent))
+    return lacks
+
+
+def check_existing(target, attrs, overwrite, log, needs=(), passes=(), scores=()):
     """Decide what to do with an existing cache file ``target`` for a run writing ``attrs``:
-    True = it is complete and equal (skip), False = extract (after removing it with
-    ``overwrite``); raises CacheError naming the differing fields otherwise."""
+    True = skip it (it is complete and equal, or it comes from the same model and rows and
+    holds everything ``needs`` and ``passes`` read, whatever else it holds); False =
+    extract (after removing it with ``overwrite``); raises CacheError naming what it lacks
+    or where it differs otherwise."""
     if not os.path.exists(target):
         return False
     if overwrite:
@@ -187,12 +211,21 @@ def check_existing(target, attrs, overwrite, log):
         raise CacheError(f"{target} exists but cannot be used ({err}); pass --overwrite to "
                          "re-extract it") from None
     diff = differing(run_identity(old), run_identity(attrs))
-    if diff:
-        raise CacheError(f"{target} exists and was extracted with different settings (differing: "
-                         f"{', '.join(diff)}); pass --overwrite to replace it, or choose another "
-                         "--cache-dir or dataset name")
-    log(f"{attrs['dataset']}: {target} is complete and up to date (same model, data and plan); skipped")
-    return True
+    if not diff:
+        log(f"{attrs['dataset']}: {target} is complete and up to date (same model, data and plan); skipped")
+        return True
+    sets = old.get("hook_sets") or {}
+    source = differing(_source(old, needs, passes, sets), _source(attrs, needs, passes, sets))
+    lacks = [] if source else _lacks(old, needs, passes, odin_pairs(attrs))
+    if not source and not lacks:
+        log(f"{attrs['dataset']}: {target} already serves {', '.join(scores) or 'the requested scores'} "
+            "(same model and images); skipped")
+        return True
+    why = (f"it comes from another model or other images (differing: {', '.join(source)})" if source
+           else f"it lacks {'; '.join(lacks)}")
+    raise CacheError(f"{target} exists and cannot serve {', '.join(scores) or 'this run'}: {why}; pass "
+                     "--overwrite (make: OVERWRITE=1) to replace it, or choose another --cache-dir or "
+                     "dataset name")
 
 
 def extract_command(req):
@@ -259,6 +292,8 @@ def _extract_one(req, shard, model, plan, config, spec, transform, description,
         indices = (D.balanced_subset(D.dataset_labels(ds), req.limit) if req.balanced
                    else list(range(min(req.limit, len(ds)))))
         n_images = len(indices)
+        if req.limit > len(ds) and shard.is_main:
+            log(f"{name}: --limit {req.limit}, but the set has {len(ds)} images: taking all {len(ds)}")
     target = cache_path(cache_dir, name)
     if req.dry_run:
         if shard.is_main:
@@ -273,13 +308,15 @@ def _extract_one(req, shard, model, plan, config, spec, transform, description,
                             subset={"limit": req.limit, "balanced": req.balanced}, benchmark=req.bench or "",
                             **model_source)
     attrs = cache_attrs(plan, provenance, n_images, dev, shard.world_size)
-    if check_existing(target, attrs, req.overwrite and shard.is_main, log if shard.is_main else (lambda m: None)):
+    if check_existing(target, attrs, req.overwrite and shard.is_main, log if shard.is_main else (lambda m: None),
+                      config.needs, config.passes, req.scores):
         return
     start = time.time()
     try:
         extract_to_cache(model, ds, target, config, provenance, indices, plan, shard)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{name}: interrupted; the finished batches are kept in "
+    except KeyboardInterrupt as err:
+        how = str(err) or "interrupted"
+        raise KeyboardInterrupt(f"{name}: {how}; the finished batches are kept in "
                                 f"{parts_dir(target)}: rerun the same command to resume") from None
     if shard.is_main:
         skipped = _count_skipped(target)

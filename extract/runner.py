@@ -142,8 +142,20 @@ class ExtractionPlan:
         if self.tracked:
             parts.append(f"gradient tracking: {self.num_classes} backward")
         if self.maha:
-            parts.append("multi-layer Mahalanobis: partial passes per layer and magnitude")
+            parts.append(f"multi-layer Mahalanobis: per stage 1 backward to the input and 1 partial "
+                         f"forward of the perturbed copies (about {self.maha_cost():.0f} forward-"
+                         "pass equivalents per image)")
         return "; ".join(parts)
+
+    def maha_cost(self):
+        """Rough forward-pass equivalents per image of the multi-layer Mahalanobis pass: per
+        stage a partial forward and a backward to the input (~3 partial forwards), plus the
+        copies of every non-zero magnitude through a partial forward (a stage's forward
+        reaches about half-way on average); twice that with the pseudo-OOD copies."""
+        recipe = self.maha["recipe"]
+        moved = sum(1 for m in recipe["magnitudes"] if m != 0)
+        per_image = len(recipe["layers"]) * (3 + moved) / 2 + 1
+        return per_image * (2 if recipe["adversarial"] else 1)
 
     def describe(self, n_images):
         """Lines of text for ``--dry-run``: passes, layers, shapes, stored statistics, sizes."""
@@ -284,8 +296,9 @@ def _run(model, dataset, cache_path, config, provenance, indices, plan, shard, d
     background = BackgroundWriter(writer)
     try:
         for (row, _), (x, y, idx, reasons) in zip(batches, loader):
+            arrays = {"content_hash": content_hashes(x)}
             x = x.to(device, non_blocking=True)
-            arrays = _extract_batch(model, recorder, captured, plan, x, y.to(device))
+            arrays.update(_extract_batch(model, recorder, captured, plan, x, y.to(device)))
             arrays.update(labels=y.numpy().astype(np.int64),
                           skipped=np.array([r != "" for r in reasons], dtype=bool),
                           skip_reasons=list(reasons),
@@ -309,6 +322,14 @@ def _run(model, dataset, cache_path, config, provenance, indices, plan, shard, d
         writer.assemble()
     shard.barrier()
     return cache_path
+
+
+def content_hashes(x):
+    """(N,) first 16 hex digits of the SHA-1 of each preprocessed image's float32 bytes
+    (x: (N, C, H, W) on the CPU): equal images give equal hashes across caches."""
+    import hashlib
+    rows = x.detach().cpu().float().contiguous().numpy()
+    return [hashlib.sha1(r.tobytes()).hexdigest()[:16] for r in rows]
 
 
 def _extract_batch(model, recorder, captured, plan, x, labels):

@@ -14,10 +14,18 @@ def class_gaussian(x, y, where="training data"):
 
     The covariance is that of the class-centred rows divided by n (scikit-learn's
     ``EmpiricalCovariance``, which the authors use); its pseudo-inverse is the precision.
+    It has rank at most n - K', so fewer than D + K' rows are refused (the pseudo-inverse of
+    a rank-deficient covariance gives distances of no meaning): CacheError naming ``where``.
     """
     if np.any(y < 0):
         raise CacheError(f"{where}: Mahalanobis needs labelled training samples")
     classes = np.unique(y)
+    n, d = x.shape
+    if n - len(classes) < d:
+        raise CacheError(f"{where}: {n} rows in {len(classes)} classes give a class-centred covariance "
+                         f"of rank at most {n - len(classes)}, fewer than the {d} feature dimensions; "
+                         f"fit on at least {d + len(classes)} rows (extract more with --split train "
+                         "--limit N)")
     means = np.stack([x[y == c].mean(axis=0) for c in classes])
     centred = x - means[np.searchsorted(classes, y)]
     cov = centred.T @ centred / len(x)

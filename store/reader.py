@@ -5,7 +5,7 @@ import os
 import h5py
 import numpy as np
 
-from .schema import JSON_ATTRS, STRING_DATASETS, CacheError, validate
+from .schema import JSON_ATTRS, STRING_DATASETS, CacheError, check_values, validate
 from .writer import contiguous_rows, covered_rows, list_parts, parts_dir
 
 BLOCK_ROWS = 4096
@@ -144,6 +144,8 @@ class CacheReader:
             raise CacheError(f"{self.path}: damaged data in {name!r} rows {start}-{stop} ({err})") from None
         if name in STRING_DATASETS:
             out = np.array([p.decode() if isinstance(p, bytes) else p for p in out], dtype=object)
+        else:
+            check_values(name, out, self.attrs, self.path)
         return out
 
     def _read_parts(self, name, start, stop):

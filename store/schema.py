@@ -24,8 +24,8 @@ token sequence (N, T, C) or a vector (N, C). Every statistic and stored map is o
 channels-first form, (N, C, H, W), with a token sequence as (N, C, T, 1);
 ``layer_layouts`` records each layer's own layout (``NCHW``, ``NHWC``, ``NTC``, ``NC``).
 
-Versions: 3 added ``layer_layouts``, ``layer_types``, ``head`` and the model file of
-``--model-file``; caches without them are channels first throughout. 2 added ``weights_sha256`` (the fingerprint of the loaded tensors), ``family``
+Versions: 3 added ``layer_layouts``, ``layer_types``, ``head``, ``feature_dim``, the
+model file of ``--model-file`` and ``content_hash``; caches without them are channels first throughout. 2 added ``weights_sha256`` (the fingerprint of the loaded tensors), ``family``
 and ``subset`` as declared attributes and ODIN passes with the original ODIN's division
 by the normalisation std. Version 1 caches are still read (their ODIN passes are the
 GradNorm release's, their weights are identified by the checkpoint file's hash).
@@ -110,26 +110,35 @@ REQUIRED_ROOT_ATTRS = tuple(k for k, a in ROOT_ATTRS.items() if a.required)
 
 
 class Dataset(NamedTuple):
-    """A dataset: row shape in symbols (``per_row`` False: the whole shape), dtype, meaning."""
+    """A dataset: row shape in symbols (``per_row`` False: the whole shape), dtype, meaning,
+    and the values it may hold (``VALUE_RULES``; checked by the reader on every read)."""
     shape: tuple
     dtype: str
     per_row: bool
     doc: str
+    values: str = ""
+
+
+# What a dataset's values may be: "finite" (no NaN or inf), "count" (an integer in
+# [0, H * W] of its layer). Statistics of a layer's own values may be anything finite.
+VALUE_RULES = {"finite": "finite floats", "count": "counts in [0, H*W] of the layer"}
 
 
 DATASETS = {
-    "logits": Dataset(("K",), "float32", True, "logits"),
-    "features": Dataset(("D",), "float32", True, "pooled penultimate vector, the input of the head"),
+    "logits": Dataset(("K",), "float32", True, "logits", "finite"),
+    "features": Dataset(("D",), "float32", True, "pooled penultimate vector, the input of the head", "finite"),
     "labels": Dataset((), "int64", True, "class label, -1 where the dataset has none"),
     "paths": Dataset((), "str", True, "source file, or <set>:<index> for array datasets"),
+    "content_hash": Dataset((), "str", True, "SHA-1 of the preprocessed image tensor's bytes (16 hex digits): "
+                            "the same image gives the same hash in every cache of one preprocessing"),
     "skipped": Dataset((), "bool", True, "True where the image was unreadable (row values are zeros)"),
     "skip_reasons": Dataset((), "str", True, "the decoder's error for skipped rows, empty elsewhere"),
     "head/weight": Dataset(("K", "D"), "float32", False, "head weight (a 1x1 conv head is reshaped)"),
     "head/bias": Dataset(("K",), "float32", False, "head bias"),
-    "layers/{layer}/act/{stat}": Dataset(("C",), "float32", True, "statistic of the forward output"),
+    "layers/{layer}/act/{stat}": Dataset(("C",), "float32", True, "statistic of the forward output", "finite"),
     "layers/{layer}/act/map": Dataset(("C", "H", "W"), "float32", True, "forward output (raw policy)"),
     "layers/{layer}/grad/{objective}/{stat}": Dataset(("C",), "float32", True,
-                                                      "statistic of d objective / d output"),
+                                                      "statistic of d objective / d output", "finite"),
     "layers/{layer}/grad/{objective}/map": Dataset(("C", "H", "W"), "float32", True,
                                                    "d objective / d output (raw policy)"),
     "odin/{pair}/logits": Dataset(("K",), "float32", True,
@@ -143,7 +152,7 @@ DATASETS = {
                                               "the same for the row's pseudo-OOD copy"),
 }
 REQUIRED_DATASETS = ("logits", "features", "labels", "paths", "skipped", "head/weight", "head/bias")
-STRING_DATASETS = ("paths", "skip_reasons")
+STRING_DATASETS = ("paths", "skip_reasons", "content_hash")
 TRACKING_PATH = "tracking/norms"
 MAHA_SCORES = "mahalanobis/scores"
 MAHA_ADVERSARIAL = "mahalanobis/adversarial_scores"
@@ -238,7 +247,7 @@ def validate(attrs, datasets, where):
     k, d = attrs["num_classes"], datasets["head/weight"][0][1]
     want = layout(k, d, attrs["plan"], attrs["layer_shapes"], odin_pairs(attrs),
                   attrs.get("tracked_parameters") or [], attrs.get("mahalanobis"))
-    for optional in ("skip_reasons", MAHA_ADVERSARIAL):
+    for optional in ("skip_reasons", "content_hash", MAHA_ADVERSARIAL):
         if optional not in datasets:
             want.pop(optional, None)
     absent = [p for p in [*REQUIRED_DATASETS, *want] if p not in datasets]
@@ -255,6 +264,39 @@ def validate(attrs, datasets, where):
     if weight_shape[0] != k or tuple(datasets.get("head/bias", ((),))[0]) != (k,):
         raise CacheError(f"{where}: head/weight {weight_shape} and head/bias do not fit "
                          f"num_classes = {k}; the file is damaged")
+
+
+def value_rule(path):
+    """``(rule, layer)`` for dataset ``path``: ``"finite"`` for logits, features and layer
+    statistics, ``"count"`` for a layer's ``nonzero`` statistic, ``""`` otherwise (maps are
+    not checked: too large to scan on every read); ``layer`` names the layer of a statistic."""
+    if path in DATASETS:
+        return DATASETS[path].values, None
+    parts = path.split("/")           # layers/<layer>/act/<stat> or layers/<layer>/grad/<objective>/<stat>
+    if parts[0] == "layers" and len(parts) in (4, 5):
+        stat = parts[-1]
+        return ("count" if stat == "nonzero" else "" if stat == MAP else "finite"), parts[1]
+    return "", None
+
+
+def check_values(path, value, attrs, where):
+    """Raise CacheError when the array ``value`` read from dataset ``path`` breaks its
+    value rule (``VALUE_RULES``), naming the file, dataset and the first bad row."""
+    import numpy as np
+    rule, layer = value_rule(path)
+    if not rule or not isinstance(value, np.ndarray) or value.size == 0:
+        return
+    if rule == "finite":
+        bad = ~np.isfinite(value)
+        what = "NaN or infinite values"
+    else:
+        c, h, w = attrs["layer_shapes"][layer]
+        bad = (value < 0) | (value > h * w)
+        what = f"counts outside [0, {h * w}] (the layer's H*W)"
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise CacheError(f"{where}: dataset {path} holds {what} (first at row {row} of the rows "
+                         "read); the file was edited or damaged: re-extract it")
 
 
 def _same_dtype(got, want):

@@ -2,8 +2,9 @@
 
 ``bash`` blocks: ``pipeline.py`` commands run (through click, in a folder holding the
 demo data and a demo-layout checkpoint), with the README's placeholders bound to small
-real files (CKPT, DIR_ID, DIR_OOD, ROOT, CACHE, CACHE_OPENOOD, OUT); extractions get
-``--limit 60`` appended so the whole README runs in about a minute. ``make`` lines are
+real files (CKPT, DIR_ID, DIR_TRAIN, DIR_OOD, ROOT, CACHE, CACHE_OPENOOD, OUT); extractions get
+``--limit 60`` appended (training caches ``--limit 600``, enough rows for the
+covariance fits) so the whole README runs in about a minute. ``make`` lines are
 expanded with ``make -n`` (the recipes run in the other tests). ``pip install`` lines are
 what ``tests/test_install.py`` runs. ``python`` blocks run as Python; a block whose first
 line is ``# NAME.py`` is written to that file. The ``sh`` block (a SLURM job script) needs
@@ -53,6 +54,7 @@ def workdir(tmp_path_factory):
     root, _ = build_openood_root(base / "openood")
     names = {"CKPT": str(base / "checkpoints" / "demo_resnet18.pt"),
              "DIR_ID": str(base / "data" / "demo" / "digits" / "test"),
+             "DIR_TRAIN": str(base / "data" / "demo" / "digits" / "train"),
              "DIR_OOD": str(base / "data" / "demo" / "noise"), "ROOT": root,
              "CACHE_OPENOOD": str(base / "caches" / "openood"), "CACHE": str(base / "caches" / "custom"),
              "OUT": str(base / "out")}
@@ -61,9 +63,10 @@ def workdir(tmp_path_factory):
 
 def run_pipeline(args, names, cwd):
     args = [names.get(a, a) for a in args]
-    args = [re.sub(r"=(DIR_ID|DIR_OOD)$", lambda m: "=" + names[m.group(1)], a) for a in args]
+    args = [re.sub(r"=(DIR_ID|DIR_OOD|DIR_TRAIN)$", lambda m: "=" + names[m.group(1)], a) for a in args]
     if args[0] == "extract" and "--dry-run" not in args:
-        args += ["--limit", "60", "--quiet"]
+        # training caches keep enough rows for full-rank covariances (ResNet-18 stages: 512)
+        args += ["--limit", "600" if "train" in args else "60", "--quiet"]
     old = os.getcwd()
     os.chdir(cwd)
     try:

@@ -17,7 +17,7 @@ class Mahalanobis:
     """Fitted: ``means_`` (K', D), ``classes_`` (K',), ``precision_`` (D, D)."""
 
     def fit(self, data):
-        self.means_, self.classes_, self.precision_ = class_gaussian(data.features, data.labels, data.path)
+        self.means_, self.classes_, self.precision_ = class_gaussian(data.features, data.labels, f"mahalanobis fitted on {data.path}")
         return self
 
     def score(self, data):

@@ -24,7 +24,7 @@ class RMDS:
 
     def fit(self, data):
         x = data.features
-        self.means_, _, self.precision_ = class_gaussian(x, data.labels, data.path)
+        self.means_, _, self.precision_ = class_gaussian(x, data.labels, f"rmds fitted on {data.path}")
         self.background_mean_ = x.mean(axis=0)
         centred = x - self.background_mean_
         self.background_precision_ = np.linalg.pinv(centred.T @ centred / len(x), hermitian=True)

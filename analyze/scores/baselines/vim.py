@@ -9,6 +9,7 @@ import numpy as np
 
 from analyze.logits import energy
 from analyze.registry import register_score
+from store.schema import CacheError
 
 
 def vim_default_dim(feature_dim):
@@ -35,6 +36,13 @@ class ViM:
         dim = vim_default_dim(x.shape[1]) if self.dim is None else int(self.dim)
         if not 0 < dim < x.shape[1]:
             raise ValueError(f"vim.dim must be between 1 and {x.shape[1] - 1}, got {dim}")
+        if len(x) <= x.shape[1]:
+            # the training rows then span at most n dimensions: their residuals outside the
+            # principal subspace vanish and alpha (mean max logit / mean residual) explodes
+            raise CacheError(f"{self.__class__.__name__.lower()} fitted on {data.path}: {len(x)} rows of "
+                             f"{x.shape[1]}-d features; the principal subspace needs more rows than "
+                             f"feature dimensions (at least {x.shape[1] + 1}; extract more with "
+                             "--split train --limit N)")
         self.u_ = -np.linalg.pinv(w) @ b
         centred = x - self.u_
         cov = centred.T @ centred / len(x)
