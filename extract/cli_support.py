@@ -311,6 +311,10 @@ def _extract_one(req, shard, model, plan, config, spec, transform, description,
     if check_existing(target, attrs, req.overwrite and shard.is_main, log if shard.is_main else (lambda m: None),
                       config.needs, config.passes, req.scores):
         return
+    if plan.maha and shard.is_main:
+        log(f"{name}: the multi-layer Mahalanobis pass costs about {plan.maha_cost():.0f} forward-pass "
+            f"equivalents per image ({n_images} images): expect the extraction to take about that many "
+            "times a plain forward pass")
     start = time.time()
     try:
         extract_to_cache(model, ds, target, config, provenance, indices, plan, shard)
