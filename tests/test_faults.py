@@ -308,8 +308,10 @@ def test_second_extraction_into_a_locked_cache_names_the_holder(setup, tmp_path)
 def test_ctrl_c_keeps_the_parts_and_says_how_to_resume(setup, tmp_path):
     base, data, ckpt, cache, common = setup
     target = str(tmp_path / "c" / "noise.h5")
+    # batch size 1: the run lasts long enough that the interrupt lands mid-extraction, not
+    # after the last batch (with 4 the small set could finish between poll and signal)
     args = [sys.executable, os.path.join(ROOT, "pipeline.py"), "extract", *common, "--dataset", "noise",
-            "--batch-size", "4", "--cache-dir", str(tmp_path / "c")]
+            "--batch-size", "1", "--cache-dir", str(tmp_path / "c")]
     p = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": ROOT})
     deadline = time.time() + 120

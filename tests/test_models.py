@@ -402,3 +402,27 @@ def test_timm_data_config_preprocessing():
     assert probe_shape(transform) == (3, 224, 224)
     with pytest.raises(ValueError, match="timm model's data config"):
         build_transform("timm", model=build_model("resnet18", 5))
+
+
+def test_token_maps_and_count_above_on_a_vit(tmp_path):
+    """A token sequence (N, T, C) is stored channels first as (N, C, T, 1): maps, statistics
+    recomputed from them and count_above agree with the tokens themselves."""
+    from analyze.data import CacheData
+    model = randomize(small_vit()).requires_grad_(False)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    layer = "encoder.layers.encoder_layer_1.ln_2"
+    path = extract_tensor(model, "vit", x, str(tmp_path / "raw.h5"), ["msp"], hooks=[layer],
+                          policies={layer: "raw"}, batch_size=3)
+    captured = {}
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, a, o: captured.__setitem__("t", o.clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    tokens = captured["t"].numpy()                                  # (N, T, C)
+    with CacheReader(path) as r:
+        data = CacheData(r)
+        maps = data.map(layer, "act")
+        assert maps.shape == (3, 32, 17, 1) and r.attrs["layer_shapes"][layer] == [32, 17, 1]
+        np.testing.assert_allclose(maps[..., 0], tokens.transpose(0, 2, 1), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(data.count_above(layer, "act", 0.5), (np.abs(tokens) > 0.5).sum(axis=1))
+        close(data.stat(layer, "act", "mean"), tokens.mean(axis=1))
