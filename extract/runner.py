@@ -148,14 +148,18 @@ class ExtractionPlan:
         return "; ".join(parts)
 
     def maha_cost(self):
-        """Rough forward-pass equivalents per image of the multi-layer Mahalanobis pass: per
-        stage a partial forward and a backward to the input (~3 partial forwards), plus the
-        copies of every non-zero magnitude through a partial forward (a stage's forward
-        reaches about half-way on average); twice that with the pseudo-OOD copies."""
+        """Rough forward-pass equivalents per image of the multi-layer Mahalanobis pass: one
+        forward, then per stage l (at depth fraction f_l = (l + 1) / L) a backward to the
+        input (~2 f_l) and the copies of every non-zero magnitude through a partial forward
+        (f_l each); with the pseudo-OOD copies all of it twice, plus their own forward and
+        backward (3). Measured on a CIFAR ResNet-18 (4 stages, 6 non-zero magnitudes, with
+        copies: 45 by this count): 53-63 times a forward-only extraction, 230 ms per image on
+        2 CPU cores."""
         recipe = self.maha["recipe"]
         moved = sum(1 for m in recipe["magnitudes"] if m != 0)
-        per_image = len(recipe["layers"]) * (3 + moved) / 2 + 1
-        return per_image * (2 if recipe["adversarial"] else 1)
+        stages = len(recipe["layers"])
+        per_image = 1 + sum((l + 1) / stages * (2 + moved) for l in range(stages))
+        return 2 * per_image + 3 if recipe["adversarial"] else per_image
 
     def describe(self, n_images):
         """Lines of text for ``--dry-run``: passes, layers, shapes, stored statistics, sizes."""

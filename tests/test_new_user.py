@@ -140,7 +140,7 @@ def test_mahalanobis_ensemble_cost_is_shown_before_it_starts():
     plan = ExtractionPlan(model, config, (3, 32, 32), torch.device("cpu"))
     text = "\n".join(plan.describe(100))
     assert "forward-pass equivalents per image" in text
-    assert plan.maha_cost() == pytest.approx(2 * (4 * (3 + 6) / 2 + 1))
+    assert plan.maha_cost() == pytest.approx(2 * (1 + 2.5 * 8) + 3)
 
 
 def test_impossible_values_in_an_edited_cache_are_refused(tmp_path):
