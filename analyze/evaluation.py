@@ -55,6 +55,24 @@ def check_compatible(name, params, attrs_a, path_a, attrs_b, path_b):
                          "preprocessing); re-extract one of them with the other's settings")
 
 
+def check_same_model(paths, allow_partial=False, what="these caches"):
+    """Raise CacheError unless every cache in ``paths`` comes from the same model and
+    preprocessing (``store.schema.MODEL_FIELDS``), naming the first that differs: caches of
+    different weights never meet in one table, sweep or tuning."""
+    first, base = None, None
+    for path in paths:
+        with CacheReader(path, allow_partial=allow_partial) as reader:
+            ident = comparable(reader.attrs)
+        if first is None:
+            first, base = path, ident
+            continue
+        diff = differing(base, ident)
+        if diff:
+            raise CacheError(f"{what} mix models: {path} differs from {first} in {', '.join(diff)}; "
+                             "every cache of one analysis must come from the same weights and "
+                             "preprocessing")
+
+
 def _wrap(name, path, err):
     if isinstance(err, (CacheError, ScoreError)):
         return err
@@ -241,6 +259,21 @@ def fit_caches(id_name, names, fit_on=None, params=None):
     return found
 
 
+def check_not_constant(name, values, params=None):
+    """Raise ScoreError when score ``name`` gives one value to every row of every cache in
+    ``values`` ({dataset: (n,) usable scores}): its metrics would be those of a coin toss
+    (AUROC 50), not a measurement."""
+    rows = [v for v in values.values() if len(v)]
+    if not rows:
+        return
+    low = min(float(np.min(v)) for v in rows)
+    if all(float(np.max(v)) == low for v in rows):
+        raise ScoreError(f"{name} gives every ID and OOD row the same value ({low:g}) with parameters "
+                         f"{params or 'the defaults'}: its metrics would be a coin toss (AUROC 50), "
+                         "not a result. Check the parameters (e.g. energy.temperature, neco.dim, "
+                         "react.percentile) and the size of the fitting cache")
+
+
 def _check_finite(name, values, keep, paths, path, params):
     bad = np.flatnonzero(~np.isfinite(values) & keep)
     if len(bad):
@@ -254,7 +287,8 @@ def _accuracy(reader, keep):
     when no row is labelled)."""
     labels = reader.read_all("labels")
     pred = np.concatenate([reader.read("logits", a, b).argmax(axis=1) for a, b in reader.blocks()])
-    labelled = (labels >= 0) & keep
+    k = int(reader.attrs["num_classes"])
+    labelled = (labels >= 0) & (labels < k) & keep      # labels the head can have
     return float((pred[labelled] == labels[labelled]).mean()) if labelled.any() else None
 
 
@@ -367,6 +401,16 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
             keep[dataset] = ~skipped
             if dataset == id_name:
                 out["id_accuracy"] = _accuracy(reader, keep[dataset])
+    for name in names:
+        if name in out["failed"]:
+            continue
+        try:
+            check_not_constant(name, {d: v[name][keep[d]] for d, v in out["scores"].items() if name in v},
+                               params.get(name))
+        except ScoreError as err:
+            if not lenient:
+                raise
+            out["failed"][name] = str(err)
     groups = groups_of(id_attrs) or {}
     groups = {g: [d for d in sets if d in ood_names] for g, sets in groups.items()}
     out["groups"] = groups if any(groups.values()) else None

@@ -28,6 +28,7 @@ from store.recipes import PASSES, check_needs, missing
 
 SCORES = {}
 ALIASES = {}
+_PLUGIN_DIGESTS = {}      # plugin path -> SHA-256 of the file as last loaded
 
 
 class ScoreError(ValueError):
@@ -272,15 +273,26 @@ def requirements(names, params=None):
 def load_plugin(path):
     """Import the Python file at ``path``; the scores it registers join the registry.
 
-    Returns the names it added. A file loaded twice is not re-run.
+    Returns the names it added. A file loaded again unchanged is not re-run; an edited
+    file (another SHA-256) is re-run, its earlier scores replaced (a notebook's edit-reload
+    cycle). Every file gets its own module, so ``a-b.py`` and ``a_b.py`` never collide.
     """
+    import hashlib
     _load_builtins()
     path = os.path.abspath(path)
     if not os.path.isfile(path):
         raise ScoreError(f"plugin file not found: {path}")
-    module_name = "gradood_plugin_" + "".join(c if c.isalnum() else "_" for c in path)
-    if module_name in sys.modules:
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    module_name = "gradood_plugin_" + hashlib.sha256(path.encode()).hexdigest()[:16]
+    if module_name in sys.modules and _PLUGIN_DIGESTS.get(path) == digest:
         return [n for n, e in SCORES.items() if e.plugin == path]
+    for name in [n for n, e in SCORES.items() if e.plugin == path]:      # an edited file: re-run it
+        del SCORES[name]
+        for alias in [a for a, n in ALIASES.items() if n == name]:
+            del ALIASES[alias]
+    sys.modules.pop(module_name, None)
+    _PLUGIN_DIGESTS[path] = digest
     before = set(SCORES)
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)

@@ -28,7 +28,7 @@ import numpy as np
 from store.benchmarks import preset_params
 from store.reader import CacheReader, cache_path
 
-from .evaluation import fit_estimator, fit_source, score_cache
+from .evaluation import check_not_constant, check_same_model, fit_estimator, fit_source, score_cache
 from .metrics import ood_metrics
 from .registry import ScoreError, all_entries, default_grid, entry, load_plugin, paper_variants
 
@@ -186,6 +186,10 @@ def _evaluate_variant(args):
     except Exception as err:   # a variant the caches cannot serve is reported, not fatal
         return {"label": label, "score": name, "params": params, "error": f"{type(err).__name__}: {err}"}
     keep = {n: ~readers[n].read_all("skipped").astype(bool) for n in values}
+    try:
+        check_not_constant(name, {n: values[n][keep[n]] for n in values}, params)
+    except ScoreError as err:
+        return {"label": label, "score": name, "params": params, "error": str(err)}
     per = {}
     for n in ood_names:
         known, novel = values[id_name][keep[id_name]], values[n][keep[n]]
@@ -219,6 +223,7 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     paths = {n: cache_path(cache_dir, n) for n in [id_name, *ood_names]}
     train_path = cache_path(cache_dir, fit_on or f"{id_name}_train")
     train_path = train_path if os.path.exists(train_path) else None
+    check_same_model([*paths.values(), *([train_path] if train_path else [])], allow_partial, "the swept caches")
     with CacheReader(paths[id_name], allow_partial=allow_partial) as r:
         attrs = r.attrs
     variants = [(label, s, p) for label, (s, p) in paper_variants().items()]

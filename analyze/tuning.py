@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from store.reader import CacheReader, cache_path
 from store.schema import CacheError
 
-from .evaluation import FitStore, fit_source, score_cache
+from .evaluation import FitStore, check_same_model, fit_source, score_cache
 from .registry import ScoreError, entry
 from .sweep import expand
 
@@ -37,6 +37,7 @@ def tune(cache_dir, id_name, id_val, ood_val, names, params=None, fit_on=None):
     params = params or {}
     out = {}
     store = FitStore()
+    check_same_model([cache_path(cache_dir, n) for n in (id_name, id_val, ood_val)], what="--tune-on")
     with CacheReader(cache_path(cache_dir, id_val)) as iv, CacheReader(cache_path(cache_dir, ood_val)) as ov:
         keep_i = ~iv.read_all("skipped").astype(bool)
         keep_o = ~ov.read_all("skipped").astype(bool)

@@ -5,6 +5,8 @@
 Messages for the user go through ``log``.
 """
 import os
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
@@ -154,6 +156,10 @@ def dataset_specs(bench, datasets, data_root, split):
             specs.append(DatasetSpec(n, kind, rel, data_root, os.path.join(data_root, images[0]) if images else ""))
     if not specs:
         raise ValueError("no dataset given: use --dataset NAME=DIR (repeatable) or --benchmark")
+    for spec in specs:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*", spec.name) or spec.name.endswith(".h5"):
+            raise ValueError(f"--dataset {spec.name!r}: a dataset name is a plain file stem (letters, "
+                             "digits, _ . + -; no / or ..): it names <cache-dir>/<name>.h5")
     seen = {}
     for spec in specs:
         source = spec[1:]
@@ -198,6 +204,9 @@ def check_existing(target, attrs, overwrite, log, needs=(), passes=(), scores=()
     extract (after removing it with ``overwrite``); raises CacheError naming what it lacks
     or where it differs otherwise."""
     if not os.path.exists(target):
+        if overwrite and os.path.isdir(parts_dir(target)):
+            shutil.rmtree(parts_dir(target))
+            log(f"{attrs['dataset']}: --overwrite: removed the unfinished run {parts_dir(target)}")
         return False
     if overwrite:
         os.remove(target)

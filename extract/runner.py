@@ -283,7 +283,12 @@ def _run(model, dataset, cache_path, config, provenance, indices, plan, shard, d
     batches = grid_batches(writer.missing(lo, hi), batch_size)
     todo = sum(b - a for a, b in batches)
     if todo:
-        check_disk(cache_path, (2 if shard.is_main else 1) * plan.bytes_per_image() * todo)
+        try:
+            check_disk(cache_path, (2 if shard.is_main else 1) * plan.bytes_per_image() * todo)
+        except OSError:
+            if shard.is_main and todo == n:     # nothing of this run exists yet: leave nothing behind
+                writer.discard()
+            raise
     if shard.world_size > 1:
         print(f"{provenance.dataset}: rank {shard.rank} of {shard.world_size} extracts rows "
               f"{lo}-{hi} ({hi - lo - todo} already done)", flush=True)
@@ -300,6 +305,16 @@ def _run(model, dataset, cache_path, config, provenance, indices, plan, shard, d
     background = BackgroundWriter(writer)
     try:
         for (row, _), (x, y, idx, reasons) in zip(batches, loader):
+            # labels below -1 are malformed anywhere; a training cache's labels are what fitted
+            # scores read, so they must be classes of the head (an OOD folder's class indices
+            # are never read)
+            bad = ((y < -1) | ((y >= plan.num_classes) & (provenance.split == "train"))).nonzero().flatten()
+            if len(bad):
+                i = int(bad[0])
+                raise ValueError(f"{provenance.dataset}: {dataset.paths[int(idx[i])]} has label {int(y[i])}, "
+                                 f"which a {plan.num_classes}-class head cannot have (labels are 0.."
+                                 f"{plan.num_classes - 1}, or -1 for none): check --num-classes, the "
+                                 "class folders or the list's labels")
             arrays = {"content_hash": content_hashes(x)}
             x = x.to(device, non_blocking=True)
             arrays.update(_extract_batch(model, recorder, captured, plan, x, y.to(device)))

@@ -197,6 +197,12 @@ class CacheWriter:
                     os.remove(os.path.join(self.dir, name))
         return contiguous_rows(list_parts(self.dir))
 
+    def discard(self):
+        """Remove the parts folder of a run that wrote no row (a refused start), then release
+        the lock."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.release()
+
     def release(self):
         """Release the cache lock (``assemble`` does it; call it after a failed run)."""
         if self._lock is not None:

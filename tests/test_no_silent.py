@@ -1,0 +1,154 @@
+"""No silent wrong number: sweeps and tuning that mix models, labels the head cannot have,
+constant scores, dataset names that escape the cache folder, refused runs that leave
+debris, plugins reloaded in a notebook."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from analyze.registry import SCORES, entry, load_plugin
+from extract.models import build_model
+from helpers import demo_workspace, randomize_norms
+from pipeline import cli
+from store.writer import parts_dir
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """A cache folder holding caches of two different weights (mine*, far, far_other)."""
+    base = tmp_path_factory.mktemp("silent")
+    data, ckpt = demo_workspace(base)
+    other = str(base / "other.pt")
+    torch.save(randomize_norms(build_model("resnet18", 10), seed=3).state_dict(), other)
+    cache = str(base / "cache")
+    digits, noise = os.path.join(data, "digits", "test"), os.path.join(data, "noise")
+
+    def ex(checkpoint, *datasets, more=()):
+        args = ["extract", "--arch", "resnet18", "--checkpoint", checkpoint, "--num-classes", "10",
+                "--preprocess", "demo", "--cache-dir", cache, "--quiet", "--score", "knn,react,msp",
+                "--limit", "24", *[a for d in datasets for a in ("--dataset", d)], *more]
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+    ex(ckpt, f"mine={digits}", f"mine_val={os.path.join(data, 'shapes')}", f"near={noise}")
+    ex(ckpt, f"mine={os.path.join(data, 'digits', 'train')}", more=("--split", "train"))
+    ex(other, f"far={noise}", f"far_other={os.path.join(data, 'textures')}")
+    return base, data, ckpt, cache
+
+
+def run(args):
+    res = CliRunner().invoke(cli, args)
+    return res.exit_code, res.output
+
+
+def test_sweep_refuses_caches_of_different_weights(two_models):
+    base, _, _, cache = two_models
+    code, out = run(["sweep", "--cache-dir", cache, "--id", "mine", "--ood", "far", "--grid", "knn:k=1,5",
+                     "--results", str(base / "s")])
+    assert code == 2 and "the swept caches mix models" in out and "weights" in out
+
+
+def test_tuning_refuses_another_models_cache(two_models):
+    base, _, _, cache = two_models
+    code, out = run(["analyze", "--cache-dir", cache, "--id", "mine", "--ood", "near", "--score", "react",
+                     "--tune-on", "far_other", "--tune-id", "mine_val", "--results", str(base / "t")])
+    assert code == 2 and "--tune-on mix models" in out and "far_other" in out
+
+
+def test_labels_the_head_cannot_have_are_refused(tmp_path):
+    data, ckpt = demo_workspace(tmp_path)
+    folder = tmp_path / "twelve"
+    for c in range(12):
+        (folder / f"class{c:02d}").mkdir(parents=True)
+        Image.fromarray(np.full((32, 32, 3), 20 * c, np.uint8)).save(folder / f"class{c:02d}" / "a.png")
+    common = ["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess", "demo",
+              "--cache-dir", str(tmp_path / "c"), "--quiet", "--score", "msp"]
+    code, out = run(common + ["--dataset", f"twelve={folder}", "--split", "train"])
+    assert code == 2 and "has label 10, which a 10-class head cannot have" in out
+    listing = tmp_path / "list.txt"
+    listing.write_text("class00/a.png 3\nclass01/a.png -7\n")
+    code, out = run(common + ["--dataset", f"odd={listing}", "--data-root", str(folder)])
+    assert code == 2 and "has label -7" in out and "class01/a.png" in out
+    code, out = run(common + ["--dataset", f"ood_folder={folder}"])      # an OOD folder's classes are never read
+    assert code == 0, out
+
+
+def test_a_constant_score_is_not_reported_as_auroc_50(two_models):
+    base, _, _, cache = two_models
+    folder = str(base / "same")
+    os.makedirs(folder, exist_ok=True)
+    for name in ("mine.h5", "mine_val.h5"):
+        if not os.path.exists(os.path.join(folder, name)):
+            os.symlink(os.path.join(cache, name), os.path.join(folder, name))
+    code, out = run(["analyze", "--cache-dir", folder, "--id", "mine", "--ood", "mine_val", "--score", "energy",
+                     "--param", "energy.temperature=1e30", "--results", str(base / "k")])
+    assert code == 2 and "gives every ID and OOD row the same value" in out
+    code, out = run(["analyze", "--cache-dir", folder, "--id", "mine", "--ood", "mine_val", "--score", "energy",
+                     "--results", str(base / "k2")])
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("name", ["../escaped", "sub/x", "x.h5", ".hidden"])
+def test_dataset_names_are_plain_file_stems(two_models, name, tmp_path):
+    base, data, ckpt, _ = two_models
+    code, out = run(["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess",
+                     "demo", "--cache-dir", str(tmp_path / "c"), "--dataset", f"{name}={os.path.join(data, 'noise')}"])
+    assert code == 2 and "plain file stem" in out
+    assert not os.path.exists(tmp_path / "escaped.h5") and not os.path.exists(tmp_path / "c" / "sub")
+
+
+def test_a_disk_space_refusal_leaves_nothing_and_its_advice_works(two_models, tmp_path, monkeypatch):
+    base, data, ckpt, _ = two_models
+    cache = str(tmp_path / "c")
+    args = ["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess", "demo",
+            "--cache-dir", cache, "--quiet", "--dataset", f"n={os.path.join(data, 'noise')}", "--limit", "8"]
+    import extract.runner as R
+    real = shutil.disk_usage
+    monkeypatch.setattr(R.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
+    code, out = run(args + ["--policy", "raw"])
+    assert code == 2 and "not enough disk space" in out
+    assert not os.path.exists(parts_dir(os.path.join(cache, "n.h5")))
+    monkeypatch.setattr(R.shutil, "disk_usage", real)
+    code, out = run(args + ["--policy", "scores"])
+    assert code == 0, out
+
+
+def test_overwrite_removes_an_unfinished_run(two_models, tmp_path):
+    base, data, ckpt, _ = two_models
+    cache = str(tmp_path / "c")
+    os.makedirs(parts_dir(os.path.join(cache, "n.h5")))
+    with open(os.path.join(parts_dir(os.path.join(cache, "n.h5")), "run.json"), "w") as f:
+        f.write('{"other": "settings"}')
+    code, out = run(["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess",
+                     "demo", "--cache-dir", cache, "--quiet", "--dataset", f"n={os.path.join(data, 'noise')}",
+                     "--limit", "8", "--score", "msp", "--overwrite"])
+    assert code == 0 and "removed the unfinished run" in out
+
+
+def test_plugins_reload_when_edited_and_never_collide(tmp_path):
+    first = tmp_path / "a-b.py"
+    second = tmp_path / "a_b.py"
+    body = "from analyze import register_score\n\n@register_score({name!r})\ndef f(data):\n    return {expr}\n"
+    first.write_text(body.format(name="reload_me", expr="data.logits.max(axis=1)"))
+    second.write_text(body.format(name="other_me", expr="-data.logits.max(axis=1)"))
+    try:
+        assert load_plugin(str(first)) == ["reload_me"]
+        assert load_plugin(str(second)) == ["other_me"]          # a distinct module, not a cached one
+        old = entry("reload_me").impl
+        assert load_plugin(str(first)) == ["reload_me"] and entry("reload_me").impl is old   # unchanged: not re-run
+        first.write_text(body.format(name="reload_me", expr="data.logits.min(axis=1)"))
+        assert load_plugin(str(first)) == ["reload_me"]
+        assert entry("reload_me").impl is not old
+        logits = np.array([[1.0, 5.0], [2.0, -3.0]])
+
+        class Block:
+            pass
+        block = Block()
+        block.logits = logits
+        np.testing.assert_array_equal(entry("reload_me").impl(block), logits.min(axis=1))
+    finally:
+        SCORES.pop("reload_me", None)
+        SCORES.pop("other_me", None)
