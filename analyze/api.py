@@ -103,8 +103,13 @@ def _column(metric):
 
 def default_ood_sets(cache_dir, id_name, exclude=()):
     """Every cache in ``cache_dir`` other than the ID cache, ``*_train`` and ``*_val``
-    caches and ``exclude`` (fitting and validation caches), sorted by name."""
+    caches and ``exclude`` (fitting and validation caches), sorted by name. Unfinished
+    extractions (a ``<name>.h5.parts`` folder only) are listed too: reading them then
+    refuses, or, with ``allow_partial``, reads their finished rows and marks them, so a set
+    never drops out of a table unseen."""
     if not os.path.isdir(cache_dir):
         raise ScoreError(f"cache folder {cache_dir} does not exist")
-    present = sorted(f[:-3] for f in os.listdir(cache_dir) if f.endswith(".h5"))
+    files = os.listdir(cache_dir)
+    present = sorted({f[:-3] for f in files if f.endswith(".h5")}
+                     | {f[:-len(".h5.parts")] for f in files if f.endswith(".h5.parts")})
     return [n for n in present if n != id_name and not is_fitting_or_validation(n) and n not in exclude]

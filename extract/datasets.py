@@ -8,6 +8,7 @@ on (the tensor is then zeros and the label -1). Images are decoded to RGB by ``l
 (16-bit images scaled, not clipped).
 """
 import os
+import stat
 
 import torch
 from PIL import Image
@@ -189,6 +190,69 @@ class ImageList(torch.utils.data.Dataset):
 IMAGE_EXTENSIONS = tvd.folder.IMG_EXTENSIONS
 
 
+def _loops(path):
+    """True when the folder ``path`` is a symlink to itself or to a folder above it (a loop)."""
+    if not os.path.islink(path):
+        return False
+    target = os.path.realpath(path)
+    above = os.path.realpath(os.path.dirname(path))
+    return above == target or above.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def _walk_once(top):
+    """``os.walk(top, followlinks=True)`` without symlink loops: a link to a folder above
+    it (``self -> .``) is not entered, and no real folder is walked twice."""
+    seen = set()
+    for root, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not _loops(os.path.join(root, d))]
+        yield root, dirs, files
+
+
+def _regular_file(path):
+    """True for a regular file (after symlinks); False for pipes, sockets, devices, broken links."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class ImageFolder(tvd.ImageFolder):
+    """torchvision's ImageFolder (same classes, same row order) reading regular image
+    files only and following no symlink loop: a named pipe called ``x.png`` is skipped
+    instead of blocking the run, a link ``self -> .`` does not multiply the images."""
+
+    def find_classes(self, directory):
+        """Class folders of ``directory``, symlink loops left out."""
+        classes = sorted(e.name for e in os.scandir(directory)
+                         if e.is_dir() and not _loops(os.path.join(directory, e.name)))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        exts = tuple(e.lower() for e in (extensions or IMAGE_EXTENSIONS))
+        instances, found = [], set()
+        for target_class in sorted(class_to_idx):
+            target_dir = os.path.join(directory, target_class)
+            for root, _, fnames in sorted(_walk_once(target_dir)):
+                for fname in sorted(fnames):
+                    path = os.path.join(root, fname)
+                    if fname.lower().endswith(exts) and _regular_file(path):
+                        instances.append((path, class_to_idx[target_class]))
+                        found.add(target_class)
+        empty = set(class_to_idx) - found
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}. "
+                                    f"Supported extensions are: {', '.join(exts)}")
+        return instances
+
+
 def _folder(path, transform, name, data_root, kind, rel):
     """An ImageFolder at ``path`` with errors that say what is wrong."""
     if not os.path.isdir(path):
@@ -196,7 +260,7 @@ def _folder(path, transform, name, data_root, kind, rel):
             f"dataset {name!r} not found: no folder {path}.\n"
             f"Expected layout: {data_root or '.'}/{expected_layout(kind, rel)}\n{WHERE_TO_GET}")
     try:
-        return tvd.ImageFolder(path, transform=transform, loader=load_rgb, allow_empty=False)
+        return ImageFolder(path, transform=transform, loader=load_rgb, allow_empty=False)
     except (FileNotFoundError, RuntimeError) as err:
         classes = [d for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
         if not classes:

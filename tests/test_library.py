@@ -30,9 +30,9 @@ PLUGIN = textwrap.dedent('''
         r = np.concatenate([data.stat(l, "max_logit", "nonzero") / data.area(l) for l in data.layers("bn")], axis=1)
         return -np.abs(r).__pow__(power).mean(axis=1)
 
-    @register_score("layer4_map_energy", title="layer4 grad map energy", needs=[("layer4", "max_logit", "map")])
+    @register_score("layer4_map_energy", title="layer4 map energy", needs=[("layer4", "act", "map")])
     def layer4_map_energy(data):
-        return -(data.map("layer4", "max_logit").astype(np.float64) ** 2).sum(axis=(1, 2, 3))
+        return -(data.map("layer4", "act").astype(np.float64) ** 2).sum(axis=(1, 2, 3))
 ''')
 
 
@@ -74,7 +74,7 @@ def test_plugin_scores_every_cache_as_computed_by_hand(demo):
                                    "--score", "my_gaia_z_l1", "--score", "layer4_map_energy",
                                    "--results", str(base / "res_plugin"), "--scores-out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "GAIA-Z (L1)" in res.output and "layer4 grad map energy" in res.output
+    assert "GAIA-Z (L1)" in res.output and "layer4 map energy" in res.output
     for name in ("digits", "noise", "shapes"):
         with h5py.File(os.path.join(cache, f"{name}.h5")) as f:
             bn = json.loads(f.attrs["hook_sets"])["bn"]
@@ -82,7 +82,7 @@ def test_plugin_scores_every_cache_as_computed_by_hand(demo):
             r = np.concatenate([f[stat_path(l, "max_logit", "nonzero")][...] / (shapes[l][1] * shapes[l][2])
                                 for l in bn], axis=1)
             expected = -np.abs(r).mean(axis=1)
-            maps = f[stat_path("layer4", "max_logit", "map")][...].astype(np.float64)
+            maps = f[stat_path("layer4", "act", "map")][...].astype(np.float64)
             expected_map = -(maps ** 2).sum(axis=(1, 2, 3))
         for score, want in (("my_gaia_z_l1", expected), ("layer4_map_energy", expected_map)):
             with open(out / score / f"{name}.csv") as fh:

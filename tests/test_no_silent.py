@@ -152,3 +152,39 @@ def test_plugins_reload_when_edited_and_never_collide(tmp_path):
     finally:
         SCORES.pop("reload_me", None)
         SCORES.pop("other_me", None)
+
+
+def test_symlink_loops_and_named_pipes_neither_multiply_nor_hang(tmp_path):
+    from extract.datasets import build_transform, open_dataset
+    root = tmp_path / "set"
+    (root / "a").mkdir(parents=True)
+    for j in range(2):
+        Image.fromarray(np.full((8, 8, 3), 50 * j, np.uint8)).save(root / "a" / f"{j}.png")
+    os.symlink(".", root / "self")                   # a loop at the top
+    os.symlink("..", root / "a" / "up")              # and one inside a class folder
+    os.mkfifo(root / "a" / "pipe.png")               # would block a reader forever
+    transform, _ = build_transform("demo")
+    ds = open_dataset(str(root), "folder", "", transform, "set")
+    assert len(ds) == 2 and sorted(os.path.basename(p) for p in ds.paths) == ["0.png", "1.png"]
+
+
+def test_an_unfinished_ood_cache_never_drops_out_unseen(two_models, tmp_path):
+    base, data, ckpt, cache = two_models
+    folder = tmp_path / "c"
+    folder.mkdir()
+    os.symlink(os.path.join(cache, "mine.h5"), folder / "mine.h5")
+    images = tmp_path / "broken" / "x"
+    images.mkdir(parents=True)
+    for j in range(6):
+        Image.fromarray(np.full((32, 32, 3), 30 * j, np.uint8)).save(images / f"{j}.png")
+    (images / "z.png").write_bytes(b"not an image")
+    code, out = run(["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess",
+                     "demo", "--cache-dir", str(folder), "--quiet", "--score", "msp", "--batch-size", "2",
+                     "--dataset", f"broken={tmp_path / 'broken'}"])
+    assert code == 2 and "cannot read image" in out
+    code, out = run(["analyze", "--cache-dir", str(folder), "--id", "mine", "--score", "msp",
+                     "--results", str(tmp_path / "r")])
+    assert code == 2 and "broken.h5 is incomplete" in out
+    code, out = run(["analyze", "--cache-dir", str(folder), "--id", "mine", "--score", "msp", "--allow-partial",
+                     "--results", str(tmp_path / "r2")])
+    assert code == 0 and "PARTIAL" in out and "broken" in out
