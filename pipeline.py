@@ -348,7 +348,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
                            + f" (validation AUROC {100 * t['auroc']:.2f}, {t['tried']} candidates)", err=True)
         ev = run_evaluation(cache_dir, id_name, ood_names, names, convention, allow_partial,
                             params, fit_on, os.path.join(out, "fitted"), lenient=not explicit,
-                            allow_overlap=allow_overlap)
+                            allow_overlap=allow_overlap, progress=sys.stderr.isatty())
         for name, why in ev["failed"].items():
             click.echo(f"note: {name} left out: {why}", err=True)
         names = list(ev["results"])
@@ -361,8 +361,9 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
             write_scores_csv(ev, scores_out)
         figures = []
         if plots:
-            from analyze.plots import roc_curves, score_histograms
-            figures = score_histograms(ev, os.path.join(out, "plots")) + roc_curves(ev, os.path.join(out, "plots"))
+            from analyze.plots import method_comparison, roc_curves, score_histograms
+            figures = (score_histograms(ev, os.path.join(out, "plots")) + roc_curves(ev, os.path.join(out, "plots"))
+                       + method_comparison(ev, os.path.join(out, "plots")))
     except KeyboardInterrupt as err:
         _interrupted(err)
     except ERRORS as err:
@@ -413,7 +414,7 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
         for score, tables in parse_grid_text(grids).items():
             grid.setdefault(score, []).extend(tables)
         result = run_sweep(cache_dir, id_name, ood_names, grid or None, fit_on, workers, select_on,
-                           rank_by, plugins, allow_partial)
+                           rank_by, plugins, allow_partial, progress=sys.stderr.isatty())
         path = write_sweep(result, out)
         figures = []
         if plots:

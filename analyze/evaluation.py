@@ -320,7 +320,8 @@ def check_overlap(fit_path, eval_paths, allow_partial=False):
 
 
 def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", allow_partial=False,
-                   params=None, fit_on=None, fitted_dir=None, lenient=False, allow_overlap=False):
+                   params=None, fit_on=None, fitted_dir=None, lenient=False, allow_overlap=False,
+                   progress=False):
     """Scores and metrics for the ID cache against each OOD cache in ``cache_dir``.
 
     params: ``{score: {parameter: value}}``. fit_on: training cache name for the scores
@@ -333,7 +334,8 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
     "id_accuracy": fraction or None, "failed": {score: reason}}``. lenient: a score that
     cannot be fitted or computed is left out (reason in "failed") instead of raising, as
     ``--score all`` wants. allow_overlap: accept fitting caches that share images with the
-    evaluated ones (``check_overlap``; refused by default). With groups (the benchmark preset's near and far
+    evaluated ones (``check_overlap``; refused by default). progress: a progress bar (stderr)
+    over the (cache, score) pairs. With groups (the benchmark preset's near and far
     OOD sets), each score's results also hold "nearood" and "farood": the unweighted means
     over the group, as OpenOOD reports them. Skipped (unreadable) images are left out of
     the metrics.
@@ -369,6 +371,9 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
                      out["failed"] if lenient else None)
     names = [n for n in names if n not in out["failed"]]
     keep = {}
+    from tqdm import tqdm
+    bar = tqdm(total=len(names) * (1 + len(ood_names)), desc="analyze", unit="score", disable=not progress,
+               dynamic_ncols=True)
     for dataset in [id_name, *ood_names]:
         path = cache_path(cache_dir, dataset)
         with CacheReader(path, allow_partial=allow_partial) as reader:
@@ -381,6 +386,7 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
             values = {}
             for name in names:
                 if name in out["failed"]:
+                    bar.update(1)
                     continue
                 try:
                     est = fitted.get(name) or entry(name).make(params.get(name))
@@ -388,8 +394,10 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
                     _check_finite(name, values[name], ~skipped, paths, path, params.get(name))
                 except (CacheError, ScoreError) as err:
                     if not lenient:
+                        bar.close()
                         raise
                     out["failed"][name] = str(err)
+                bar.update(1)
             out["scores"][dataset] = values
             out["paths"][dataset] = paths
             out["skipped"][dataset] = int(skipped.sum())
@@ -401,6 +409,7 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
             keep[dataset] = ~skipped
             if dataset == id_name:
                 out["id_accuracy"] = _accuracy(reader, keep[dataset])
+    bar.close()
     for name in names:
         if name in out["failed"]:
             continue

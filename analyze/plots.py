@@ -1,7 +1,9 @@
-"""PNG figures from an evaluation or a sweep (matplotlib, the optional ``plots`` extra).
+"""Figures from an evaluation or a sweep (matplotlib, the optional ``plots`` extra), each
+written as PNG and, for papers, as vector PDF beside it.
 
 * ``score_histograms``: per score, the ID score distribution against each OOD set's.
 * ``roc_curves``: per score, the ROC curve (ID positive) against each OOD set.
+* ``method_comparison``: per OOD set, the AUROC and FPR95 of every method side by side.
 * ``layer_contribution``: from a sweep, average AUROC of every single-layer variant.
 """
 import os
@@ -23,10 +25,12 @@ def _pyplot():
 
 
 def _save(plt, fig, out_dir, name):
-    """Lay out, write ``out_dir/name`` at 110 dpi, close the figure; returns the path."""
+    """Lay out, write ``out_dir/name`` (PNG at 110 dpi) and the same figure as PDF, close
+    it; returns the PNG's path."""
     fig.tight_layout()
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
+    fig.savefig(os.path.splitext(path)[0] + ".pdf")
     plt.close(fig)
     return path
 
@@ -87,6 +91,28 @@ def roc_curves(evaluation, out_dir):
     return paths
 
 
+def method_comparison(evaluation, out_dir):
+    """``out_dir/compare_<ood>.png``: per OOD set, AUROC and FPR95 (%) of every method of
+    ``evaluation`` as horizontal bars on zero-based axes, best AUROC on top; returns the paths."""
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for ood in [*evaluation["ood"], "Average"]:
+        names = sorted(evaluation["results"], key=lambda n: evaluation["results"][n][ood]["AUROC"])
+        fig, axes = plt.subplots(1, 2, figsize=(8, max(2.5, 0.28 * len(names) + 1)), sharey=True)
+        for ax, metric in zip(axes, ("AUROC", "FPR95")):
+            ax.barh(range(len(names)), [100 * evaluation["results"][n][ood][metric] for n in names],
+                    color="tab:blue" if metric == "AUROC" else "tab:red")
+            ax.set_xlim(0, 100)
+            ax.set_xlabel(f"{metric} (%) {'higher' if metric == 'AUROC' else 'lower'} is better", fontsize=8)
+        axes[0].set_yticks(range(len(names)))
+        axes[0].set_yticklabels([title(n) for n in names], fontsize=7)
+        fig.suptitle(f"ID {evaluation['id']} vs {ood if ood != 'Average' else 'the average over OOD sets'}",
+                     fontsize=10)
+        paths.append(_save(plt, fig, out_dir, f"compare_{ood}.png"))
+    return paths
+
+
 def layer_contribution(sweep, out_dir):
     """``out_dir/layers_<score>.png``: for every layered score in the sweep, the best average
     AUROC over the single-layer variants of each layer (whatever their other parameters),
@@ -109,7 +135,7 @@ def layer_contribution(sweep, out_dir):
         ax.set_xticklabels(layers, rotation=70, fontsize=7, ha="right")
         ax.set_xlabel("layer (network order)", fontsize=8)
         ax.set_ylabel("best average AUROC (%)")
-        ax.set_ylim(max(0, 100 * min(values.values()) - 5), 100)
+        ax.set_ylim(0, 100)         # a zero-based axis: bar heights compare honestly
         ax.set_title(f"{title(score)}: one layer at a time", fontsize=10)
         paths.append(_save(plt, fig, out_dir, f"layers_{score}.png"))
     return paths

@@ -66,6 +66,20 @@ def summary_table(evaluation):
     return header, rows
 
 
+def summary_csv_table(evaluation):
+    """(header, rows) of ``summary.csv``: the summary table with one number per cell (metrics
+    in %, two decimals), a column per (OOD set, metric), for spreadsheets and pandas."""
+    oods = evaluation["ood"]
+    header = ["method", *[f"{n} {m}" for n in oods for m in ("FPR95", "AUROC")],
+              "average FPR95", "average AUROC", "average AUPR-In", "average AUPR-Out"]
+    rows = []
+    for name, res in evaluation["results"].items():
+        avg = res["Average"]
+        rows.append([title(name), *[_pct(res[n][m]) for n in oods for m in ("FPR95", "AUROC")],
+                     *[_pct(avg[m]) for m in ("FPR95", "AUROC", "AUPR-In", "AUPR-Out")]])
+    return header, rows
+
+
 def grouped_table(evaluation):
     """(header, rows) in OpenOOD's layout: per score, near-OOD and far-OOD averages (FPR95,
     AUROC), then AUROC per set, near sets first; the ID accuracy is in the caption."""
@@ -229,8 +243,9 @@ def write_report(evaluation, out_dir, extra_files=()):
             f.write(f"\nNear-OOD and far-OOD (OpenOOD's grouping; averages are unweighted means over "
                     f"each group's sets):\n\n{markdown(gh, gr)}\n")
             text = plain(gh, gr) + "\n\n" + text
+    csv_header, csv_rows = summary_csv_table(evaluation)
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+        csv.writer(f).writerows([csv_header, *csv_rows])
     files += ["summary.md", "summary.csv", "ood", *extra_files]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"id": evaluation["id"], "ood": evaluation["ood"], "convention": evaluation["convention"],

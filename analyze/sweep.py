@@ -203,7 +203,7 @@ def _evaluate_variant(args):
 
 
 def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=None, select_on=None,
-              metric="FPR95", plugins=(), allow_partial=False):
+              metric="FPR95", plugins=(), allow_partial=False, progress=False):
     """Evaluate every variant of ``grid`` (default: every entry's grid) plus the published
     configurations; returns a dict with ``rows`` (sorted best first by the average
     ``metric`` over the reported sets), ``errors``, ``reported`` (OOD sets in the
@@ -251,7 +251,10 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                              initargs=(paths, train_path, tuple(os.path.abspath(p) for p in plugins),
                                        allow_partial)) as pool:
-        results = list(pool.map(_evaluate_variant, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
+        from tqdm import tqdm
+        results = list(tqdm(pool.map(_evaluate_variant, jobs, chunksize=max(1, len(jobs) // (8 * workers))),
+                            total=len(jobs), desc="sweep", unit="variant", disable=not progress,
+                            dynamic_ncols=True))
     seconds = time.perf_counter() - start
     rows = [r for r in results if "error" not in r]
     errors = [r for r in results if "error" in r]
@@ -305,7 +308,10 @@ def write_sweep(sweep, out_dir):
     cap = (f"ID = {sweep['id']}; OOD sets: {', '.join(sweep['reported'])}. {sweep['n_variants']} variants in "
            f"{sweep['seconds']:.1f} s on {sweep['workers']} processes, from the caches only. Sorted by "
            + (f"{sweep['metric']} on the validation set {sweep['select_on']} (left out of the "
-              "averages)" if sweep["select_on"] else f"average {sweep['metric']}")
+              "averages)" if sweep["select_on"] else
+              f"average {sweep['metric']} on the test sets themselves (no validation set: a variant "
+              "chosen from this ranking is tuned on its test data; --select-on SET ranks on a held-out "
+              "OOD set instead)")
            + "; * marks the published configurations. Metrics in %, scikit-learn convention.")
     if sweep["selected"]:
         cap += " Selected per score: " + "; ".join(f"{entry(s).title}: {l}" for s, l in sweep["selected"].items()) + "."

@@ -185,3 +185,26 @@ def test_keyboard_interrupt_inside_a_plugin_says_where(workspace, tmp_path):
     assert res.exit_code == 130
     assert "interrupted while stops scored rows 0-8" in res.output and "no table" in res.output
     assert not os.path.exists(os.path.join(out, "summary.csv"))
+
+
+def test_tables_and_figures_a_paper_can_use(workspace, capsys):
+    import csv
+    base, data, ckpt = workspace
+    cache, out = str(base / "paper"), str(base / "paper_results")
+    run(extract(data, ckpt, cache, "--dataset", "digits", "--dataset", "noise", "--dataset", "shapes",
+                "--limit", "16", "--score", "msp,energy,maxlogit"))
+    run(["analyze", "--cache-dir", cache, "--id", "digits", "--score", "msp,energy,maxlogit", "--results", out,
+         "--plots"])
+    rows = list(csv.reader(open(os.path.join(out, "summary.csv"))))
+    assert rows[0][:3] == ["method", "noise FPR95", "noise AUROC"]
+    assert all(float(cell) >= 0 for row in rows[1:] for cell in row[1:])      # one number per cell
+    plots = os.listdir(os.path.join(out, "plots"))
+    assert "compare_noise.png" in plots and "compare_Average.png" in plots
+    assert all(p[:-4] + ".pdf" in plots for p in plots if p.endswith(".png"))
+    res = run(["sweep", "--cache-dir", cache, "--id", "digits", "--grid", "energy:temperature=1,10",
+               "--results", str(base / "paper_sweep"), "--no-plots"])
+    assert "on the test sets themselves" in open(base / "paper_sweep" / "sweep.md").read()
+    from analyze.evaluation import run_evaluation
+    capsys.readouterr()
+    run_evaluation(cache, "digits", ["noise"], ["msp"], progress=True)
+    assert "analyze" in capsys.readouterr().err
