@@ -427,11 +427,18 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
     header, rows = sweep_table(result, top)
     click.echo(plain(header, rows))
     skipped = sum(v["count"] for v in result.get("not_stored", {}).values())
-    click.echo(f"\n{result['n_variants']} variants ({len(result['errors'])} not servable) in "
+    kinds = {}
+    for e in result["errors"]:
+        kinds.setdefault(e.get("kind", "not servable"), []).append(e)
+    counts = ", ".join(f"{len(v)} {k}" for k, v in kinds.items()) or "all served"
+    crashed = kinds.get("crashed", [])
+    click.echo(f"\n{result['n_variants']} variants ({counts}) in "
                f"{result['seconds']:.1f} s on {result['workers']} processes; table in {path}"
                + (f"; {len(figures)} figures in {out}/" if figures else "")
                + (f"\n{skipped} variants of the default grid need statistics these caches do not store "
-                  "(extract with --policy stats to sweep them); listed in the table's caption" if skipped else ""))
+                  "(extract with --policy stats to sweep them); listed in the table's caption" if skipped else "")
+               + (f"\n{len(crashed)} variants CRASHED (a bug in the score, not a missing statistic), "
+                  f"e.g. {crashed[0]['label']}: {crashed[0]['error']}" if crashed else ""))
 
 
 # ----------------------------------------------------------------------------- inspect

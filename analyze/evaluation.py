@@ -381,6 +381,9 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
                 if dataset != id_name:
                     check_compatible(name, params.get(name), id_attrs, id_path, reader.attrs, path)
             skipped = reader.read_all("skipped").astype(bool)
+            if len(skipped) and skipped.all():
+                raise CacheError(f"{path}: all {len(skipped)} rows of set {dataset!r} were skipped (unreadable "
+                                 "images): nothing to score; see `pipeline.py inspect` and re-extract it")
             paths = reader.read_all("paths")
             reasons = reader.read_all("skip_reasons") if skipped.any() and reader.has("skip_reasons") else None
             values = {}

@@ -27,6 +27,7 @@ import numpy as np
 
 from store.benchmarks import preset_params
 from store.reader import CacheReader, cache_path
+from store.schema import CacheError
 
 from .evaluation import check_not_constant, check_same_model, fit_estimator, fit_source, score_cache
 from .metrics import ood_metrics
@@ -184,12 +185,16 @@ def _evaluate_variant(args):
             est = e.make(params)
         values = {n: score_cache(readers[n], name, est, params) for n in [id_name, *ood_names]}
     except Exception as err:   # a variant the caches cannot serve is reported, not fatal
-        return {"label": label, "score": name, "params": params, "error": f"{type(err).__name__}: {err}"}
+        cause = err.__cause__
+        crashed = not isinstance(err, (CacheError, ScoreError)) or (
+            cause is not None and not isinstance(cause, (CacheError, ScoreError, ValueError)))
+        return {"label": label, "score": name, "params": params, "error": f"{type(err).__name__}: {err}",
+                "kind": "crashed" if crashed else "not servable"}
     keep = {n: ~readers[n].read_all("skipped").astype(bool) for n in values}
     try:
         check_not_constant(name, {n: values[n][keep[n]] for n in values}, params)
     except ScoreError as err:
-        return {"label": label, "score": name, "params": params, "error": str(err)}
+        return {"label": label, "score": name, "params": params, "error": str(err), "kind": "constant"}
     per = {}
     for n in ood_names:
         known, novel = values[id_name][keep[id_name]], values[n][keep[n]]

@@ -135,7 +135,7 @@ def dataset_specs(bench, datasets, data_root, split):
                 raise ValueError(f"--dataset {item!r}: expected NAME=DIR or NAME=LIST.txt")
             if split == "train" and not name.endswith("_train"):
                 name = f"{name}_train"
-            if folder.endswith(".txt"):
+            if folder.lower().endswith((".txt", ".lst")):
                 if not data_root:
                     raise ValueError(f"--dataset {item!r}: an image list needs --data-root, the folder "
                                      "its paths are relative to")
@@ -296,6 +296,10 @@ def _extract_one(req, shard, model, plan, config, spec, transform, description,
     else:
         ds = D.open_dataset(spec.root, spec.kind, spec.rel, transform, name, req.skip_bad, spec.images)
         n_images = len(ds)
+        if ds.ignored and shard.is_main:
+            log(f"{name}: {sum(ds.ignored.values())} file(s) ignored, not image files: "
+                + ", ".join(f"{n} {ext}" for ext, n in sorted(ds.ignored.items()))
+                + f" (read: {', '.join(D.IMAGE_EXTENSIONS)})")
     indices = None
     if req.limit is not None and ds is not None:
         indices = (D.balanced_subset(D.dataset_labels(ds), req.limit) if req.balanced

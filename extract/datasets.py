@@ -102,6 +102,7 @@ class ImageSet(torch.utils.data.Dataset):
         self.base, self.paths, self.skip_bad = base, [storable_path(p) for p in paths], skip_bad
         self.image_shape = image_shape
         self.root = root
+        self.ignored = {}      # {extension: count} of files a folder held that are not images
 
     def __len__(self):
         return len(self.base)
@@ -147,6 +148,14 @@ def load_rgb(path):
     return img.convert("RGB")
 
 
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 class ImageList(torch.utils.data.Dataset):
     """Images named in a list file, one ``relative/path [label]`` per line (OpenOOD's
     ``benchmark_imglist`` format), paths relative to ``images_root``, in list order.
@@ -159,22 +168,42 @@ class ImageList(torch.utils.data.Dataset):
     def __init__(self, list_file, images_root, transform):
         self.list_file, self.root, self.transform = list_file, images_root, transform
         self.samples = []
-        with open(list_file, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                rel, _, last = line.rpartition(" ")
-                try:
-                    label = int(last)
-                except ValueError:
-                    rel, label = line, -1
-                if not rel:
-                    rel, label = line, -1
-                if os.path.isabs(rel):
-                    raise ValueError(f"{list_file}:{number}: absolute path {rel!r}; list paths are "
-                                     "relative to the images folder")
-                self.samples.append((os.path.join(images_root, rel), label))
+        with open(list_file, "rb") as f:
+            raw = f.read()
+        if raw.startswith(b"\xef\xbb\xbf"):          # a UTF-8 byte-order mark is not part of a path
+            raw = raw[3:]
+        lines = []
+        for number, data in enumerate(raw.split(b"\n"), 1):
+            try:
+                lines.append(data.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{list_file}:{number}: not UTF-8 text ({err.reason} at column "
+                                 f"{err.start + 1}); save the list as UTF-8") from None
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if "\t" in line:
+                raise ValueError(f"{list_file}:{number}: a tab separates the fields of {line!r}; write "
+                                 "'relative/path label' with one space")
+            rel, _, last = line.rpartition(" ")
+            try:
+                label = int(last)
+            except ValueError:
+                if rel and _is_number(last):
+                    raise ValueError(f"{list_file}:{number}: label {last!r} is not an integer; write "
+                                     "'relative/path label' with an integer class (or -1)") from None
+                if rel and not os.path.exists(os.path.join(images_root, line)):
+                    raise ValueError(f"{list_file}:{number}: {line!r} is not 'relative/path label': its "
+                                     f"last field {last!r} is no integer label and {line!r} is no file "
+                                     f"under {images_root}") from None
+                rel, label = line, -1
+            if not rel:
+                rel, label = line, -1
+            if os.path.isabs(rel):
+                raise ValueError(f"{list_file}:{number}: absolute path {rel!r}; list paths are "
+                                 "relative to the images folder")
+            self.samples.append((os.path.join(images_root, rel), label))
         if not self.samples:
             raise FileNotFoundError(f"image list {list_file} names no images")
         self.targets = [label for _, label in self.samples]
@@ -253,6 +282,20 @@ class ImageFolder(tvd.ImageFolder):
         return instances
 
 
+def ignored_files(root, classes):
+    """``{extension: count}`` of the regular files in the class folders of ``root`` that an
+    ImageFolder skips (extensions outside ``IMAGE_EXTENSIONS``, e.g. ``.gif``)."""
+    out = {}
+    exts = tuple(e.lower() for e in IMAGE_EXTENSIONS)
+    for c in classes:
+        for folder, _, files in _walk_once(os.path.join(root, c)):
+            for f in files:
+                if not f.lower().endswith(exts) and _regular_file(os.path.join(folder, f)):
+                    ext = os.path.splitext(f)[1].lower() or "(none)"
+                    out[ext] = out.get(ext, 0) + 1
+    return out
+
+
 def _folder(path, transform, name, data_root, kind, rel):
     """An ImageFolder at ``path`` with errors that say what is wrong."""
     if not os.path.isdir(path):
@@ -284,7 +327,9 @@ def open_dataset(data_root, kind, rel, transform, name, skip_bad=False, images_r
     if kind == "folder":
         base = _folder(path, transform, name, data_root, kind, rel)
         paths = [p for p, _ in base.samples]
-        return ImageSet(base, paths, skip_bad, probe_shape(transform), root=path)
+        ds = ImageSet(base, paths, skip_bad, probe_shape(transform), root=path)
+        ds.ignored = ignored_files(path, base.classes)
+        return ds
     if kind == "list":
         if not os.path.isfile(path):
             raise FileNotFoundError(f"dataset {name!r}: image list {path} not found.\n{WHERE_TO_GET_OPENOOD}")

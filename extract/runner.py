@@ -194,14 +194,23 @@ def _module_order(model, names):
     return [n for n, _ in model.named_modules() if n in names]
 
 
+def _size(n):
+    """``n`` bytes in the largest unit that keeps it at 1 or more (B, KiB, MiB, GiB, TiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
 def check_disk(path, needed_bytes):
     """Raise OSError when the disk holding ``path`` has less than ``needed_bytes`` free."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < needed_bytes:
-        raise OSError(f"not enough disk space in {folder}: {free / 2**30:.2f} GiB free, "
-                      f"about {needed_bytes / 2**30:.2f} GiB needed (parts plus the assembled "
+        raise OSError(f"not enough disk space in {folder}: {_size(free)} free, "
+                      f"about {_size(needed_bytes)} needed (parts plus the assembled "
                       "file); free space, choose another --cache-dir, or store less "
                       "(--policy scores)")
 

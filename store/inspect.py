@@ -8,7 +8,10 @@ from .writer import covered_rows, list_parts, parts_dir
 
 def summary(path):
     """Multi-line text: provenance, sample counts (skipped and subset), hook sets, stored
-    statistics, size; for an unfinished extraction, how many rows of how many are done."""
+    statistics, size; for an unfinished extraction, how many rows of how many are done.
+    ``path`` may also be the ``<cache>.h5.parts`` folder of an unfinished run."""
+    if path.endswith(".parts") and os.path.isdir(path):
+        path = path[:-len(".parts")]
     with CacheReader(path, allow_partial=True) as r:
         a = r.attrs
         size = os.path.getsize(path) if os.path.exists(path) else 0

@@ -23,13 +23,17 @@ def default_cache_dir(bench, arch):
     return os.path.join("caches", name)
 
 
-def _decode_attrs(raw):
+def _decode_attrs(raw, where="cache"):
     attrs = {}
     for key, value in raw.items():
         if isinstance(value, bytes):
             value = value.decode()
         if key in JSON_ATTRS and isinstance(value, str):
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except ValueError as err:
+                raise CacheError(f"{where}: root attribute {key!r} is not valid JSON ({err}); the file "
+                                 "was edited or damaged: re-extract it") from None
         elif isinstance(value, np.generic):
             value = value.item()
         attrs[key] = value
@@ -53,7 +57,7 @@ class CacheReader:
         self._file = None
         if os.path.exists(path):
             self._file = self._open(path)
-            self.attrs = _decode_attrs(self._file.attrs)
+            self.attrs = _decode_attrs(self._file.attrs, path)
             self._validate()
             if not self.attrs["complete"]:
                 raise CacheError(f"{path}: cache is not marked complete; rerun the extract "

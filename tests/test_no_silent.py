@@ -2,6 +2,7 @@
 constant scores, dataset names that escape the cache folder, refused runs that leave
 debris, plugins reloaded in a notebook."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -188,3 +189,78 @@ def test_an_unfinished_ood_cache_never_drops_out_unseen(two_models, tmp_path):
     code, out = run(["analyze", "--cache-dir", str(folder), "--id", "mine", "--score", "msp", "--allow-partial",
                      "--results", str(tmp_path / "r2")])
     assert code == 0 and "PARTIAL" in out and "broken" in out
+    from store.inspect import summary
+    assert "PARTIAL" in summary(str(folder / "broken.h5.parts"))     # the folder itself, no raw errno
+
+
+@pytest.mark.parametrize("line,message", [
+    ("a.png\t3", "a tab separates the fields"),
+    ("a.png 3 extra", "is not 'relative/path label'"),
+    ("a.png 3.0", "label '3.0' is not an integer"),
+])
+def test_malformed_image_lists_name_the_line(tmp_path, line, message):
+    from extract.datasets import ImageList
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png 1\n" + line + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        ImageList(str(listing), str(tmp_path), None)
+    assert f"{listing}:2:" in str(err.value)
+
+
+def test_image_list_encodings(tmp_path):
+    from extract.cli_support import dataset_specs
+    from extract.datasets import ImageList
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfa.png 2\n")
+    assert ImageList(str(bom), str(tmp_path), None).samples == [(str(tmp_path / "a.png"), 2)]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"a.png 1\ncaf\xe9.png 2\n")
+    with pytest.raises(ValueError, match=re.escape(f"{latin}:2: not UTF-8 text")):
+        ImageList(str(latin), str(tmp_path), None)
+    (spec,) = dataset_specs(None, (f"x={tmp_path / 'LIST.LST'}",), str(tmp_path), "test")
+    assert spec.kind == "list"
+
+
+def test_messages_name_the_file_the_attribute_and_sizes(tmp_path):
+    import h5py
+    from analyze.registry import requirements
+    from extract.runner import _size
+    from helpers import extract_tensor
+    from store.reader import CacheReader
+    from store.schema import CacheError
+    assert (_size(0), _size(3 * 2 ** 20), _size(1536)) == ("0 B", "3.00 MiB", "1.50 KiB")
+    with pytest.raises(ValueError, match="tau must be >= 0"):
+        requirements(["gaia_z"], {"gaia_z": {"tau": -1.0}})
+    model = randomize_norms(build_model("resnet18", 10))
+    path = extract_tensor(model, "resnet18", torch.randn(2, 3, 32, 32), str(tmp_path / "c.h5"), ["msp"])
+    with h5py.File(path, "r+") as f:
+        f.attrs["plan"] = "{not json"
+    with pytest.raises(CacheError, match=re.escape(f"{path}: root attribute 'plan' is not valid JSON")):
+        CacheReader(path)
+
+
+def test_files_skipped_by_extension_are_counted(two_models, tmp_path):
+    base, data, ckpt, _ = two_models
+    folder = tmp_path / "set" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "0.png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "1.gif")
+    code, out = run(["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess",
+                     "demo", "--cache-dir", str(tmp_path / "c"), "--quiet", "--score", "msp",
+                     "--dataset", f"s={tmp_path / 'set'}"])
+    assert code == 0 and "1 file(s) ignored, not image files: 1 .gif" in out
+
+
+def test_a_plugin_crash_in_a_sweep_is_not_called_unservable(two_models, tmp_path):
+    base, _, _, cache = two_models
+    plugin = tmp_path / "buggy.py"
+    plugin.write_text("from analyze import register_score\n\n@register_score('buggy', grid=[{'k': [1, 2]}])\n"
+                      "def buggy(data, k=1):\n    return data.logits[:, 99]\n")
+    try:
+        code, out = run(["sweep", "--cache-dir", cache, "--id", "mine", "--ood", "near", "--plugin", str(plugin),
+                         "--grid", "buggy:k=1,2", "--results", str(tmp_path / "s")])
+    finally:
+        SCORES.pop("buggy", None)
+    assert code == 0 and "variants CRASHED" in out and "IndexError" in out

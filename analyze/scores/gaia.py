@@ -34,6 +34,8 @@ def _gaia_a_needs(p):
 
 
 def _gaia_z_needs(p):
+    if p["tau"] < 0:
+        raise ValueError(f"gaia_z.tau must be >= 0 (a count of |g| > tau), got {p['tau']:g}")
     stat = "map" if p["tau"] and p["spatial"] == "nonzero" else SPATIAL[p["spatial"]]
     return [(p["hooks"], p["objective"], stat)]
 
