@@ -112,6 +112,13 @@ def fit_estimator(reader, name, params=None):
     keep = ~reader.read_all("skipped").astype(bool)
     if keep.sum() == 0:
         raise CacheError(f"{reader.path}: no usable rows to fit {name} on")
+    labels = reader.read_all("labels")[keep]
+    k = int(reader.attrs["num_classes"])
+    if (labels >= k).any() or (labels < -1).any():
+        bad = int(((labels >= k) | (labels < -1)).sum())
+        raise CacheError(f"{reader.path}: {bad} row(s) have labels a {k}-class head cannot have (e.g. "
+                         f"{int(labels[(labels >= k) | (labels < -1)][0])}); {name} cannot be fitted on "
+                         "them: check --num-classes and the labels of that set")
     data = CacheData(reader, 0, reader.n_samples, keep=keep, needs=e.needs_for(params),
                      passes=e.passes, score=name)
     try:

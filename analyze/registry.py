@@ -88,12 +88,12 @@ class ScoreEntry(NamedTuple):
     def problems(self, attrs, params=None):
         """What keeps a cache (its root ``attrs``) from serving this score with ``params``:
         the parts it lacks (``store.recipes.missing``), then ``defined_on``'s reason."""
-        out = missing(self.needs_for(params), self.passes, attrs)
-        if not out and self.defined_on is not None:
+        out = []
+        if self.defined_on is not None:
             reason = self.defined_on(self.resolve(params), attrs)
             if reason:
                 out.append(f"{self.name} is not defined on this model: {reason}")
-        return out
+        return out + missing(self.needs_for(params), self.passes, attrs)
 
     def resolve(self, params=None):
         """Defaults updated by ``params``; unknown names or values outside ``choices`` raise."""

@@ -264,3 +264,43 @@ def test_a_plugin_crash_in_a_sweep_is_not_called_unservable(two_models, tmp_path
     finally:
         SCORES.pop("buggy", None)
     assert code == 0 and "variants CRASHED" in out and "IndexError" in out
+
+
+def test_layer_charts_start_at_zero(tmp_path, monkeypatch):
+    import analyze.plots as P
+    limits = []
+    real = P._save
+
+    def keep(plt, fig, out_dir, name):
+        limits.append(fig.axes[0].get_ylim())
+        return real(plt, fig, out_dir, name)
+    monkeypatch.setattr(P, "_save", keep)
+    sweep = {"rows": [{"score": "gaia_z", "params": {"layers": [l]}, "average": {"AUROC": a}}
+                      for l, a in (("bn1", 0.91), ("layer1.0.bn1", 0.95))], "layer_order": {}}
+    P.layer_contribution(sweep, str(tmp_path))
+    assert limits == [(0.0, 100.0)]
+
+
+def test_a_set_whose_every_image_was_unreadable_is_named(two_models, tmp_path):
+    base, data, ckpt, cache = two_models
+    folder = tmp_path / "c"
+    folder.mkdir()
+    os.symlink(os.path.join(cache, "mine.h5"), folder / "mine.h5")
+    bad = tmp_path / "bad" / "x"
+    bad.mkdir(parents=True)
+    for j in range(3):
+        (bad / f"{j}.png").write_bytes(b"not an image")
+    code, out = run(["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess",
+                     "demo", "--cache-dir", str(folder), "--quiet", "--score", "msp", "--skip-bad",
+                     "--dataset", f"bad={tmp_path / 'bad'}"])
+    assert code == 0, out
+    code, out = run(["analyze", "--cache-dir", str(folder), "--id", "mine", "--score", "msp",
+                     "--results", str(tmp_path / "r")])
+    assert code == 2 and "all 3 rows of set 'bad' were skipped" in out
+
+
+def test_an_unknown_nac_layer_is_named(two_models, tmp_path):
+    base, _, _, cache = two_models
+    code, out = run(["analyze", "--cache-dir", cache, "--id", "mine", "--ood", "near", "--score", "nac",
+                     "--param", "nac.layers=nonexistent", "--results", str(tmp_path / "r")])
+    assert code == 2 and "nonexistent" in out

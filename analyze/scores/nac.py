@@ -61,6 +61,18 @@ def _needs(p):
     return [("nac", "act", "mean"), ("nac", "log_softmax_sum", "mean")] if inner else []
 
 
+def _layers_defined(p, attrs):
+    """Why ``nac.layers`` names layers this cache's model does not have (empty when fine)."""
+    stages = (attrs.get("hook_sets") or {}).get("nac")
+    bad = [l for l in _as_list(p["layers"]) if l != AVGPOOL and l not in (stages or [])]
+    if not bad:
+        return ""
+    return (f"nac.layers names {', '.join(bad)}, which "
+            + (f"is not among its NAC layers ({', '.join([AVGPOOL, *stages])})" if stages else
+               "needs the stage outputs (the nac hook set), not extracted for this cache")
+            + "; NAC layers are avgpool or the model's stages (pipeline.py scores --arch ARCH)")
+
+
 def nac_layers(data, layers=None):
     """Validated NAC layer list: ``avgpool`` and/or names of the cache's ``nac`` hook set."""
     layers = _as_list(layers)
@@ -110,6 +122,7 @@ def _nac_layer_set(attrs):
 
 @register_score(
     "nac", title="NAC-UE", family="gradient", default=True, needs=_needs, fit_on="train",
+    defined_on=_layers_defined,
     fit_params=("layers", "hyper", "M", "alpha"),
     reference="Liu et al., ICLR 2024 (NAC-UE); BierOne/ood_coverage",
     layer_set=_nac_layer_set, paper={"NAC-UE (paper, CIFAR-10 config)": {}},
