@@ -312,8 +312,12 @@ def test_ctrl_c_keeps_the_parts_and_says_how_to_resume(setup, tmp_path):
     # after the last batch (with 4 the small set could finish between poll and signal)
     args = [sys.executable, os.path.join(ROOT, "pipeline.py"), "extract", *common, "--dataset", "noise",
             "--batch-size", "1", "--cache-dir", str(tmp_path / "c")]
+    # a shell's background job (`make test &`) starts with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: the child gets the default disposition back, as a
+    # terminal's foreground job has it
     p = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": ROOT})
+                         env={**os.environ, "PYTHONPATH": ROOT},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(list_parts(parts_dir(target))) < 2 and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
