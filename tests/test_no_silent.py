@@ -45,6 +45,14 @@ def run(args):
     return res.exit_code, res.output
 
 
+def folder_with_id_cache(cache, tmp_path):
+    """A new cache folder holding (a link to) the fixture's ID cache ``mine`` only."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    os.symlink(os.path.join(cache, "mine.h5"), folder / "mine.h5")
+    return folder
+
+
 def test_sweep_refuses_caches_of_different_weights(two_models):
     base, _, _, cache = two_models
     code, out = run(["sweep", "--cache-dir", cache, "--id", "mine", "--ood", "far", "--grid", "knn:k=1,5",
@@ -171,9 +179,7 @@ def test_symlink_loops_and_named_pipes_neither_multiply_nor_hang(tmp_path):
 
 def test_an_unfinished_ood_cache_never_drops_out_unseen(two_models, tmp_path):
     base, data, ckpt, cache = two_models
-    folder = tmp_path / "c"
-    folder.mkdir()
-    os.symlink(os.path.join(cache, "mine.h5"), folder / "mine.h5")
+    folder = folder_with_id_cache(cache, tmp_path)
     images = tmp_path / "broken" / "x"
     images.mkdir(parents=True)
     for j in range(6):
@@ -283,9 +289,7 @@ def test_layer_charts_start_at_zero(tmp_path, monkeypatch):
 
 def test_a_set_whose_every_image_was_unreadable_is_named(two_models, tmp_path):
     base, data, ckpt, cache = two_models
-    folder = tmp_path / "c"
-    folder.mkdir()
-    os.symlink(os.path.join(cache, "mine.h5"), folder / "mine.h5")
+    folder = folder_with_id_cache(cache, tmp_path)
     bad = tmp_path / "bad" / "x"
     bad.mkdir(parents=True)
     for j in range(3):

@@ -162,13 +162,6 @@ class ModelAdapter:
             out.append(name)
         return out
 
-    def norm_kind(self):
-        """The norm kind the ``bn`` set holds (``"BatchNorm"``, ...) or None."""
-        for kind, cls in _NORM_KINDS:
-            if any(isinstance(m, cls) for n, m in self.modules.items() if n in self.trace.calls):
-                return kind
-        return None
-
     def stages(self):
         """Module names of the model's top-level blocks (see the module docstring)."""
         counts = {n: sum(p.numel() for p in m.parameters()) for n, m in self.modules.items()}
