@@ -463,7 +463,8 @@ def inspect(cache_file):
 @click.option("--head", default=None, help="With --arch: module name of the linear head (as extract --head).")
 @click.option("--hook-set", "hook_sets", multiple=True, help="With --arch: hook-set overrides, as extract --hook-set.")
 def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_sets):
-    """The registered scores: title, what each reads, what it is fitted on, its parameters;
+    """The registered scores: title, what each reads, what it is fitted on and the memory
+    its fit needs, its parameters;
     with --arch, whether that model serves each one.
 
     \b
@@ -489,9 +490,11 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
     for name, e in all_entries().items():
         reads = ", ".join(f"{h}:{s}/{st}" for h, s, st in e.needs_for()) or "logits, features, head"
         reads += "".join(f" + {p} pass" for p in e.passes)
-        rows.append([name, e.title, reads, e.fit_on or "-", "yes" if e.default else "",
+        rows.append([name, e.title, reads, e.fit_on or "-", e.fit_memory or "-", "yes" if e.default else "",
                      ", ".join(e.params) or "-"])
-    click.echo(plain(["score", "title", "reads", "fitted on", "default", "parameters"], rows))
+    click.echo(plain(["score", "title", "reads", "fitted on", "fit memory", "default", "parameters"], rows))
+    click.echo("fit memory: what a fit holds beside one block of the fitting cache (n fitting rows, "
+               "D features, K classes, C channels, M intervals; float64 entries unless the score says)")
 
 
 def model_serving(stage, names, arch, model_file, num_classes, image_size, head=None, hook_sets=()):

@@ -41,6 +41,21 @@ class CacheData:
         self._passes = None if passes is None else tuple(passes)
         self._memo = {}
 
+    # ------------------------------------------------------------------------ blocks
+    def blocks(self, rows=None):
+        """The rows of this block in consecutive sub-blocks: CacheData objects with the same
+        ``keep``, ``needs`` and ``passes``, each read lazily. ``rows`` (cache rows per
+        sub-block) defaults to ``fit_block_rows``: about FIT_BLOCK_BYTES of float64 per
+        sub-block, so a fit that keeps only per-block temporaries and its accumulators
+        runs in memory bounded independently of the fitting set's size. A block that fits
+        whole is yielded as one sub-block holding every row (the same arrays as ``self``)."""
+        rows = fit_block_rows(self) if rows is None else int(rows)
+        for a in range(self.start, self.stop, rows):
+            b = min(a + rows, self.stop)
+            keep = None if self.keep is None else self.keep[a - self.start:b - self.start]
+            yield CacheData(self.reader, a, b, keep=keep, needs=self._needs, passes=self._passes,
+                            score=self.score_name)
+
     # ----------------------------------------------------------------- plain arrays
     def _rows(self, name):
         if name not in self._memo:
@@ -211,6 +226,23 @@ class CacheData:
         """(n, M, L) float32 the same for each row's pseudo-OOD copy."""
         self._check_pass("mahalanobis")
         return self._rows(MAHA_ADVERSARIAL)
+
+
+FIT_BLOCK_BYTES = 256 << 20
+
+
+def fit_block_rows(data):
+    """Cache rows per sub-block of ``CacheData.blocks``: FIT_BLOCK_BYTES over the float64
+    bytes of one row's features and logits (and the maps its score declared), e.g. 10,900
+    rows of a 2048-d, 1000-class cache, 62,000 of a 512-d, 10-class one."""
+    attrs = data.attrs
+    dim = attrs.get("feature_dim") or data.head_weight.shape[1]
+    per_row = 8 * (int(dim) + int(attrs["num_classes"]))
+    for set_name, _, stat in data._needs or []:
+        if stat == MAP:
+            for layer in layers_of(attrs["hook_sets"], set_name) or []:
+                per_row += 8 * int(np.prod(attrs["layer_shapes"][layer]))
+    return max(1, FIT_BLOCK_BYTES // per_row)
 
 
 def _describe_odin(pairs):

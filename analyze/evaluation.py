@@ -163,8 +163,11 @@ def restore(name, params, state):
 
 
 class FitStore:
-    """Fitted attributes kept as ``folder/<score>.npz``, reused while the fitting cache
-    (path, rows, what the score reads) and the fit parameters are the same."""
+    """Fitted attributes kept as ``folder/<score>/`` (``key.json`` and one ``.npy`` per
+    attribute; a dict attribute ``a_`` becomes ``a_/<key>.npy``), reused while the fitting
+    cache (path, rows, what the score reads) and the fit parameters are the same. Arrays
+    are memory-mapped when reused, so a large fit (a covariance, a bank's row index) is
+    read from disk as the score touches it instead of loaded whole."""
 
     def __init__(self, folder=None):
         self.folder = folder
@@ -176,17 +179,51 @@ class FitStore:
         key = json.dumps({"score": name, "cache": os.path.abspath(reader.path), "n": reader.n_samples,
                           "reads": comparable(reader.attrs, e.needs_for(params), e.passes),
                           "fit": e.fit_key(params)}, sort_keys=True, default=str)
-        file = os.path.join(self.folder, f"{name}.npz") if self.folder else None
-        if file and os.path.exists(file):
-            with np.load(file) as saved:
-                if "__key__" in saved.files and str(saved["__key__"]) == key:
-                    return restore(name, params, {k: saved[k] for k in saved.files if k != "__key__"})
+        where = os.path.join(self.folder, name) if self.folder else None
+        if where:
+            state = _load_fit(where, key)
+            if state is not None:
+                return restore(name, params, state)
         est = fit_estimator(reader, name, params)
-        if file:
-            os.makedirs(self.folder, exist_ok=True)
-            np.savez(file + ".tmp.npz", __key__=np.array(key), **fitted_state(est))
-            os.replace(file + ".tmp.npz", file)
+        if where:
+            _save_fit(where, key, fitted_state(est))
         return est
+
+
+def _load_fit(where, key):
+    """The saved state at folder ``where`` when its key is ``key``, else None."""
+    try:
+        with open(os.path.join(where, "key.json")) as f:
+            if f.read() != key:
+                return None
+    except OSError:
+        return None
+    state = {}
+    for root, _, files in os.walk(where):
+        for file in files:
+            if file.endswith(".npy"):
+                path = os.path.join(root, file)
+                name = os.path.relpath(path, where)[:-4].replace(os.sep, "/")
+                value = np.load(path, mmap_mode="r", allow_pickle=False)
+                state[name] = value if value.ndim else value[()]
+    return state
+
+
+def _save_fit(where, key, state):
+    """Write ``state`` ({attribute: array}) and ``key`` to folder ``where``, replacing what
+    was there only once the new fit is whole (written to ``<where>.tmp`` first)."""
+    import shutil
+    tmp = where + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, value in state.items():
+        path = os.path.join(tmp, *name.split("/")) + ".npy"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(path, np.asarray(value), allow_pickle=False)
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "key.json"), "w") as f:
+        f.write(key)
+    shutil.rmtree(where, ignore_errors=True)
+    os.replace(tmp, where)
 
 
 def fit_source(name, id_name, fit_on=None, params=None):
@@ -277,7 +314,7 @@ def check_not_constant(name, values, params=None):
     if all(float(np.max(v)) == low for v in rows):
         raise ScoreError(f"{name} gives every ID and OOD row the same value ({low:g}) with parameters "
                          f"{params or 'the defaults'}: its metrics would be a coin toss (AUROC 50), "
-                         "not a result. Check the parameters (e.g. energy.temperature, neco.dim, "
+                         "not a result. Check the parameters (e.g. energy.temperature, neco.dim, nac.O, "
                          "react.percentile) and the size of the fitting cache")
 
 

@@ -74,6 +74,7 @@ class ScoreEntry(NamedTuple):
     describe: Optional[Callable]
     plugin: Optional[str]
     defined_on: Optional[Callable] = None
+    fit_memory: str = ""
 
     @property
     def fitted(self):
@@ -169,7 +170,7 @@ def _parameters(impl):
 def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_on=None,
                    fit_params=None, choices=None, grid=None, paper=None, default=False,
                    layer_set=None, family="custom", describe=None, aliases=(), replace=False,
-                   defined_on=None):
+                   defined_on=None, fit_memory=None):
     """Decorator registering a score function or class under ``name``; returns it unchanged.
 
     See ``ScoreEntry`` for the fields. A function's first argument (a class's ``fit`` and
@@ -214,7 +215,8 @@ def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_o
             fit_on=source, fit_params=tuple(params if fit_params is None else fit_params) if is_class else (),
             params=params, choices=dict(choices or {}), grid=list(grid or []), paper=dict(paper or {}),
             default=default, layer_set=layer_set, family=family, describe=describe,
-            plugin=None if builtin else plugin, defined_on=defined_on)
+            plugin=None if builtin else plugin, defined_on=defined_on,
+            fit_memory=(fit_memory or "n D") if is_class else "")
         for alias in aliases:
             ALIASES[alias] = name
         return impl

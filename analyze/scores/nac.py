@@ -15,6 +15,14 @@ BierOne/ood_coverage, ``KMNC`` / ``Estimator`` / ``get_state_func``).
 * score: per layer, mean over neurons of the coverage of the interval holding the
   sample's state; layers averaged with equal weight.
 
+Fit streamed: the counts are summed block by block (memory: (M - 1) x C integers per
+layer). ``O`` is a count of training states, so the coverage saturates as the fitting
+set grows: the authors fit on a subset of their training images (OpenOOD's ``valid_num``),
+and at 150k rows the CIFAR-10 O = 50 saturates every interval a sample can reach, so
+every sample scores the same (AUROC 50; the evaluation then stops with "constant
+score"). Scale O with the fitting rows (O = 50 at n rows becomes about 50 n' / n at n'),
+or fit on a training cache of the authors' size (``--limit``).
+
 Hyperparameters per layer: ``M`` (even), ``O``, ``alpha``. The defaults are the authors'
 CIFAR-10 configuration (``nac_cifar10.yml``): layers ``avgpool`` only, with avgpool
 M=50, O=50, alpha=100; their per-layer values for the others (layer3 M=500, O=100,
@@ -122,7 +130,7 @@ def _nac_layer_set(attrs):
 
 @register_score(
     "nac", title="NAC-UE", family="gradient", default=True, needs=_needs, fit_on="train",
-    defined_on=_layers_defined,
+    defined_on=_layers_defined, fit_memory="M C per layer",
     fit_params=("layers", "hyper", "M", "alpha"),
     reference="Liu et al., ICLR 2024 (NAC-UE); BierOne/ood_coverage",
     layer_set=_nac_layer_set, paper={"NAC-UE (paper, CIFAR-10 config)": {}},
@@ -151,13 +159,17 @@ class NAC:
     def fit(self, data):
         """Count the training states per (interval, neuron) of every chosen layer."""
         self.counts_ = {}
-        for layer in nac_layers(data, self.layers):
-            M, _, alpha = self.layer_hyper(data, layer)
-            idx = interval_index(states(data, layer, alpha), threshold_grid(M))
-            n_neurons = idx.shape[1]
-            flat = (idx * n_neurons + np.arange(n_neurons))[idx >= 0]
-            counts = np.bincount(flat, minlength=(M - 1) * n_neurons).astype(np.int64)
-            self.counts_[layer] = counts.reshape(M - 1, n_neurons)
+        layers = nac_layers(data, self.layers)
+        for block in data.blocks():
+            if block.n == 0:
+                continue
+            for layer in layers:
+                M, _, alpha = self.layer_hyper(data, layer)
+                idx = interval_index(states(block, layer, alpha), threshold_grid(M))
+                n_neurons = idx.shape[1]
+                flat = (idx * n_neurons + np.arange(n_neurons))[idx >= 0]
+                counts = np.bincount(flat, minlength=(M - 1) * n_neurons).astype(np.int64)
+                self.counts_[layer] = self.counts_.get(layer, 0) + counts.reshape(M - 1, n_neurons)
         return self
 
     def score(self, data):

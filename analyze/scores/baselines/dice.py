@@ -9,9 +9,10 @@ import numpy as np
 
 from analyze.logits import logsumexp
 from analyze.registry import register_score
+from analyze.streaming import block_sum
 
 
-@register_score("dice", default=True, title="DICE", family="features", fit_params=(),
+@register_score("dice", default=True, fit_memory="D", title="DICE", family="features", fit_params=(),
                 reference="Sun & Li, ECCV 2022; deeplearning-wisc/dice", paper={"DICE (p=90)": {}},
                 grid=[{"p": [10, 30, 50, 70, 90]}])
 class DICE:
@@ -21,7 +22,8 @@ class DICE:
         self.p = p
 
     def fit(self, data):
-        self.mean_ = data.features.mean(axis=0)
+        total, rows = block_sum(data, lambda b: b.features)
+        self.mean_ = total / rows
         return self
 
     def score(self, data):

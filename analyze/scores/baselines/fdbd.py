@@ -8,9 +8,10 @@ normaliser, which is not followed here."""
 import numpy as np
 
 from analyze.registry import register_score
+from analyze.streaming import block_sum
 
 
-@register_score("fdbd", default=True, title="fDBD", family="features", fit_params=(),
+@register_score("fdbd", default=True, fit_memory="D", title="fDBD", family="features", fit_params=(),
                 reference="Liu & Qin, ICML 2024; litianliu/fDBD-OOD", paper={"fDBD": {}},
                 grid=[{"distance_as_normalizer": [True, False]}])
 class FDBD:
@@ -20,7 +21,8 @@ class FDBD:
         self.distance_as_normalizer = distance_as_normalizer
 
     def fit(self, data):
-        self.mean_ = data.features.mean(axis=0)
+        total, rows = block_sum(data, lambda b: b.features)
+        self.mean_ = total / rows
         return self
 
     def score(self, data):

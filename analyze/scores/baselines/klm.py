@@ -10,22 +10,18 @@ import numpy as np
 
 from analyze.logits import log_softmax
 from analyze.registry import register_score
+from analyze.streaming import group_means
 
 
-@register_score("klm", default=True, title="KLM", family="logits", reference="Hendrycks et al., ICML 2022 (KL matching)",
+@register_score("klm", default=True, fit_memory="K^2", title="KLM", family="logits", reference="Hendrycks et al., ICML 2022 (KL matching)",
                 paper={"KLM": {}})
 class KLM:
     """Fitted: ``templates_`` (K, K), row k the mean softmax of rows predicted as k."""
 
     def fit(self, data):
-        z = data.logits
-        p = np.exp(log_softmax(z))
-        pred = z.argmax(axis=1)
-        k = z.shape[1]
-        self.templates_ = np.eye(k)
-        for c in range(k):
-            if (pred == c).any():
-                self.templates_[c] = p[pred == c].mean(axis=0)
+        k = data.num_classes
+        means, counts = group_means(data, lambda b: np.exp(log_softmax(b.logits)), lambda b: b.logits.argmax(axis=1), k)
+        self.templates_ = np.where((counts > 0)[:, None], means, np.eye(k))
         return self
 
     def score(self, data):

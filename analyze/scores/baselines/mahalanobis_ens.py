@@ -33,7 +33,7 @@ def recipe_key(attrs):
     return json.dumps(recipe, sort_keys=True)
 
 
-@register_score("mahalanobis_ens", title="Mahalanobis-LR", family="features", passes=("mahalanobis",),
+@register_score("mahalanobis_ens", title="Mahalanobis-LR", family="features", passes=("mahalanobis",), fit_memory="n M L",
                 fit_on="validation", fit_params=("m",),
                 reference="Lee et al., NeurIPS 2018; GradNorm release tune_mahalanobis_hyperparameter.py")
 class MahalanobisEnsemble:

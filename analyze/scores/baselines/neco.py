@@ -5,16 +5,21 @@ standardised training features (scikit-learn ``PCA``); score = ||first ``dim``
 principal coordinates|| / ||standardised x||, multiplied by the max logit except for
 ResNets (the release's rule: ``use_max_logit`` None follows it from the cache's
 architecture family). dim = 100 (the release's default; capped at D). OpenOOD v1.5 has no
-NECO; pytorch-ood multiplies by the max logit unless told otherwise."""
+NECO; pytorch-ood multiplies by the max logit unless told otherwise.
+
+Fit streamed in three passes (mean, variance, Gram matrix of the standardised rows; memory
+O(D^2)): the principal axes are the eigenvectors of that covariance, equal to
+scikit-learn's SVD-based ``PCA`` up to sign, which the norm ignores (scores agree to 1e-9
+relative)."""
 import numpy as np
-from sklearn.decomposition import PCA
 
 from analyze.registry import register_score
+from analyze.streaming import block_sum, gram
 
 RESNET_FAMILIES = ("cifar_resnet", "wrn", "bit")
 
 
-@register_score("neco", default=True, title="NECO", family="features", fit_params=(),
+@register_score("neco", default=True, title="NECO", family="features", fit_params=(), fit_memory="2 D^2",
                 reference="Ben Ammar et al., ICLR 2024; gitlab.com/drti/neco", paper={"NECO (dim=100)": {}},
                 grid=[{"dim": [16, 32, 64, 100, 128, 256]}])
 class NECO:
@@ -24,13 +29,21 @@ class NECO:
         self.dim, self.use_max_logit = dim, use_max_logit
 
     def fit(self, data):
-        x = data.features
-        self.scale_mean_ = x.mean(axis=0)
-        std = x.std(axis=0)
+        total, n = block_sum(data, lambda b: b.features)
+        self.scale_mean_ = total / n
+        square, _ = block_sum(data, lambda b: (b.features - self.scale_mean_) ** 2)
+        std = np.sqrt(square / n)
         self.scale_std_ = np.where(std == 0, 1.0, std)       # StandardScaler keeps constant dims
+
+        def standardised(b):
+            return (b.features - self.scale_mean_) / self.scale_std_
+        total, _ = block_sum(data, standardised)
+        self.pca_mean_ = total / n
+        scatter, _ = gram(data, lambda b: standardised(b) - self.pca_mean_)
+        vals, vecs = np.linalg.eigh(scatter / n)
         # all components (the release's PCA(D)); at most n of them when there are fewer rows
-        pca = PCA(n_components=min(x.shape)).fit((x - self.scale_mean_) / self.scale_std_)
-        self.pca_mean_, self.components_ = pca.mean_, pca.components_
+        keep = np.argsort(-vals)[:min(n, len(vals))]
+        self.components_ = vecs[:, keep].T
         return self
 
     def score(self, data):

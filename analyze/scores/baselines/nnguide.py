@@ -4,7 +4,8 @@ logsumexp(z); the guidance of a sample is the mean of its k largest inner produc
 the bank (its own feature L2-normalised), and the score is guidance * logsumexp(z).
 The release's bank is a seeded random 1% of the training set and k = 10; OpenOOD takes
 the first ~1% of its training loader and k = 100. Here the bank is a seeded random
-``fraction`` of the training cache (at least k rows)."""
+``fraction`` of the training cache (at least k rows), gathered block by block (memory:
+the bank, fraction x n x D)."""
 import numpy as np
 
 from analyze.logits import logsumexp
@@ -15,7 +16,7 @@ def _unit(x):
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)   # F.normalize
 
 
-@register_score("nnguide", default=True, title="NNGuide", family="features", fit_params=("fraction", "seed", "k"),
+@register_score("nnguide", default=True, fit_memory="fraction n D", title="NNGuide", family="features", fit_params=("fraction", "seed", "k"),
                 reference="Park et al., ICCV 2023; roomo7time/nnguide", paper={"NNGuide (k=10, 1%)": {}},
                 grid=[{"k": [1, 5, 10, 50, 100]}])
 class NNGuide:
@@ -30,7 +31,13 @@ class NNGuide:
         n = data.n
         m = min(n, max(self.k, int(round(n * self.fraction))))
         rows = np.sort(np.random.default_rng(self.seed).choice(n, m, replace=False))
-        self.bank_ = _unit(data.features[rows]) * logsumexp(data.logits[rows])[:, None]
+        parts, at = [], 0
+        for block in data.blocks():          # rows index the usable rows, in order
+            mine = rows[(rows >= at) & (rows < at + block.n)] - at
+            if len(mine):
+                parts.append(_unit(block.features[mine]) * logsumexp(block.logits[mine])[:, None])
+            at += block.n
+        self.bank_ = np.concatenate(parts)
         return self
 
     def score(self, data):

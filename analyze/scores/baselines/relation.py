@@ -16,7 +16,7 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@register_score("relation", default=True, title="Relation", family="features", fit_params=(),
+@register_score("relation", default=True, title="Relation", family="features", fit_params=(), fit_memory="n (D + K)",
                 reference="Kim et al., NeurIPS 2023; snu-mllab/Neural-Relation-Graph",
                 paper={"Relation (pow=1)": {}}, grid=[{"pow": [1, 2, 4, 6, 8]}])
 class Relation:

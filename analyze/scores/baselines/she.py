@@ -7,12 +7,13 @@ distance; ``cosine``: the cosine similarity)."""
 import numpy as np
 
 from analyze.registry import register_score
+from analyze.streaming import group_means
 from store.schema import CacheError
 
 METRICS = ("inner_product", "euclidean", "cosine")
 
 
-@register_score("she", default=True, title="SHE", family="features", fit_params=(), choices={"metric": METRICS},
+@register_score("she", default=True, fit_memory="K D", title="SHE", family="features", fit_params=(), choices={"metric": METRICS},
                 reference="Zhang et al., ICLR 2023; zjs975584714/SHE_ood_detection", paper={"SHE": {}},
                 grid=[{"metric": list(METRICS)}])
 class SHE:
@@ -22,14 +23,16 @@ class SHE:
         self.metric = metric
 
     def fit(self, data):
-        x, z, y = data.features, data.logits, data.labels
-        right = z.argmax(axis=1) == y
-        k = z.shape[1]
-        missing = [c for c in range(k) if not (right & (y == c)).any()]
+        k = data.num_classes
+
+        def right_label(b):      # the label where the classifier is right, else -1
+            return np.where(b.logits.argmax(axis=1) == b.labels, b.labels, -1)
+        patterns, counts = group_means(data, lambda b: b.features, right_label, k)
+        missing = [c for c in range(k) if not counts[c]]
         if missing:
             raise CacheError(f"{data.path}: SHE needs a correctly classified training row of every "
                              f"class; none for class(es) {missing[:10]} (a larger training cache helps)")
-        self.patterns_ = np.stack([x[right & (y == c)].mean(axis=0) for c in range(k)])
+        self.patterns_ = patterns
         return self
 
     def score(self, data):

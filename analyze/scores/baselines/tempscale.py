@@ -12,7 +12,7 @@ from analyze.registry import register_score
 from store.schema import CacheError
 
 
-@register_score("tempscale", title="TempScale", family="logits", default=True,
+@register_score("tempscale", title="TempScale", family="logits", default=True, fit_memory="n K",
                 reference="Guo et al., ICML 2017 (temperature scaling)", paper={"TempScale": {}})
 class TempScale:
     """Fitted: ``temperature_`` (), the NLL-minimising temperature."""

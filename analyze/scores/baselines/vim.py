@@ -3,12 +3,15 @@
 at u (default: 1000 if D >= 1500, 512 if D >= 768, else D/2, as the paper chooses);
 score = energy(z) - alpha * ||(x - u) P_perp||, alpha = mean max-logit / mean residual
 norm on the training set. pytorch-ood runs the eigendecomposition in float32; here it is
-float64.
+float64. Fit streamed in two passes over the blocks of the training cache (the Gram
+matrix of the centred rows, then the mean max-logit and residual norm): peak memory
+O(D^2) float64 beside one block.
 """
 import numpy as np
 
 from analyze.logits import energy
 from analyze.registry import register_score
+from analyze.streaming import block_sum, gram
 from store.schema import CacheError
 
 
@@ -21,7 +24,7 @@ def vim_default_dim(feature_dim):
     return feature_dim // 2
 
 
-@register_score("vim", title="ViM", family="features", default=True,
+@register_score("vim", title="ViM", family="features", default=True, fit_memory="2 D^2",
                 reference="Wang et al., CVPR 2022", paper={"ViM (paper dim)": {}},
                 grid=[{"dim": [16, 64, 128, 256]}])
 class ViM:
@@ -32,24 +35,24 @@ class ViM:
 
     def fit(self, data):
         w, b = data.head_weight, data.head_bias
-        x = data.features
-        dim = vim_default_dim(x.shape[1]) if self.dim is None else int(self.dim)
-        if not 0 < dim < x.shape[1]:
-            raise ValueError(f"vim.dim must be between 1 and {x.shape[1] - 1}, got {dim}")
-        if len(x) <= x.shape[1]:
+        n, d = data.n, w.shape[1]
+        dim = vim_default_dim(d) if self.dim is None else int(self.dim)
+        if not 0 < dim < d:
+            raise ValueError(f"vim.dim must be between 1 and {d - 1}, got {dim}")
+        if n <= d:
             # the training rows then span at most n dimensions: their residuals outside the
             # principal subspace vanish and alpha (mean max logit / mean residual) explodes
-            raise CacheError(f"{self.__class__.__name__.lower()} fitted on {data.path}: {len(x)} rows of "
-                             f"{x.shape[1]}-d features; the principal subspace needs more rows than "
-                             f"feature dimensions (at least {x.shape[1] + 1}; extract more with "
+            raise CacheError(f"{self.__class__.__name__.lower()} fitted on {data.path}: {n} rows of "
+                             f"{d}-d features; the principal subspace needs more rows than "
+                             f"feature dimensions (at least {d + 1}; extract more with "
                              "--split train --limit N)")
         self.u_ = -np.linalg.pinv(w) @ b
-        centred = x - self.u_
-        cov = centred.T @ centred / len(x)
-        vals, vecs = np.linalg.eigh(cov)
+        scatter, rows = gram(data, lambda block: block.features - self.u_)
+        vals, vecs = np.linalg.eigh(scatter / rows)
         self.residual_ = vecs[:, np.argsort(-vals)[dim:]]
-        vlogit = np.linalg.norm(centred @ self.residual_, axis=1)
-        self.alpha_ = np.array((x @ w.T + b).max(axis=1).mean() / vlogit.mean())
+        max_logit, _ = block_sum(data, lambda block: (block.features @ w.T + b).max(axis=1))
+        vlogit, _ = block_sum(data, lambda block: np.linalg.norm((block.features - self.u_) @ self.residual_, axis=1))
+        self.alpha_ = np.array((max_logit / rows) / (vlogit / rows))
         return self
 
     def score(self, data):
@@ -61,7 +64,7 @@ class ViM:
 
 @register_score("residual", title="Residual", family="features", default=True,
                 reference="Wang et al., CVPR 2022 (the ViM release's Residual baseline)",
-                paper={"Residual (paper dim)": {}}, grid=[{"dim": [16, 64, 128, 256]}])
+                paper={"Residual (paper dim)": {}}, fit_memory="2 D^2", grid=[{"dim": [16, 64, 128, 256]}])
 class Residual(ViM):
     """Minus the norm of the feature's residual outside ViM's principal subspace (no
     energy), the ViM release's ``Residual`` baseline; fitted as ViM."""
