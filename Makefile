@@ -25,7 +25,7 @@ GRID      ?=
 GRID_FILE ?=
 SELECT_ON ?=
 
-.PHONY: install demo extract analyze sweep test bench clean
+.PHONY: install demo extract analyze sweep test bench bench-scale clean
 
 install: .venv/.installed
 
@@ -61,6 +61,9 @@ test: install
 bench: install
 	$(PY) bench/run.py
 	$(PY) bench/models.py
+
+bench-scale: install
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf caches results .pytest_cache

@@ -4,8 +4,8 @@ tests of the streamed fits at sizes no real extraction here can reach.
 A "world" fixes K class centres in D dimensions and a linear head built from them (seeded),
 so ID training and test caches of one world share the model, as real caches of one
 checkpoint do. Rows are ``relu(centre[label] + noise)`` (non-negative, as pooled ReLU
-features), logits ``x W^T + b`` in float32; an OOD cache moves every row away from the
-centres (``shift``). Nothing here is a benchmark of detection quality: the data only has
+features), logits ``x W^T + b`` in float32; an OOD cache draws its rows around centres
+moved towards K new ones (``novel``: 0.5 halfway, "near"; 1 the new ones, "far"). Nothing here is a benchmark of detection quality: the data only has
 the shapes, dtypes and class structure of an ImageNet-sized cache.
 """
 import numpy as np
@@ -25,12 +25,12 @@ def world(num_classes, dim, seed=0):
     return centres, weight.astype(np.float32), bias.astype(np.float32)
 
 
-def write_synthetic(path, n, num_classes=1000, dim=2048, seed=0, world_seed=0, shift=0.0,
+def write_synthetic(path, n, num_classes=1000, dim=2048, seed=0, world_seed=0, novel=0.0,
                     noise=1.0, split="test", dataset=None):
     """Write an ``n``-row cache at ``path`` drawn from the world of ``world_seed``; returns
-    the path. Row i gets label ``i % num_classes`` (-1 for an OOD cache, ``shift`` > 0) and
-    features ``relu(centre + noise * N(0, 1) + shift * u)``, u one random unit direction
-    of this cache (seeded by ``seed``). Written in blocks of ``WRITE_ROWS`` rows: memory
+    the path. Row i gets label ``i % num_classes`` (-1 for an OOD cache, ``novel`` > 0) and
+    features ``relu((1 - novel) centre + novel new_centre + noise * N(0, 1))``, the new
+    centres drawn with ``seed``. Written in blocks of ``WRITE_ROWS`` rows: memory
     stays bounded at any ``n``."""
     centres, weight, bias = world(num_classes, dim, world_seed)
     name = dataset or path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
@@ -43,8 +43,9 @@ def write_synthetic(path, n, num_classes=1000, dim=2048, seed=0, world_seed=0, s
     rows = layout(num_classes, dim, {}, {})
     writer = CacheWriter(path, attrs, rows, {"head/weight": weight, "head/bias": bias}, int(n))
     rng = np.random.default_rng(seed)
-    direction = rng.standard_normal(dim).astype(np.float32)
-    direction /= np.linalg.norm(direction)
+    if novel:
+        new = np.abs(rng.standard_normal(centres.shape, dtype=np.float32))
+        centres = ((1 - novel) * centres + novel * new).astype(np.float32)
 
     def blocks():
         for a in range(0, n, WRITE_ROWS):
@@ -52,9 +53,9 @@ def write_synthetic(path, n, num_classes=1000, dim=2048, seed=0, world_seed=0, s
             idx = np.arange(a, b)
             y = idx % num_classes
             x = centres[y] + np.float32(noise) * rng.standard_normal((b - a, dim), dtype=np.float32)
-            x = np.maximum(x + np.float32(shift) * direction, 0, dtype=np.float32)
+            x = np.maximum(x, 0, dtype=np.float32)
             yield a, b, {"features": x, "logits": (x @ weight.T + bias).astype(np.float32),
-                         "labels": (y if shift == 0 else np.full(b - a, -1)).astype(np.int64),
+                         "labels": (y if novel == 0 else np.full(b - a, -1)).astype(np.int64),
                          "paths": np.array([f"{name}:{i}" for i in idx], dtype=object),
                          "content_hash": np.array([f"{seed:04x}{i:012x}" for i in idx], dtype=object),
                          "skipped": np.zeros(b - a, bool),
