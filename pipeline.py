@@ -301,8 +301,13 @@ def _servable(cache_dir, id_name, ood_names, names, fit_on, params, explicit):
 @click.option("--allow-partial", is_flag=True, help="Analyse the finished part of unfinished caches.")
 @click.option("--allow-overlap", is_flag=True, help="Accept a fitting cache (training or validation) that shares images with the ID or OOD test caches (refused by default: the scores would be fitted on their test images).")
 @click.option("--plots/--no-plots", default=False, show_default=True, help="PNG score histograms and ROC curves in RESULTS/plots/ (needs matplotlib).")
+@click.option("--ci", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=None, help="Add a LEVEL % bootstrap interval of FPR95 and AUROC to every cell (ID and OOD resampled independently, seeded). E.g. --ci 95.")
+@click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True, help="Bootstrap resamples for --ci and --compare.")
+@click.option("--ci-seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
+@click.option("--compare", "compare", multiple=True, help="A,B: per OOD set, the paired difference A - B of AUROC and FPR95 on the same samples, its bootstrap interval (at --ci, default 95) and DeLong's test; '*' marks an interval that excludes zero. Repeatable.")
 def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plugins, fit_on, convention,
-            results_dir, scores_out, allow_partial, plots, tune_on=None, tune_id=None, allow_overlap=False):
+            results_dir, scores_out, allow_partial, plots, tune_on=None, tune_id=None, allow_overlap=False,
+            ci=None, resamples=1000, ci_seed=0, compare=()):
     """Compute scores and metrics from caches and print a paper-style table.
 
     Runs on CPU without torch. Scores are oriented higher = more in-distribution; metrics
@@ -314,6 +319,14 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     _load_plugins(plugins)
     explicit = [p.strip() for s in scores for p in s.split(",") if p.strip() and p.strip() != "all"]
     names = _parse_scores(scores or ("all",), list(all_entries()))
+    try:
+        pairs = [tuple(canonical(n.strip()) for n in c.split(",")) for c in compare]
+    except ScoreError as err:
+        _fail(f"--compare: {err}")
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] == pair[1]:
+            _fail(f"--compare {','.join(pair)}: give two different scores, A,B")
+        names += [n for n in pair if n not in names]
     params = _parse_params(param_items, None if "all" in ",".join(scores or ("all",)) else names)
     try:
         cache_dir, id_name, ood_names = _caches(bench, arch, cache_dir, id_name, ood_names,
@@ -348,7 +361,8 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
                            + f" (validation AUROC {100 * t['auroc']:.2f}, {t['tried']} candidates)", err=True)
         ev = run_evaluation(cache_dir, id_name, ood_names, names, convention, allow_partial,
                             params, fit_on, os.path.join(out, "fitted"), lenient=not explicit,
-                            allow_overlap=allow_overlap, progress=sys.stderr.isatty())
+                            allow_overlap=allow_overlap, progress=sys.stderr.isatty(), ci=ci,
+                            resamples=resamples, seed=ci_seed, compare=pairs)
         for name, why in ev["failed"].items():
             click.echo(f"note: {name} left out: {why}", err=True)
         names = list(ev["results"])

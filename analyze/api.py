@@ -68,7 +68,7 @@ def score(cache_dir, dataset, name, fit_on=None, allow_partial=False, fitted_dir
 
 
 def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None, params=None,
-             allow_partial=False, fitted_dir=None, allow_overlap=False):
+             allow_partial=False, fitted_dir=None, allow_overlap=False, ci=None, resamples=1000, seed=0):
     """Metrics of ``scores`` with ``id`` as the in-distribution test cache, as a
     ``pandas.DataFrame``: one row per (score, OOD set) and one "Average" row per score,
     columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT, DetErr`` (fractions in [0, 1], in
@@ -78,23 +78,60 @@ def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None,
     ood: OOD cache names (default: every other cache in the folder except training and
     fitting caches). params: ``{score: {parameter: value}}``. fit_on: the training cache
     of the training-fitted scores (default ``<id>_train``). allow_overlap: accept a fitting
-    cache that shares images with an evaluated one (refused by default).
+    cache that shares images with an evaluated one (refused by default). ci: a level in
+    percent (``analyze --ci``): columns ``FPR95_low, FPR95_high, AUROC_low, AUROC_high``
+    hold bootstrap intervals (``resamples`` resamples, ``seed``).
     """
     import pandas as pd
+    ev = _evaluation(cache_dir, id, scores, ood, convention, fit_on, params, allow_partial, fitted_dir,
+                     allow_overlap, ci=ci, resamples=resamples, seed=seed)
+    rows = []
+    for name, per_set in ev["results"].items():
+        for dataset, metrics in per_set.items():
+            row = {"score": name, "ood": dataset, **{_column(m): v for m, v in metrics.items()}}
+            for m, (lo, hi) in (ev.get("intervals", {}).get(name, {}).get(dataset, {})).items():
+                row[f"{m}_low"], row[f"{m}_high"] = lo, hi
+            rows.append(row)
+    columns = ["score", "ood", *[_column(m) for m in METRICS]]
+    if ci:
+        columns += ["FPR95_low", "FPR95_high", "AUROC_low", "AUROC_high"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def compare(cache_dir, id, a, b, ood=None, convention="sklearn", fit_on=None, params=None, level=95,
+            resamples=1000, seed=0, allow_partial=False, fitted_dir=None, allow_overlap=False):
+    """Paired comparison of scores ``a`` and ``b`` on the same samples (``analyze
+    --compare A,B``), as a ``pandas.DataFrame``: one row per OOD set (and "Average",
+    group means), columns ``ood, AUROC_diff, AUROC_low, AUROC_high, delong_p, FPR95_diff,
+    FPR95_low, FPR95_high`` (fractions; differences a - b; intervals at ``level`` % from
+    ``resamples`` paired bootstrap resamples; DeLong's two-sided p for the AUROC
+    difference, per set only). Other arguments as ``evaluate``."""
+    import pandas as pd
+    from .registry import canonical
+    pair = (canonical(a), canonical(b))
+    ev = _evaluation(cache_dir, id, list(pair), ood, convention, fit_on, params, allow_partial, fitted_dir,
+                     allow_overlap, resamples=resamples, seed=seed, compare=[pair], compare_level=level)
+    rows = []
+    for dataset, row in ev["comparisons"][",".join(pair)].items():
+        rows.append({"ood": dataset, "AUROC_diff": row["difference"]["AUROC"], "AUROC_low": row["AUROC"][0],
+                     "AUROC_high": row["AUROC"][1], "delong_p": row.get("delong_p", float("nan")),
+                     "FPR95_diff": row["difference"]["FPR95"], "FPR95_low": row["FPR95"][0],
+                     "FPR95_high": row["FPR95"][1]})
+    return pd.DataFrame(rows)
+
+
+def _evaluation(cache_dir, id, scores, ood, convention, fit_on, params, allow_partial, fitted_dir,
+                allow_overlap, ci=None, resamples=1000, seed=0, compare=(), compare_level=95):
+    """``run_evaluation`` with the API's defaults: presets' parameters, OOD sets found."""
     scores = [scores] if isinstance(scores, str) else list(scores)
     params = {s: dict(p) for s, p in (params or {}).items()}
     with CacheReader(cache_path(cache_dir, id), allow_partial=allow_partial) as reader:
         params = preset_params(reader.attrs, params)
     if ood is None:
         ood = default_ood_sets(cache_dir, id, fit_caches(id, scores, fit_on, params))
-    ev = run_evaluation(cache_dir, id, list(ood), scores, convention, allow_partial, params, fit_on, fitted_dir,
-                        allow_overlap=allow_overlap)
-    rows = []
-    for name, per_set in ev["results"].items():
-        for dataset, metrics in per_set.items():
-            rows.append({"score": name, "ood": dataset, **{_column(m): v for m, v in metrics.items()}})
-    columns = ["score", "ood", *[_column(m) for m in METRICS]]
-    return pd.DataFrame(rows, columns=columns)
+    return run_evaluation(cache_dir, id, list(ood), scores, convention, allow_partial, params, fit_on, fitted_dir,
+                          allow_overlap=allow_overlap, ci=ci, resamples=resamples, seed=seed,
+                          compare=compare, compare_level=compare_level)
 
 
 def _column(metric):

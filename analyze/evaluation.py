@@ -365,7 +365,7 @@ def check_overlap(fit_path, eval_paths, allow_partial=False):
 
 def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", allow_partial=False,
                    params=None, fit_on=None, fitted_dir=None, lenient=False, allow_overlap=False,
-                   progress=False):
+                   progress=False, ci=None, resamples=None, seed=0, compare=(), compare_level=95):
     """Scores and metrics for the ID cache against each OOD cache in ``cache_dir``.
 
     params: ``{score: {parameter: value}}``. fit_on: training cache name for the scores
@@ -383,8 +383,20 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
     OOD sets), each score's results also hold "nearood" and "farood": the unweighted means
     over the group, as OpenOOD reports them. Skipped (unreadable) images are left out of
     the metrics.
+
+    ci: a confidence level in percent (e.g. 95): "intervals" gains, per score and set
+    (and Average / nearood / farood), bootstrap intervals of AUROC and FPR95
+    (``analyze.uncertainty``; ``resamples`` resamples, default 1,000, ``seed``). compare:
+    ``[(a, b)]`` pairs of scores: "comparisons" gains, per pair and set, the paired
+    differences a - b of AUROC and FPR95 with their intervals (at ``ci``, else
+    ``compare_level``) and DeLong's p-value of the AUROC difference.
     """
     params = params or {}
+    compare = [tuple(p) for p in compare or ()]
+    for pair in compare:
+        if len(pair) != 2 or pair[0] == pair[1] or any(n not in names for n in pair):
+            raise ScoreError(f"compare {','.join(pair)}: name two different scores of this evaluation "
+                             f"({', '.join(names)})")
     ood_names = list(ood_names)
     if id_name in ood_names:
         raise ValueError(f"{id_name!r} is the ID set; it cannot also be an OOD set")
@@ -485,4 +497,48 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
                 rows[f"{g}ood"] = {m: float(np.mean([rows[d][m] for d in sets])) for m in METRICS}
         rows["Average"] = {m: float(np.mean([rows[d][m] for d in ood_names])) for m in METRICS}
         out["results"][name] = rows
+    for pair in compare:
+        missing_pair = [n for n in pair if n not in names]
+        if missing_pair:
+            raise ScoreError(f"compare {','.join(pair)}: {missing_pair[0]} could not be computed: "
+                             f"{out['failed'].get(missing_pair[0], 'left out')}")
+    if ci or compare:
+        _add_uncertainty(out, names, keep, float(ci or compare_level), resamples, seed, compare, bool(ci))
     return out
+
+
+def _add_uncertainty(out, names, keep, level, resamples, seed, compare, intervals):
+    """Fill ``out["intervals"]`` and ``out["comparisons"]`` (``run_evaluation``)."""
+    from .uncertainty import RESAMPLES, delong, interval, resampled_metrics
+    resamples = int(resamples or RESAMPLES)
+    id_name, ood_names = out["id"], out["ood"]
+
+    def usable(dataset, name):
+        return out["scores"][dataset][name][keep[dataset]]
+
+    def summarise(per_set, point=None):
+        """Intervals per set and over the Average / group means of the per-set draws."""
+        rows = {d: {m: interval(v, level) for m, v in draws.items()} for d, draws in per_set.items()}
+        spans = {"Average": ood_names, **{f"{g}ood": sets for g, sets in (out["groups"] or {}).items() if sets}}
+        for label, sets in spans.items():
+            rows[label] = {m: interval(np.mean([per_set[d][m] for d in sets], axis=0), level) for m in ("AUROC", "FPR95")}
+        return rows
+
+    out["ci"] = {"level": level, "resamples": resamples, "seed": seed}
+    if intervals:
+        out["intervals"] = {}
+        for name in names:
+            per_set = {d: resampled_metrics(usable(id_name, name), usable(d, name), resamples, seed, i + 1)
+                       for i, d in enumerate(ood_names)}
+            out["intervals"][name] = summarise(per_set)
+    out["comparisons"] = {}
+    for a, b in compare:
+        per_set = {d: resampled_metrics(usable(id_name, a), usable(d, a), resamples, seed, i + 1,
+                                        other=(usable(id_name, b), usable(d, b)))
+                   for i, d in enumerate(ood_names)}
+        rows = summarise(per_set)
+        for d, row in rows.items():
+            row["difference"] = {m: out["results"][a][d][m] - out["results"][b][d][m] for m in ("AUROC", "FPR95")}
+            if d in ood_names:
+                row["delong_p"] = delong(usable(id_name, a), usable(d, a), usable(id_name, b), usable(d, b))["p"]
+        out["comparisons"][f"{a},{b}"] = rows

@@ -53,17 +53,61 @@ def score_table(evaluation, name):
     return header, rows
 
 
+def _cell(evaluation, name, dataset, metric):
+    """A metric in percent, with its bootstrap interval ``[low, high]`` when the evaluation
+    has intervals (``--ci``)."""
+    text = _pct(evaluation["results"][name][dataset][metric])
+    ci = evaluation.get("intervals", {}).get(name, {}).get(dataset, {}).get(metric)
+    return text if ci is None else f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def summary_table(evaluation):
-    """(header, rows): one row per score, FPR95/AUROC per OOD set and the averages."""
+    """(header, rows): one row per score, FPR95/AUROC per OOD set and the averages (with
+    ``[low, high]`` bootstrap intervals of FPR95 and AUROC under ``--ci``)."""
     oods = evaluation["ood"]
     header = ["Method", *[f"{n} FPR95/AUROC" for n in oods],
               "Avg FPR95 ↓", "Avg AUROC ↑", "Avg AUPR-In ↑", "Avg AUPR-Out ↑"]
     rows = []
     for name, res in evaluation["results"].items():
         avg = res["Average"]
-        rows.append([title(name), *[f"{_pct(res[n]['FPR95'])} / {_pct(res[n]['AUROC'])}" for n in oods],
-                     _pct(avg["FPR95"]), _pct(avg["AUROC"]), _pct(avg["AUPR-In"]), _pct(avg["AUPR-Out"])])
+        rows.append([title(name), *[f"{_cell(evaluation, name, n, 'FPR95')} / {_cell(evaluation, name, n, 'AUROC')}"
+                                    for n in oods],
+                     _cell(evaluation, name, "Average", "FPR95"), _cell(evaluation, name, "Average", "AUROC"),
+                     _pct(avg["AUPR-In"]), _pct(avg["AUPR-Out"])])
     return header, rows
+
+
+def comparison_table(evaluation, pair):
+    """(header, rows) of the paired comparison ``pair`` ("A,B"): per OOD set (and Average,
+    group means) the differences A - B of AUROC and FPR95 in points, their bootstrap
+    intervals and DeLong's p for AUROC; "*" marks an interval that excludes zero."""
+    from .uncertainty import excludes_zero
+    a, b = pair.split(",")
+    level = evaluation["ci"]["level"]
+    header = ["OOD set", f"ΔAUROC ({title(a)} − {title(b)})", f"{level:g}% CI", "DeLong p",
+              "ΔFPR95", f"{level:g}% CI"]
+    rows = []
+    for d, row in evaluation["comparisons"][pair].items():
+        cells = [d]
+        for m in ("AUROC", "FPR95"):
+            lo, hi = row[m]
+            mark = "*" if excludes_zero(row[m]) else ""
+            cells += [f"{100 * row['difference'][m]:+.2f}{mark}", f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"]
+            if m == "AUROC":
+                cells.append(f"{row['delong_p']:.2g}" if "delong_p" in row else "-")
+        rows.append(cells)
+    return header, rows
+
+
+def uncertainty_caption(evaluation):
+    """What the intervals are, for the text under tables with intervals or comparisons."""
+    ci = evaluation.get("ci")
+    if not ci:
+        return ""
+    return (f" Intervals: {ci['level']:g}% percentile bootstrap over samples ({ci['resamples']} "
+            f"resamples, seed {ci['seed']}; ID and OOD resampled independently; Average over the "
+            "resampled sets; FPR95 resampled by GAIA's rank rule, AUROC as Mann-Whitney); * = the "
+            "interval of a difference excludes zero.")
 
 
 def summary_csv_table(evaluation):
@@ -77,6 +121,13 @@ def summary_csv_table(evaluation):
         avg = res["Average"]
         rows.append([title(name), *[_pct(res[n][m]) for n in oods for m in ("FPR95", "AUROC")],
                      *[_pct(avg[m]) for m in ("FPR95", "AUROC", "AUPR-In", "AUPR-Out")]])
+    if evaluation.get("intervals"):         # --ci: low and high of each interval, same units
+        spans = [*oods, "Average"]
+        header += [f"{'average' if d == 'Average' else d} {m} {end}" for d in spans for m in ("FPR95", "AUROC")
+                   for end in ("low", "high")]
+        for row, name in zip(rows, evaluation["results"]):
+            ci = evaluation["intervals"][name]
+            row += [_pct(ci[d][m][i]) for d in spans for m in ("FPR95", "AUROC") for i in (0, 1)]
     return header, rows
 
 
@@ -179,6 +230,7 @@ def caption(evaluation):
     text += f" Metrics in %, {CONVENTION_TEXT[evaluation['convention']]}; DetErr as GAIA computes it."
     if evaluation.get("settings"):
         text += " Settings: " + "; ".join(f"{title(s)}: {t}" for s, t in evaluation["settings"].items()) + "."
+    text += uncertainty_caption(evaluation)
     if evaluation["partial"]:
         text += " PARTIAL caches (unfinished extraction): " + ", ".join(evaluation["partial"]) + "."
     return text
@@ -243,6 +295,15 @@ def write_report(evaluation, out_dir, extra_files=()):
             f.write(f"\nNear-OOD and far-OOD (OpenOOD's grouping; averages are unweighted means over "
                     f"each group's sets):\n\n{markdown(gh, gr)}\n")
             text = plain(gh, gr) + "\n\n" + text
+    for pair in evaluation.get("comparisons", {}):
+        ch, cr = comparison_table(evaluation, pair)
+        stem = "compare_" + pair.replace(",", "_vs_")
+        with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+            f.write(f"### {title(pair.split(',')[0])} vs {title(pair.split(',')[1])}\n\n{cap}\n\n{markdown(ch, cr)}\n")
+        with open(os.path.join(out_dir, f"{stem}.csv"), "w", newline="") as f:
+            csv.writer(f).writerows([ch, *cr])
+        files += [f"{stem}.md", f"{stem}.csv"]
+        text += "\n\n" + plain(ch, cr)
     csv_header, csv_rows = summary_csv_table(evaluation)
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
         csv.writer(f).writerows([csv_header, *csv_rows])
@@ -253,6 +314,8 @@ def write_report(evaluation, out_dir, extra_files=()):
                    "skipped": evaluation["skipped"], "partial": evaluation["partial"],
                    "skipped_files": evaluation.get("skip_reasons", {}),
                    "groups": evaluation.get("groups"), "id_accuracy": evaluation.get("id_accuracy"),
-                   "results": evaluation["results"], "files": files}, f, indent=2)
+                   "results": evaluation["results"], "ci": evaluation.get("ci"),
+                   "intervals": evaluation.get("intervals"), "comparisons": evaluation.get("comparisons"),
+                   "files": files}, f, indent=2)
     note = f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
     return cap + "\n\n" + text + note
