@@ -304,10 +304,11 @@ def _servable(cache_dir, id_name, ood_names, names, fit_on, params, explicit):
 @click.option("--ci", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=None, help="Add a LEVEL % bootstrap interval of FPR95 and AUROC to every cell (ID and OOD resampled independently, seeded). E.g. --ci 95.")
 @click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True, help="Bootstrap resamples for --ci and --compare.")
 @click.option("--ci-seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
+@click.option("--checkpoint-dirs", default=None, help="DIR1,DIR2,...: cache folders of several trained checkpoints of one benchmark (the same sets and images in each); report every cell as mean ± std over them and a deep-ensemble row (instead of --cache-dir).")
 @click.option("--compare", "compare", multiple=True, help="A,B: per OOD set, the paired difference A - B of AUROC and FPR95 on the same samples, its bootstrap interval (at --ci, default 95) and DeLong's test; '*' marks an interval that excludes zero. Repeatable.")
 def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plugins, fit_on, convention,
             results_dir, scores_out, allow_partial, plots, tune_on=None, tune_id=None, allow_overlap=False,
-            ci=None, resamples=1000, ci_seed=0, compare=()):
+            ci=None, resamples=1000, ci_seed=0, compare=(), checkpoint_dirs=None):
     """Compute scores and metrics from caches and print a paper-style table.
 
     Runs on CPU without torch. Scores are oriented higher = more in-distribution; metrics
@@ -329,9 +330,19 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
         names += [n for n in pair if n not in names]
     params = _parse_params(param_items, None if "all" in ",".join(scores or ("all",)) else names)
     try:
-        cache_dir, id_name, ood_names = _caches(bench, arch, cache_dir, id_name, ood_names,
+        members = [d.strip() for d in (checkpoint_dirs or "").split(",") if d.strip()]
+        if members and cache_dir:
+            _fail("give --checkpoint-dirs or --cache-dir, not both")
+        cache_dir, id_name, ood_names = _caches(bench, arch, members[0] if members else cache_dir, id_name,
+                                                ood_names,
                                                 fit_caches(id_name or (benchmark(bench)["id"] if bench else ""),
                                                            names, fit_on, params))
+        if members:
+            if ci or compare or tune_on or plots or scores_out:
+                _fail("--checkpoint-dirs reports mean ± std over checkpoints; --ci, --compare, --tune-on, "
+                      "--plots and --scores-out apply to one checkpoint's folder (--cache-dir)")
+            return _analyze_checkpoints(members, id_name, ood_names, names, explicit, params, fit_on,
+                                        convention, results_dir, allow_overlap)
         out = results_dir or os.path.join("results", os.path.basename(os.path.normpath(cache_dir)))
         _check_writable(out, "--results")
         if scores_out:
@@ -385,6 +396,30 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     click.echo(text)
     click.echo(f"\n{len(names)} score(s) on {1 + len(ood_names)} caches in {elapsed:.2f} s; tables in {out}/"
                + (f"; {len(figures)} figures in {out}/plots/" if figures else ""))
+
+
+def _analyze_checkpoints(members, id_name, ood_names, names, explicit, params, fit_on, convention,
+                         results_dir, allow_overlap):
+    """``analyze --checkpoint-dirs``: the scores every member serves, mean ± std tables."""
+    from analyze.checkpoints import evaluate_checkpoints
+    from analyze.report import write_checkpoints_report
+    with CacheReader(cache_path(members[0], id_name), allow_partial=True) as r:
+        params = preset_params(r.attrs, params)
+    for member in members:
+        names = _servable(member, id_name, ood_names, names, fit_on, params, explicit)
+    if not names:
+        _fail("none of the requested scores can be computed from every checkpoint's caches")
+    out = results_dir or os.path.join("results", "checkpoints-" + "-".join(os.path.basename(os.path.normpath(m))
+                                                                          for m in members))
+    _check_writable(out, "--results")
+    start = time.time()
+    ce = evaluate_checkpoints(members, id_name, ood_names, names, convention, params, fit_on,
+                              os.path.join(out, "fitted"), lenient=not explicit, allow_overlap=allow_overlap)
+    for name, why in ce["failed"].items():
+        click.echo(f"note: {name} left out: {why}", err=True)
+    click.echo(write_checkpoints_report(ce, out))
+    click.echo(f"\n{len(ce['results'])} row(s) over {len(members)} checkpoints in {time.time() - start:.2f} s; "
+               f"tables in {out}/")
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -552,18 +587,23 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
 @click.option("--results", "results_dir", default="results/demo-resnet18", show_default=True)
 @click.option("--device", default="auto", show_default=True, callback=_device)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-def demo(data_root, checkpoint, cache_dir, results_dir, device, batch_size):
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Training seed of the demo classifier (its initialisation and data order): `make demo-seeds` trains seeds 0, 1, 2 into their own checkpoints and cache folders.")
+@click.option("--extract-only", is_flag=True, help="Stop after extraction (no analyze, no sweep).")
+def demo(data_root, checkpoint, cache_dir, results_dir, device, batch_size, seed=0, extract_only=False):
     """The whole pipeline on the embedded offline benchmark (sklearn digits vs generated OOD sets)."""
     cli_support = _extract_stage()
     start = time.time()
     try:
         times = cli_support.demo_command(data_root, checkpoint, cache_dir, device, batch_size,
                                          requirements(default_scores()), requirements(training_scores()),
-                                         log=click.echo)
+                                         log=click.echo, seed=seed)
     except KeyboardInterrupt as err:
         _interrupted(err)
     except ERRORS as err:
         _fail(err)
+    if extract_only:
+        click.echo("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+        return
     ctx = click.get_current_context()
     t0 = time.time()
     ctx.invoke(analyze, bench="demo", cache_dir=cache_dir, results_dir=results_dir, scores=("all",),

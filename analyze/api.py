@@ -150,3 +150,30 @@ def default_ood_sets(cache_dir, id_name, exclude=()):
     present = sorted({f[:-3] for f in files if f.endswith(".h5")}
                      | {f[:-len(".h5.parts")] for f in files if f.endswith(".h5.parts")})
     return [n for n in present if n != id_name and not is_fitting_or_validation(n) and n not in exclude]
+
+
+def evaluate_checkpoints(cache_dirs, id, scores, ood=None, convention="sklearn", fit_on=None, params=None,
+                         fitted_dir=None, allow_overlap=False, ensemble=True):
+    """``analyze --checkpoint-dirs``: metrics of ``scores`` over several checkpoints' cache
+    folders (the same sets and images in each), as a ``pandas.DataFrame`` with one row per
+    (score, OOD set) and columns ``score, ood, <metric>_mean, <metric>_std`` (fractions;
+    std over checkpoints, ddof 0); the deep ensemble is the score "ensemble". ood: default
+    the OOD sets of the first folder. fitted_dir: fits go to ``fitted_dir/<folder name>``."""
+    import pandas as pd
+    from .checkpoints import evaluate_checkpoints as run
+    scores = [scores] if isinstance(scores, str) else list(scores)
+    params = {s: dict(p) for s, p in (params or {}).items()}
+    with CacheReader(cache_path(cache_dirs[0], id)) as reader:
+        params = preset_params(reader.attrs, params)
+    if ood is None:
+        ood = default_ood_sets(cache_dirs[0], id, fit_caches(id, scores, fit_on, params))
+    ce = run(list(cache_dirs), id, list(ood), scores, convention, params, fit_on, fitted_dir,
+             allow_overlap=allow_overlap, ensemble=ensemble)
+    rows = []
+    for name, per_set in ce["results"].items():
+        for dataset, metrics in per_set.items():
+            row = {"score": name, "ood": dataset}
+            for m, cell in metrics.items():
+                row[f"{_column(m)}_mean"], row[f"{_column(m)}_std"] = cell["mean"], cell["std"]
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -236,6 +236,66 @@ def caption(evaluation):
     return text
 
 
+def _mean_std(cell):
+    """"m ± s" in percent; a single value (the ensemble's) alone."""
+    if len(cell["values"]) == 1:
+        return f"{100 * cell['mean']:.2f}"
+    return f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}"
+
+
+def checkpoints_table(ce):
+    """(header, rows) of a several-checkpoint evaluation (``analyze.checkpoints``): per
+    score (and the deep ensemble) FPR95 / AUROC per OOD set and the averages, as
+    mean ± std over the checkpoints, in percent."""
+    from .checkpoints import ENSEMBLE
+    header = ["Method", *[f"{d} FPR95 / AUROC" for d in ce["ood"]], "Avg FPR95 ↓", "Avg AUROC ↑"]
+    rows = []
+    for name, res in ce["results"].items():
+        label = "Deep ensemble (MSP of the mean softmax)" if name == ENSEMBLE else title(name)
+        rows.append([label, *[f"{_mean_std(res[d]['FPR95'])} / {_mean_std(res[d]['AUROC'])}" for d in ce["ood"]],
+                     _mean_std(res["Average"]["FPR95"]), _mean_std(res["Average"]["AUROC"])])
+    return header, rows
+
+
+def checkpoints_caption(ce):
+    """The text under a several-checkpoint table."""
+    first = ce["runs"][0]
+    acc = [r.get("id_accuracy") for r in ce["runs"]]
+    text = (f"ID = {first['id']}; OOD sets: {', '.join(ce['ood'])}. Mean ± std over {len(ce['runs'])} "
+            f"checkpoints ({', '.join(ce['cache_dirs'])}); std over checkpoints with ddof 0.")
+    if all(a is not None for a in acc):
+        text += " Classifier accuracy per checkpoint: " + ", ".join(f"{100 * a:.2f}%" for a in acc) + "."
+    if first.get("fit_caches"):
+        text += " Fitted per checkpoint on: " + ", ".join(first["fit_caches"]) + "."
+    text += f" Metrics in %, {CONVENTION_TEXT[ce['convention']]}."
+    return text
+
+
+def write_checkpoints_report(ce, out_dir):
+    """Write ``summary.md``, ``summary.csv`` (mean and std columns) and ``results.json`` of a
+    several-checkpoint evaluation into ``out_dir`` (an earlier run's files are moved to
+    ``previous/``); returns the text to print."""
+    os.makedirs(out_dir, exist_ok=True)
+    moved, kept = _keep_previous(out_dir)
+    cap = checkpoints_caption(ce)
+    header, rows = checkpoints_table(ce)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(f"{cap}\n\n{markdown(header, rows)}\n")
+    spans = [*ce["ood"], "Average"]
+    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", *[f"{d} {m} {k}" for d in spans for m in ("FPR95", "AUROC") for k in ("mean", "std")]])
+        for name, res in ce["results"].items():
+            w.writerow([name, *[f"{100 * res[d][m][k]:.2f}" for d in spans for m in ("FPR95", "AUROC")
+                                for k in ("mean", "std")]])
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"id": ce["id"], "ood": ce["ood"], "convention": ce["convention"], "cache_dirs": ce["cache_dirs"],
+                   "results": ce["results"], "failed": ce["failed"],
+                   "files": ["summary.md", "summary.csv"]}, f, indent=2)
+    note = f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
+    return cap + "\n\n" + plain(header, rows) + note
+
+
 def _keep_previous(out_dir):
     """Move the files an earlier run listed in ``results.json`` (and that manifest) into
     ``out_dir/previous/<time of that run>/``, so a new run's set is consistent and nothing

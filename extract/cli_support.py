@@ -374,12 +374,13 @@ def _maha_setup(adapter, weights, preprocess, device, req):
     return {"gaussians": LayerGaussians(fitted, device), "recipe": recipe}
 
 
-def demo_command(data_root, checkpoint, cache_dir, device, batch_size, test_reads, train_reads, log=print):
+def demo_command(data_root, checkpoint, cache_dir, device, batch_size, test_reads, train_reads, log=print, seed=0):
     """Build the demo data, train the classifier at first use, extract every demo set.
 
     test_reads, train_reads: ``(needs, passes)`` of the scores the test sets and the
     training cache serve (``analyze.requirements``). Returns the seconds of each stage:
-    ``{"data", "train", "extract"}``.
+    ``{"data", "train", "extract"}``. seed: the classifier's training seed (initialisation
+    and data order) when it is trained here.
     """
     from .demo_data import build_demo_data
     from .train import accuracy, train_classifier
@@ -391,14 +392,14 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size, test_read
     transform, _ = D.build_transform("demo")
     t0 = time.time()
     if not os.path.exists(checkpoint):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = build_model("resnet18", 10)
         train_set = D.open_dataset(data_root, "folder", "digits/train", transform, "digits_train")
-        seconds = train_classifier(model, train_set)
+        seconds = train_classifier(model, train_set, seed=seed)
         os.makedirs(os.path.dirname(checkpoint) or ".", exist_ok=True)
         torch.save(model.state_dict(), checkpoint + ".tmp")
         os.replace(checkpoint + ".tmp", checkpoint)
-        log(f"trained the demo ResNet-18 in {seconds:.1f} s -> {checkpoint}")
+        log(f"trained the demo ResNet-18 (seed {seed}) in {seconds:.1f} s -> {checkpoint}")
     model = build_model("resnet18", 10)
     load_checkpoint(model, checkpoint)
     test_set = D.open_dataset(data_root, "folder", "digits/test", transform, "digits")

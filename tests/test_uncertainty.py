@@ -130,3 +130,66 @@ def test_compare_names_two_scores(folder, tmp_path):
     res = CliRunner().invoke(cli, ["analyze", "--cache-dir", folder, "--id", "syn", "--ood", "near",
                                    "--score", "msp", "--compare", "msp,nosuch", "--results", str(tmp_path / "r")])
     assert res.exit_code != 0 and "nosuch" in res.output
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """Three 'checkpoints' (synthetic worlds of three seeds) over the same rows."""
+    base = tmp_path_factory.mktemp("seeds")
+    dirs = []
+    for s in range(3):
+        d = str(base / f"s{s}")
+        write_synthetic(os.path.join(d, "syn_train.h5"), 1200, num_classes=6, dim=12, seed=1, world_seed=s,
+                        noise=2.0, split="train")
+        write_synthetic(os.path.join(d, "syn.h5"), 400, num_classes=6, dim=12, seed=2, world_seed=s, noise=2.0)
+        write_synthetic(os.path.join(d, "near.h5"), 200, num_classes=6, dim=12, seed=3, world_seed=s, novel=0.5, noise=2.0)
+        write_synthetic(os.path.join(d, "far.h5"), 200, num_classes=6, dim=12, seed=4, world_seed=s, novel=1.0, noise=2.0)
+        dirs.append(d)
+    return dirs
+
+
+def test_checkpoints_report_mean_std_and_a_deep_ensemble(members, tmp_path):
+    from analyze.evaluation import run_evaluation
+    from analyze.logits import log_softmax
+    from store.reader import CacheReader
+    out = str(tmp_path / "res")
+    res = CliRunner().invoke(cli, ["analyze", "--checkpoint-dirs", ",".join(members), "--id", "syn",
+                                   "--ood", "near", "--ood", "far", "--score", "msp,mahalanobis", "--results", out])
+    assert res.exit_code == 0, res.output
+    assert "±" in res.output and "Deep ensemble" in res.output and "ddof 0" in res.output
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)["results"]
+    runs = [run_evaluation(d, "syn", ["near", "far"], ["msp", "mahalanobis"]) for d in members]
+    for name in ("msp", "mahalanobis"):
+        for d in ("near", "far", "Average"):
+            values = [r["results"][name][d]["AUROC"] for r in runs]
+            assert saved[name][d]["AUROC"]["mean"] == pytest.approx(np.mean(values), abs=1e-15)
+            assert saved[name][d]["AUROC"]["std"] == pytest.approx(np.std(values), abs=1e-15)
+    probs = {}
+    for dataset in ("syn", "far"):
+        ps = []
+        for d in members:
+            with CacheReader(os.path.join(d, f"{dataset}.h5")) as r:
+                ps.append(np.exp(log_softmax(r.read_all("logits").astype(np.float64))))
+        probs[dataset] = np.mean(ps, axis=0).max(axis=1)
+    assert saved["ensemble"]["far"]["AUROC"]["mean"] == ood_metrics(probs["syn"], probs["far"])["AUROC"]
+    df = analyze.evaluate_checkpoints(members, "syn", ["msp"], ood=["near", "far"])
+    row = df[(df.score == "msp") & (df.ood == "far")].iloc[0]
+    assert row["AUROC_mean"] == saved["msp"]["far"]["AUROC"]["mean"]
+
+
+def test_checkpoints_refuse_the_same_weights_or_other_images(members, tmp_path):
+    import shutil
+    res = CliRunner().invoke(cli, ["analyze", "--checkpoint-dirs", f"{members[0]},{members[0]}", "--id", "syn",
+                                   "--ood", "near", "--score", "msp", "--results", str(tmp_path / "a")])
+    assert res.exit_code != 0 and "given twice" in res.output
+    copy = shutil.copytree(members[0], str(tmp_path / "copy"))
+    res = CliRunner().invoke(cli, ["analyze", "--checkpoint-dirs", f"{members[0]},{copy}", "--id", "syn",
+                                   "--ood", "near", "--score", "msp", "--results", str(tmp_path / "a")])
+    assert res.exit_code != 0 and "same weights" in res.output
+    other = str(tmp_path / "other")
+    write_synthetic(os.path.join(other, "syn.h5"), 300, num_classes=6, dim=12, seed=2, world_seed=9, noise=2.0)
+    write_synthetic(os.path.join(other, "near.h5"), 200, num_classes=6, dim=12, seed=3, world_seed=9, novel=0.5)
+    res = CliRunner().invoke(cli, ["analyze", "--checkpoint-dirs", f"{members[0]},{other}", "--id", "syn",
+                                   "--ood", "near", "--score", "msp", "--results", str(tmp_path / "b")])
+    assert res.exit_code != 0 and "different images" in res.output
