@@ -18,7 +18,7 @@ from store.schema import CacheError, differing
 
 from .data import CacheData
 from .metrics import METRICS, ood_metrics
-from .registry import ScoreError, entry
+from .registry import ScoreCrash, ScoreError, entry
 
 MAP_BLOCK_BYTES = 128 << 20
 
@@ -74,9 +74,12 @@ def check_same_model(paths, allow_partial=False, what="these caches"):
 
 
 def _wrap(name, path, err):
+    """CacheError and ScoreError as raised; any other exception as a ScoreCrash naming the
+    score, the cache and the cause (it stops even a lenient run: a bug is never a note)."""
     if isinstance(err, (CacheError, ScoreError)):
         return err
-    return ScoreError(f"{name} on {path}: {type(err).__name__}: {err}")
+    return ScoreCrash(f"{name} crashed on {path}: {type(err).__name__}: {err} (a bug in the score, "
+                      "not a limit of the cache: fix it, or leave the score out with --score)")
 
 
 def score_cache(reader, name, estimator, params=None):
@@ -286,7 +289,7 @@ def fit_all(cache_dir, id_name, names, params=None, fit_on=None, fitted_dir=None
                                      reader.attrs, path)
                 out[name] = store.get(reader, name, params.get(name))
         except (CacheError, ScoreError) as err:
-            if failed is None:
+            if failed is None or isinstance(err, ScoreCrash):
                 raise
             failed[name] = str(err)
     return out
@@ -452,7 +455,7 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
                     values[name] = score_cache(reader, name, est, params.get(name))
                     _check_finite(name, values[name], ~skipped, paths, path, params.get(name))
                 except (CacheError, ScoreError) as err:
-                    if not lenient:
+                    if not lenient or isinstance(err, ScoreCrash):
                         bar.close()
                         raise
                     out["failed"][name] = str(err)

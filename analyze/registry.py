@@ -35,6 +35,11 @@ class ScoreError(ValueError):
     """A score cannot be computed as asked: bad parameters, or it failed on a cache."""
 
 
+class ScoreCrash(ScoreError):
+    """A score raised an unexpected exception (a bug in it, not a property of the cache):
+    never turned into a "left out" note, even under ``--score all``."""
+
+
 class ScoreEntry(NamedTuple):
     """Everything about one score.
 

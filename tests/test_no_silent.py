@@ -308,3 +308,26 @@ def test_an_unknown_nac_layer_is_named(two_models, tmp_path):
     code, out = run(["analyze", "--cache-dir", cache, "--id", "mine", "--ood", "near", "--score", "nac",
                      "--param", "nac.layers=nonexistent", "--results", str(tmp_path / "r")])
     assert code == 2 and "nonexistent" in out
+
+
+def test_a_crashing_plugin_under_score_all_stops_the_run_naming_itself(tmp_path):
+    """Under --score all only "this cache cannot serve it" becomes a note; a score that
+    raises (a bug) stops the run with the score, the cache and the cause."""
+    from store.synthetic import write_synthetic
+    folder = tmp_path / "syn"
+    write_synthetic(str(folder / "syn_train.h5"), 600, num_classes=5, dim=8, seed=1, split="train")
+    write_synthetic(str(folder / "syn.h5"), 200, num_classes=5, dim=8, seed=2)
+    write_synthetic(str(folder / "far.h5"), 100, num_classes=5, dim=8, seed=3, novel=1.0)
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("from analyze import register_score\n\n@register_score('broken')\n"
+                      "def broken(data):\n    return data.logits[:, 99]\n")
+    try:
+        code, out = run(["analyze", "--cache-dir", str(folder), "--id", "syn", "--plugin", str(plugin),
+                         "--results", str(tmp_path / "r")])
+    finally:
+        SCORES.pop("broken", None)
+    assert code != 0
+    assert "broken crashed on" in out and "syn" in out and "IndexError" in out
+    assert not (tmp_path / "r" / "summary.md").exists()
+    code, out = run(["analyze", "--cache-dir", str(folder), "--id", "syn", "--results", str(tmp_path / "r2")])
+    assert code == 0 and "left out" in out          # notes stay for what the caches cannot serve

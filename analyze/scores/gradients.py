@@ -12,8 +12,10 @@ weight gradient of a loss of the logits is an outer product g x^T):
   -sum_k log p_k, whose logit gradient is K p - 1; for the head (weight and bias):
   ||K p - 1||^2 (||x||^2 + 1). A confident prediction gives a large gradient, so the
   score is the norm itself (higher = more in-distribution, as pytorch-ood's current
-  version). No official code exists; torch's BCE clips log p at -100, which only acts
-  where a float32 probability underflows.
+  version). No official code exists; torch's BCE clips log p at -100 in the loss and its
+  backward divides by max(p (1 - p), 1e-12), so torch's gradient departs from K p - 1
+  wherever p (1 - p) < 1e-12 (a probability within 1e-12 of 0 or 1), not only where a
+  float32 probability underflows; this score uses the exact K p - 1.
 * GradOrth (``gradorth``; Behpour et al., NeurIPS 2023): the norm of the head's gradient
   of the KL-to-uniform loss projected on the principal subspace of the ID training
   features; the gradient is (p - 1/K) x^T, so the projected norm is ||p - 1/K|| * ||B^T x||

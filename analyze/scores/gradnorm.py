@@ -6,8 +6,10 @@ The release back-propagates, at batch size 1, L = sum_k -log_softmax(z / T)_k (t
 divergence to the uniform distribution up to constants) and takes the L1 norm of the
 gradient of the head weight. dL/dW is the outer product of dL/dz = (K p - 1) / T and the
 head input x, so the norm is (1/T) * sum_k |K p_k - 1| * sum_j |x_j|: no backward pass is
-needed (a test checks it against batch-size-1 autograd). pytorch-ood's ``GradNorm``
-divides L by K (its KL form); the ranking is the same, the values are 1/K of these.
+needed (a test checks it against batch-size-1 autograd). pytorch-ood's ``GradNorm`` by
+default takes the gradient norm over all the model's parameters, not the head's weight
+only, another quantity; only its head-weight variant matches this, and divides L by K
+(its KL form): the same ranking, values 1/K of these.
 """
 import numpy as np
 

@@ -3,8 +3,8 @@
 class and class c, |z_c - z_pred| / ||w_c - w_pred||, summed over c, divided by the
 distance of the feature to the mean training feature ||x - mu_train|| (no epsilon; the
 release sums, pytorch-ood averages over K - 1: same ranking). OpenOOD lets its parameter
-search use ||x|| instead (``distance_as_normalizer=False``); pytorch-ood's False drops the
-normaliser, which is not followed here."""
+search use ||x|| instead (``distance_as_normalizer=False``, followed here); pytorch-ood 0.4
+has no such option."""
 import numpy as np
 
 from analyze.registry import register_score

@@ -3,8 +3,8 @@ real-world settings"): one template per class, the mean softmax of the fitting r
 classifier predicts as that class; score = -min over classes of KL(p || template). No
 official code was found; as the ViM and GEN releases' ``benchmark.py`` the templates come
 from the ID training cache (OpenOOD builds them from its ID validation split: ``--fit-on``
-names another cache) and the minimum runs over every class (pytorch-ood compares with the
-predicted class's template only). A class no fitting row is predicted as gets a one-hot
+names another cache) and the minimum runs over every class's template, as pytorch-ood 0.4
+also does. A class no fitting row is predicted as gets a one-hot
 template, as OpenOOD does."""
 import numpy as np
 

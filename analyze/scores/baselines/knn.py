@@ -67,8 +67,11 @@ class KNN:
 
     def score(self, data):
         """(n,) float64 minus the distance to the k-th nearest training feature."""
-        if not 1 <= self.k <= len(self.bank_rows_):
-            raise ValueError(f"knn.k={self.k} must be between 1 and the {len(self.bank_rows_)} training samples")
+        if self.k < 1:
+            raise ValueError(f"knn.k={self.k} must be at least 1")
+        if self.k > len(self.bank_rows_):
+            raise CacheError(f"knn.k={self.k} needs at least {self.k} training rows; the bank has "
+                             f"{len(self.bank_rows_)} (a larger training cache, or a smaller knn.k)")
         path = str(self.bank_path_)
         if not os.path.exists(path):
             raise CacheError(f"the KNN bank is the training cache {path}, which is gone; refit "

@@ -3,7 +3,8 @@ class means and one shared covariance of the ID training features (the covarianc
 the class-centred rows divided by n, as scikit-learn's ``EmpiricalCovariance`` in their
 ``sample_estimator``); score ``max_c -0.5 (x - mu_c)^T P (x - mu_c)`` with P the
 pseudo-inverse of the covariance (``get_Mahalanobis_score`` at noise 0). pytorch-ood's
-version omits the 1/n of the covariance (a constant factor; same ranking).
+version omits the 1/n of the covariance (a constant factor; same ranking); OpenOOD's
+``mds`` omits the 1/2, so its values are twice these (same ranking).
 
 Fit streamed (``store.gaussian.ClassMoments``, block by block): peak memory O(K D + D^2)
 float64 beside one block, whatever the number of training rows. Scoring by two GEMMs

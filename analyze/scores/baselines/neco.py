@@ -5,7 +5,7 @@ standardised training features (scikit-learn ``PCA``); score = ||first ``dim``
 principal coordinates|| / ||standardised x||, multiplied by the max logit except for
 ResNets (the release's rule: ``use_max_logit`` None follows it from the cache's
 architecture family). dim = 100 (the release's default; capped at D). OpenOOD v1.5 has no
-NECO; pytorch-ood multiplies by the max logit unless told otherwise.
+NECO, nor does pytorch-ood 0.4.
 
 Fit streamed in three passes (mean, variance, Gram matrix of the standardised rows; memory
 O(D^2)): the principal axes are the eigenvectors of that covariance, equal to
