@@ -70,6 +70,7 @@ test: install
 bench: install
 	$(PY) bench/run.py
 	$(PY) bench/models.py
+	$(PY) bench/ci.py
 
 bench-scale: install
 	$(PY) bench/scale.py

@@ -539,9 +539,11 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
     for name, e in all_entries().items():
         reads = ", ".join(f"{h}:{s}/{st}" for h, s, st in e.needs_for()) or "logits, features, head"
         reads += "".join(f" + {p} pass" for p in e.passes)
-        rows.append([name, e.title, reads, e.fit_on or "-", e.fit_memory or "-", "yes" if e.default else "",
-                     ", ".join(e.params) or "-"])
-    click.echo(plain(["score", "title", "reads", "fitted on", "fit memory", "default", "parameters"], rows))
+        rows.append([name, e.title, e.family, reads, e.fit_on or "-", e.fit_memory or "-",
+                     "yes" if e.default else "", ", ".join(e.params) or "-", e.reference or "-"])
+    click.echo(plain(["score", "title", "family", "reads", "fitted on", "fit memory", "default", "parameters",
+                      "reference"], rows))
+    click.echo(f"{len(rows)} scores")
     click.echo("fit memory: what a fit holds beside one block of the fitting cache (n fitting rows, "
                "D features, K classes, C channels, M intervals; float64 entries unless the score says)")
 
