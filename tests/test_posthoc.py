@@ -289,3 +289,52 @@ def test_rankfeat_removes_the_rank_one_part(wrn):
 def test_mls_is_maxlogit():
     from analyze.registry import canonical
     assert canonical("mls") == "maxlogit"
+
+
+def test_nci_neural_collapse_score(wrn):
+    """OpenOOD's nci_postprocessor, per sample: the predicted class's (unnormalised) weight
+    row against the centred feature, plus alpha times the L1 norm."""
+    model, _, _, (xt, _, xq, zq) = wrn
+    w, _ = head(model)
+    mu = xt.mean(0)
+    for alpha in (1e-4, 0.1):
+        expected = []
+        for x, z in zip(xq, zq):
+            c = int(z.argmax())
+            expected.append(float(torch.dot(w[c], x - mu) / torch.norm(x - mu) + alpha * x.abs().sum()))
+        check(ours(wrn, "nci", alpha=alpha), expected)
+
+
+def test_pnml_regret(tmp_path):
+    """kobybibas/pnml_ood_detection: regret from the pseudo-inverse of the normalised
+    training features' Gram matrix and the head's softmax of the normalised feature (on
+    synthetic full-rank features: the random WRN's have dead channels, which pnml refuses)."""
+    from store.synthetic import write_synthetic, world
+    tr = write_synthetic(str(tmp_path / "t_train.h5"), 800, num_classes=7, dim=20, seed=1, split="train")
+    te = write_synthetic(str(tmp_path / "t.h5"), 60, num_classes=7, dim=20, seed=2, novel=0.5)
+    with CacheReader(tr) as r:
+        xt = torch.from_numpy(r.read_all("features").astype(np.float64))
+    with CacheReader(te) as r:
+        xq = torch.from_numpy(r.read_all("features").astype(np.float64))
+    _, w, b = world(7, 20)
+    w, b = torch.from_numpy(w.astype(np.float64)), torch.from_numpy(b.astype(np.float64))
+    xn = F.normalize(xt, dim=1)
+    inv = torch.linalg.pinv(xn.T @ xn, rcond=1e-15)
+    expected = []
+    for x in xq:
+        f = x / torch.norm(x)
+        p = torch.softmax(f @ w.T + b, dim=0)
+        xp = torch.abs(f @ inv @ f)
+        g = xp / (1 + xp)
+        nf = torch.sum(p / (p + (1 - p) * p ** g))
+        expected.append(1.0 - float(torch.log(nf) / np.log(len(p))))
+    with CacheReader(tr) as t, CacheReader(te) as r:
+        got = compute_score(r, "pnml", fit_score(t, "pnml"))
+    check(got, expected, tol=1e-9)
+
+
+def test_pnml_refuses_a_singular_gram_matrix(wrn):
+    _, _, (tr, _), _ = wrn
+    from store.schema import CacheError
+    with CacheReader(tr) as t, pytest.raises(CacheError, match="singular to float32 precision"):
+        fit_score(t, "pnml")
