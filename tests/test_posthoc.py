@@ -338,3 +338,15 @@ def test_pnml_refuses_a_singular_gram_matrix(wrn):
     from store.schema import CacheError
     with CacheReader(tr) as t, pytest.raises(CacheError, match="singular to float32 precision"):
         fit_score(t, "pnml")
+
+
+def test_lts_scales_the_logits(wrn):
+    """andrijazz/lts: lts(x, percentile) on the pooled feature (ReLU, then the top-k share),
+    the logits of the unchanged feature times its square, energy."""
+    _, _, _, (_, _, xq, zq) = wrn
+    for p in (95.0, 80.0):
+        a = torch.relu(xq)
+        n = a.shape[1]
+        k = n - int(np.round(n * p / 100))
+        s = (a.sum(1) / a.topk(k, dim=1).values.sum(1))[:, None] ** 2
+        check(ours(wrn, "lts", percentile=p), torch.logsumexp(zq * s, dim=1).numpy())
