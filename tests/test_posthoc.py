@@ -350,3 +350,35 @@ def test_lts_scales_the_logits(wrn):
         k = n - int(np.round(n * p / 100))
         s = (a.sum(1) / a.topk(k, dim=1).values.sum(1))[:, None] ** 2
         check(ours(wrn, "lts", percentile=p), torch.logsumexp(zq * s, dim=1).numpy())
+
+
+def test_multimahalanobis_sums_layer_distances(wrn, tmp_path):
+    """pytorch-ood's MultiMahalanobis: per layer (block1-3 spatial means, the pooled
+    feature) class means, summed class-centred scatter + 1e-6 I inverted, 0.5 min_c d^2;
+    summed over layers (negated: higher = more ID)."""
+    model, (train, labels, test), _, _ = wrn
+    tr = extract_tensor(model, "wrn_40_2", train, str(tmp_path / "train.h5"), ["multimahalanobis"],
+                        batch_size=100, labels=labels, name="train")
+    te = extract_tensor(model, "wrn_40_2", test, str(tmp_path / "test.h5"), ["multimahalanobis"], batch_size=8)
+    outputs = {}
+    hooks = [getattr(model, b).register_forward_hook(lambda m, i, o, b=b: outputs.__setitem__(b, o.mean((2, 3))))
+             for b in ("block1", "block2", "block3")]
+    try:
+        with torch.no_grad():
+            feats = {}
+            for name, x in (("train", train), ("test", test)):
+                f, _ = ref.penultimate(model, x)
+                feats[name] = [outputs[b].double() for b in ("block1", "block2", "block3")] + [f.double()]
+    finally:
+        for h in hooks:
+            h.remove()
+    expected = torch.zeros(len(test), dtype=torch.float64)
+    for zt, zq in zip(feats["train"], feats["test"]):
+        mus = torch.stack([zt[labels == k].mean(0) for k in range(10)])
+        scatter = sum((zt[labels == k] - mus[k]).T @ (zt[labels == k] - mus[k]) for k in range(10))
+        prec = torch.linalg.inv(scatter + 1e-6 * torch.eye(zt.shape[1], dtype=torch.float64))
+        d = torch.stack([((zq - m) @ prec * (zq - m)).sum(1) for m in mus], dim=1)
+        expected -= 0.5 * d.min(dim=1).values
+    with CacheReader(tr) as t, CacheReader(te) as r:
+        got = compute_score(r, "multimahalanobis", fit_score(t, "multimahalanobis"))
+    check(got, expected.numpy(), tol=1e-6)
