@@ -382,3 +382,30 @@ def test_multimahalanobis_sums_layer_distances(wrn, tmp_path):
     with CacheReader(tr) as t, CacheReader(te) as r:
         got = compute_score(r, "multimahalanobis", fit_score(t, "multimahalanobis"))
     check(got, expected.numpy(), tol=1e-6)
+
+
+def test_openmax_recalibrated_unknown_probability(wrn):
+    """OpenOOD's openmax_postprocessor: MAVs and Weibull tails (20 largest distances, shifted
+    as libMR's fit_high) of the correct training rows' logits; alpha rank 3; minus the
+    unknown class's probability. The Weibull fit is scipy's maximum likelihood (as here)."""
+    from scipy.stats import weibull_min
+    _, (_, labels, _), _, (_, zt, _, zq) = wrn
+    zt, zq, y = zt.numpy(), zq.numpy(), labels.numpy()
+    right = zt.argmax(1) == y
+    models = []
+    for c in range(10):
+        rows = zt[right & (y == c)]
+        mav = rows.mean(0)
+        tail = np.sort(np.linalg.norm(rows - mav, axis=1))[-20:]
+        shape, _, scale = weibull_min.fit(tail + 1 - tail.min(), floc=0)
+        models.append((mav, tail.min(), shape, scale))
+    expected = []
+    for v in zq:
+        ranked = np.argsort(v)[::-1][:3]
+        omega = np.zeros(10)
+        omega[ranked] = [1, 2 / 3, 1 / 3]
+        w = np.array([0.0 if np.linalg.norm(v - m) + 1 - s < 0 else
+                      1 - np.exp(-((np.linalg.norm(v - m) + 1 - s) / sc) ** sh) for m, s, sh, sc in models])
+        revised, u = v * (1 - w * omega), np.sum(v * w * omega)
+        expected.append(-np.exp(u) / (np.exp(revised).sum() + np.exp(u)))
+    check(ours(wrn, "openmax"), expected, tol=1e-9)
