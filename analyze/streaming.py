@@ -177,3 +177,10 @@ def group_means(data, get, group, size):
             counts[c] += np.count_nonzero(rows)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts.reshape(-1, *([1] * (sums.ndim - 1))), counts
+
+
+def feature_mean(data):
+    """(D,) float64 mean training feature, streamed (``block_sum``; on one block exactly
+    ``data.features.mean(axis=0)``)."""
+    total, rows = block_sum(data, lambda b: b.features)
+    return total / rows

@@ -20,6 +20,7 @@ import numpy as np
 
 from analyze.logits import logsumexp
 from analyze.registry import register_score
+from store.schema import CacheError
 
 ASH_VARIANTS = ("ash_s", "ash_b", "ash_p")
 REFERENCE = "Djurisic et al., ICLR 2023; andrijazz/ash"
@@ -30,8 +31,9 @@ def kept_entries(flat, percentile):
     largest entries of each row of ``flat`` (n, n_entries), as ASH and SCALE count them."""
     size = flat.shape[1]
     k = size - int(np.round(size * percentile / 100.0))
-    if k <= 0:
-        raise ValueError(f"percentile {percentile} keeps no entry of a {size}-entry activation")
+    if k <= 0:      # a property of the cache (too few entries) at this percentile: a limit, not a bug
+        raise CacheError(f"percentile {percentile} keeps no entry of a {size}-entry activation (a lower "
+                         "percentile, or a wider layer)")
     keep = np.argpartition(-flat, k - 1, axis=1)[:, :k]
     return keep, np.take_along_axis(flat, keep, axis=1)
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from analyze.logits import logsumexp
 from analyze.registry import register_score
-from analyze.streaming import block_sum
+from analyze.streaming import feature_mean
 
 
 @register_score("dice", default=True, fit_memory="D", title="DICE", family="features", fit_params=(),
@@ -22,8 +22,7 @@ class DICE:
         self.p = p
 
     def fit(self, data):
-        total, rows = block_sum(data, lambda b: b.features)
-        self.mean_ = total / rows
+        self.mean_ = feature_mean(data)
         return self
 
     def score(self, data):

@@ -8,7 +8,7 @@ has no such option."""
 import numpy as np
 
 from analyze.registry import register_score
-from analyze.streaming import block_sum
+from analyze.streaming import feature_mean
 
 
 @register_score("fdbd", default=True, fit_memory="D", title="fDBD", family="features", fit_params=(),
@@ -21,8 +21,7 @@ class FDBD:
         self.distance_as_normalizer = distance_as_normalizer
 
     def fit(self, data):
-        total, rows = block_sum(data, lambda b: b.features)
-        self.mean_ = total / rows
+        self.mean_ = feature_mean(data)
         return self
 
     def score(self, data):

@@ -9,7 +9,7 @@ no NCI. Fit streamed: the mean only (memory D)."""
 import numpy as np
 
 from analyze.registry import register_score
-from analyze.streaming import block_sum
+from analyze.streaming import feature_mean
 
 
 @register_score("nci", default=True, title="NCI", family="features", fit_params=(), fit_memory="D",
@@ -22,8 +22,7 @@ class NCI:
         self.alpha = alpha
 
     def fit(self, data):
-        total, rows = block_sum(data, lambda b: b.features)
-        self.mean_ = total / rows
+        self.mean_ = feature_mean(data)
         return self
 
     def score(self, data):
