@@ -148,14 +148,14 @@ def kth_nearest(queries, bank_chunks, k):
     return np.sqrt(np.maximum(kth, 0)).astype(np.float64)
 
 
-def class_moments(data, get=lambda block: block.features, labels=lambda block: block.labels):
-    """``store.gaussian.ClassMoments`` of the vectors ``get(block)`` (n_b, D) labelled by
-    ``labels(block)`` (n_b,) (default the blocks' labels), accumulated block by block."""
+def class_moments(data, get=lambda block: block.features):
+    """``store.gaussian.ClassMoments`` of the vectors ``get(block)`` (n_b, D) labelled by the
+    blocks' labels, accumulated block by block."""
     from store.gaussian import ClassMoments
     moments = ClassMoments()
     for block in data.blocks():
         if block.n:
-            moments.update(get(block), labels(block))
+            moments.update(get(block), block.labels)
     return moments
 
 

@@ -12,8 +12,7 @@ Scoring by GEMMs (``store.gaussian.sq_distances``)."""
 import numpy as np
 
 from analyze.registry import register_score
-from analyze.streaming import class_moments
-from store.gaussian import sq_distances
+from store.gaussian import ClassMoments, sq_distances
 from store.schema import CacheError
 
 
@@ -26,8 +25,13 @@ class RMDS:
     def fit(self, data):
         if (data.labels < 0).any():
             raise CacheError(f"rmds fitted on {data.path}: Mahalanobis needs labelled training samples")
-        self.means_, _, self.precision_ = class_moments(data).gaussian(f"rmds fitted on {data.path}")
-        background = class_moments(data, labels=lambda b: np.zeros(b.n, np.int64))
+        classes, background = ClassMoments(), ClassMoments()
+        for block in data.blocks():              # one read of the training cache for both
+            if block.n:
+                x = block.features
+                classes.update(x, block.labels)
+                background.update(x, np.zeros(block.n, np.int64))
+        self.means_, _, self.precision_ = classes.gaussian(f"rmds fitted on {data.path}")
         self.background_mean_ = background.means[0]
         self.background_precision_ = np.linalg.pinv(background.scatter / background.n, hermitian=True)
         return self
