@@ -21,7 +21,7 @@ import click
 from analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from store.benchmarks import BENCHMARKS, benchmark, ood_sets, preset_params
 from store.reader import CacheReader, cache_path, default_cache_dir
-from store.recipes import split_selector
+from store.recipes import HOOK_SETS, split_selector
 from store.schema import POLICIES, CacheError
 
 ERRORS = (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError, ScoreError)
@@ -169,7 +169,7 @@ def cli():
 @click.option("--preprocess", default=None, help="Evaluation transform: cifar10, cifar100, imagenet_bit, imagenet_tv, demo, openood_cifar10, openood_cifar100, totensor (ToTensor alone, as Open_OOD), timm (the timm model's data config).")
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override the crop/resize size of --preprocess.")
 @click.option("--cache-dir", default=None, help="Folder of the caches, one <dataset>.h5 each. [default: caches/<benchmark>-<arch>]")
-@click.option("--hook", "hooks", multiple=True, help="Hook set (bn, before_head, before_head_gn, nac, penultimate) or module name to record besides what the scores need (with --policy/--store). Repeatable.")
+@click.option("--hook", "hooks", multiple=True, help=f"Hook set ({', '.join(HOOK_SETS)}) or module name to record besides what the scores need (with --policy/--store). Repeatable.")
 @click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = every score (mahalanobis_ens only with --maha-fit). Repeatable. [default: every score marked default, see `pipeline.py scores`; with --split train the default scores fitted on training data, which is what a training cache serves]")
 @click.option("--param", "param_items", multiple=True, help="Score parameter that changes what is recorded, SCORE.NAME=VALUE (e.g. nac.layers=avgpool,layer3). Repeatable.")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (analyze.register_score); their needs are recorded. Repeatable.")

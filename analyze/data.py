@@ -9,7 +9,7 @@ extraction plans and cache comparisons rely on.
 import numpy as np
 
 from store.recipes import holds, layers_of
-from store.schema import MAHA_ADVERSARIAL, MAHA_SCORES, MAP, STATS, TRACKING_PATH, CacheError, odin_pairs, odin_path, stat_path
+from store.schema import ADASCALE_FEATURES, GRAM_STATS, MAHA_ADVERSARIAL, MAHA_SCORES, MAP, STATS, TRACKING_PATH, CacheError, odin_pairs, odin_path, stat_path
 
 
 class CacheData:
@@ -26,7 +26,7 @@ class CacheData:
     ``map(layer, source)`` (n, C, H, W) float32, ``count_above(layer, source, tau)`` (n, C).
     Extra passes: ``odin_logits(T, eps, std_divided)`` (n, K), ``odin_passes``,
     ``tracking_norms`` (n, K, P), ``tracked_parameters``, ``maha_scores`` /
-    ``maha_adversarial`` (n, M, L) float32.
+    ``maha_adversarial`` (n, M, L) float32, ``adascale_features`` (n, D).
     """
 
     def __init__(self, reader, start=0, stop=None, keep=None, needs=None, passes=None, score=None):
@@ -67,6 +67,12 @@ class CacheData:
     def n(self):
         """Number of rows of the block."""
         return int(self.stop - self.start if self.keep is None else self.keep.sum())
+
+    @property
+    def rows(self):
+        """(n,) int64 row indices in the cache (the same for a row in any block)."""
+        rows = np.arange(self.start, self.stop, dtype=np.int64)
+        return rows if self.keep is None else rows[self.keep]
 
     @property
     def num_classes(self):
@@ -222,6 +228,15 @@ class CacheData:
         return self._rows(MAHA_SCORES)
 
     @property
+    def adascale_features(self):
+        """(n, D) float64 features of the AdaScale-perturbed input (``extract.adascale``)."""
+        self._check_pass("adascale")
+        if not self.attrs.get("adascale"):
+            raise CacheError(f"{self.path}: no AdaScale perturbed features were recorded "
+                             "(extract with --score adascale_a)")
+        return self._rows(ADASCALE_FEATURES).astype(np.float64)
+
+    @property
     def maha_adversarial(self):
         """(n, M, L) float32 the same for each row's pseudo-OOD copy."""
         self._check_pass("mahalanobis")
@@ -262,4 +277,8 @@ def map_stat(m, stat):
         return (flat ** 2).mean(axis=2)
     if stat == "abs_max":
         return np.abs(flat).max(axis=2)
+    if stat in GRAM_STATS:
+        t = flat ** int(stat[4:])
+        s = (t * t.sum(axis=1, keepdims=True)).sum(axis=2)
+        return np.sign(s) * np.abs(s) ** (1.0 / int(stat[4:]))
     raise CacheError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")

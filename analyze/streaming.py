@@ -184,3 +184,16 @@ def feature_mean(data):
     ``data.features.mean(axis=0)``)."""
     total, rows = block_sum(data, lambda b: b.features)
     return total / rows
+
+
+def gather(data, rows, get):
+    """``get(block)`` (n_b, ...) at the usable rows ``rows`` (sorted indices into the
+    concatenation of the blocks), concatenated in that order, read block by block; memory
+    is the gathered rows only."""
+    parts, at = [], 0
+    for block in data.blocks():
+        mine = rows[(rows >= at) & (rows < at + block.n)] - at
+        if len(mine):
+            parts.append(get(block)[mine])
+        at += block.n
+    return np.concatenate(parts)

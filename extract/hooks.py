@@ -60,6 +60,24 @@ def channel_stats(t, stats):
             out[stat] = flat.abs().amax(2)
         elif stat == "map":
             out[stat] = t.clone()
+    grams = sorted(int(s[4:]) for s in stats if s.startswith("gram"))
+    if grams:
+        out.update({f"gram{p}": v for p, v in gram_row_sums(flat, grams).items()})
+    return out
+
+
+def gram_row_sums(flat, powers):
+    """``{p: (N, C) float64}`` sign(s) |s|^(1/p) of s_c = sum_c' <t_c, t_c'>, t = flat**p,
+    for ``flat`` (N, C, H*W) and ascending ``powers``: the row sums of GRAM's p-th order Gram
+    matrix, as the sum over positions of t_c times the channel sum of t (the same sum, in
+    O(C H W)); t is raised by repeated multiplication in float64."""
+    x = flat.double()
+    t, at, out = torch.ones_like(x), 0, {}
+    for p in powers:
+        while at < p:
+            t, at = t * x, at + 1
+        s = (t * t.sum(dim=1, keepdim=True)).sum(dim=2)
+        out[p] = s.sign() * s.abs() ** (1.0 / p)
     return out
 
 

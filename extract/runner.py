@@ -23,13 +23,15 @@ from tqdm import tqdm
 from store.recipes import build_plan, objectives_for
 from store.recipes import hook_names as hook_names_of
 from store.recipes import layers_of, split_selector
-from store.schema import MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
+from store.schema import ADASCALE_FEATURES, MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
 from store.schema import layout as schema_layout
 from store.writer import BackgroundWriter, CacheWriter
 
 from . import hooks as H
 from .distributed import Shard, grid_batches
 from .adapters import adapter_for
+from .adascale import RECIPE as ADASCALE_RECIPE
+from .adascale import max_logit_gradient, perturbed
 from .objectives import objective_value
 
 TOOL_VERSION = "0.1.0"
@@ -88,6 +90,7 @@ class ExtractionPlan:
         self.maha = config.maha if "mahalanobis" in config.passes else None
         self.odin_passes = [list(p) for p in config.odin] if "odin" in config.passes else []
         self.odin_std = list(config.odin_std) if config.odin_std else None
+        self.adascale = "adascale" in config.passes
         self.tracked = []
         if "tracking" in config.passes:
             from .tracking import tracked_parameters
@@ -104,8 +107,9 @@ class ExtractionPlan:
         for layer in self.layers:
             self.plan.setdefault(layer, {})
         grad_layers = [l for l in self.layers if any(src != "act" for src in self.plan[l])]
-        # ODIN's input gradient needs the graph from the input: the forward then starts there.
-        self.graph_from_input = bool(self.odin_passes) and any(e != 0 for _, e, _ in self.odin_passes)
+        # ODIN's and AdaScale's input gradients need the graph from the input: the forward
+        # then starts there.
+        self.graph_from_input = self.adascale or (bool(self.odin_passes) and any(e != 0 for _, e, _ in self.odin_passes))
         self.start_module = (H.graph_start(model, grad_layers)
                              if grad_layers and not self.graph_from_input else None)
         self.num_classes, self.feature_dim = self.adapter.num_classes, self.adapter.feature_dim
@@ -119,7 +123,8 @@ class ExtractionPlan:
         """``{dataset path: (row shape, dtype name)}`` of every per-sample dataset."""
         return schema_layout(int(self.num_classes), int(self.feature_dim), self.plan, self.layer_shapes,
                              [tuple(p) for p in self.odin_passes], self.tracked,
-                             self.maha["recipe"] if self.maha else None)
+                             self.maha["recipe"] if self.maha else None,
+                             ADASCALE_RECIPE if self.adascale else None)
 
     def bytes_per_image(self):
         """Uncompressed bytes one image adds to the cache (paths counted as 64 bytes)."""
@@ -139,6 +144,8 @@ class ExtractionPlan:
         if temps:
             parts.append(f"ODIN: {len(temps)} input-gradient backward + 1 forward of the "
                          f"{sum(1 for _, e, _ in self.odin_passes if e != 0)} perturbed copies")
+        if self.adascale:
+            parts.append("AdaScale: 1 input-gradient backward + 1 forward of the perturbed input")
         if self.tracked:
             parts.append(f"gradient tracking: {self.num_classes} backward")
         if self.maha:
@@ -239,6 +246,7 @@ def cache_attrs(plan, provenance, n, device, world_size=1):
         "tracked_parameters": plan.tracked, "batch_size": int(config.batch_size),
         **({"odin_std": plan.odin_std} if plan.odin_std else {}),
         **({"mahalanobis": plan.maha["recipe"]} if plan.maha else {}),
+        **({"adascale": ADASCALE_RECIPE} if plan.adascale else {}),
         "world_size": world_size, **provenance.attrs(),
     }
     attrs["fingerprint"] = fingerprint(attrs)
@@ -373,10 +381,11 @@ def _extract_batch(model, recorder, captured, plan, x, labels):
         logits = model(x)
         head_input = captured["x"].flatten(1)
         for i, objective in enumerate(plan.objectives):
-            last = i == len(plan.objectives) - 1 and not odin_temps
+            last = i == len(plan.objectives) - 1 and not odin_temps and not plan.adascale
             recorder.backward(objective, objective_value(objective, logits, head_input),
                               retain_graph=not last, truncate=plan.config.truncate_backward)
         recorder.objective = None
+        ada_grad = max_logit_gradient(logits, x, retain_graph=bool(odin_temps)) if plan.adascale else None
         signs = {}
         for j, t in enumerate(odin_temps):
             loss = torch.nn.functional.cross_entropy(logits / t, logits.argmax(dim=1))
@@ -390,6 +399,10 @@ def _extract_batch(model, recorder, captured, plan, x, labels):
     try:
         if plan.odin_passes:
             out.update(_odin_outputs(model, x.detach(), logits.detach(), plan, signs))
+        if plan.adascale:
+            with torch.no_grad():
+                model(perturbed(x.detach(), ada_grad))
+            out[ADASCALE_FEATURES] = captured["x"].flatten(1).float().cpu().numpy()
         if plan.tracked:
             from .tracking import per_sample_grad_norms
             out[TRACKING_PATH] = per_sample_grad_norms(model, x.detach(), plan.tracked).cpu().numpy()

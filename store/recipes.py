@@ -8,25 +8,32 @@ storage policies into a plan (``build_plan``), the analysis stage checks that a 
 holds what a score reads (``missing``) and compares two caches on exactly those parts
 (``comparable``).
 """
-from .schema import MAP, MODEL_FIELDS, OBJECTIVES, SOURCES, STATS, identity
+from .schema import CHANNEL_STATS, MAP, MODEL_FIELDS, OBJECTIVES, SOURCES, STATS, identity
 
 # Extra passes at extraction, stored outside ``layers/``: ODIN's perturbed forward pass
 # (``odin/<pass>/logits``, root attribute ``odin``), the per-sample weight-gradient norms
 # of gradient tracking (``tracking/norms``, root attribute ``tracked_parameters``), the
-# multi-layer Mahalanobis scores (``mahalanobis/...``, root attribute ``mahalanobis``).
+# multi-layer Mahalanobis scores (``mahalanobis/...``, root attribute ``mahalanobis``),
+# AdaScale's perturbed features (``adascale/features``, root attribute ``adascale``).
 PASSES = {
     "odin": "ODIN's perturbed forward pass (--odin T,EPS[,std])",
     "tracking": "K backward passes for the per-sample weight-gradient norms (gradient tracking)",
     "mahalanobis": "multi-layer input-preprocessed Mahalanobis scores (--maha-fit TRAIN_CACHE)",
+    "adascale": "AdaScale's perturbed forward (the least max-logit-sensitive pixels moved; its features)",
 }
-_PASS_ATTR = {"odin": "odin", "tracking": "tracked_parameters", "mahalanobis": "mahalanobis"}
+_PASS_ATTR = {"odin": "odin", "tracking": "tracked_parameters", "mahalanobis": "mahalanobis",
+              "adascale": "adascale"}
 _PASS_HOW = {
     "odin": "no ODIN pass was recorded (extract with --score odin, --odin T,EPS)",
     "tracking": "no gradient-tracking norms were recorded (extract with --score tracking)",
     "mahalanobis": ("no multi-layer Mahalanobis scores were recorded (extract with --maha-fit "
                     "TRAIN_CACHE; the validation set also with --maha-adversarial)"),
+    "adascale": "no AdaScale perturbed features were recorded (extract with --score adascale_a)",
 }
 
+
+# The named hook sets every model adapter defines (``extract.adapters.generic``).
+HOOK_SETS = ("bn", "before_head", "before_head_gn", "nac", "penultimate", "gram")
 
 # Selectors on a hook set: ``before_head:last`` is its last layer, ``before_head:inner`` the
 # others (GAIA-A reads one objective at each part, so each backward stops where it must).
@@ -101,7 +108,7 @@ def build_plan(hook_sets, needs, policies, objectives):
             stats = plan[layer].setdefault(source, [])
             if stat not in stats:
                 stats.append(stat)
-    extra = {"pooled": ["mean"], "stats": list(STATS), "raw": list(STATS) + [MAP]}
+    extra = {"pooled": ["mean"], "stats": list(CHANNEL_STATS), "raw": list(CHANNEL_STATS) + [MAP]}
     for layer, policy in policies.items():
         for source in ["act", *objectives]:
             stats = plan.setdefault(layer, {}).setdefault(source, [])

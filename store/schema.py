@@ -15,6 +15,10 @@ Per-channel statistics over the H x W positions (STATS):
     nonzero   int32, count of entries != 0 (exact: computed before any storage)
     mean      spatial mean; the spatial sum is ``mean * H * W``
     abs_mean  mean of |v|;   sq_mean  mean of v**2;   abs_max  max of |v|
+    gram1 .. gram10  GRAM's p-th order Gram row sums (Sastry & Oore, ICML 2020): with
+              t = v**p over the H x W positions of one sample, s_c = sum_c' <t_c, t_c'>,
+              stored as sign(s_c) |s_c|^(1/p); computed in float64 before storage. Only
+              what a score asks for is recorded: the policies store the five above.
 The gradient recorded is what a tensor hook registered on the module's output receives;
 where an in-place ReLU follows the module, that is the gradient w.r.t. the pre-ReLU
 tensor (as in the authors' hooks). Activations are likewise taken before in-place ops.
@@ -36,7 +40,10 @@ from typing import NamedTuple
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 
-STATS = ("nonzero", "mean", "abs_mean", "sq_mean", "abs_max")
+CHANNEL_STATS = ("nonzero", "mean", "abs_mean", "sq_mean", "abs_max")
+GRAM_POWERS = tuple(range(1, 11))
+GRAM_STATS = tuple(f"gram{p}" for p in GRAM_POWERS)
+STATS = CHANNEL_STATS + GRAM_STATS
 MAP = "map"
 
 # Backward objectives (all summed over the batch; per-sample gradients are exact because
@@ -52,7 +59,7 @@ SOURCES = ("act", *OBJECTIVES)
 POLICIES = {
     "scores": "only the statistics the requested scores read (the default)",
     "pooled": "spatial means of activation and of every recorded gradient",
-    "stats": "every statistic in STATS of activation and every recorded gradient",
+    "stats": "every statistic in CHANNEL_STATS of activation and every recorded gradient",
     "raw": "every statistic plus the full maps, losslessly compressed",
 }
 
@@ -98,6 +105,7 @@ ROOT_ATTRS = {
     "odin_std": Attr(list, True, False, "per-channel normalisation std the ODIN gradient is divided by"),
     "tracked_parameters": Attr(list, True, False, "parameter names in tracking/norms"),
     "mahalanobis": Attr(dict, True, False, "multi-layer Mahalanobis recipe (extract.mahalanobis)"),
+    "adascale": Attr(dict, True, False, "AdaScale's input perturbation {o, step} (extract.adascale)"),
     "batch_size": Attr(int, False, False, "rows per batch: batches are rows [k*B, (k+1)*B)"),
     "world_size": Attr(int, False, False, "processes of the (last) extraction run"),
     "n_skipped": Attr(int, False, False, "images that could not be read (--skip-bad)"),
@@ -150,12 +158,15 @@ DATASETS = {
                                   "input-preprocessed Mahalanobis score of layer l at magnitude m"),
     "mahalanobis/adversarial_scores": Dataset(("M", "L"), "float32", True,
                                               "the same for the row's pseudo-OOD copy"),
+    "adascale/features": Dataset(("D",), "float32", True,
+                                 "pooled penultimate vector of the AdaScale-perturbed input", "finite"),
 }
 REQUIRED_DATASETS = ("logits", "features", "labels", "paths", "skipped", "head/weight", "head/bias")
 STRING_DATASETS = ("paths", "skip_reasons", "content_hash")
 TRACKING_PATH = "tracking/norms"
 MAHA_SCORES = "mahalanobis/scores"
 MAHA_ADVERSARIAL = "mahalanobis/adversarial_scores"
+ADASCALE_FEATURES = "adascale/features"
 
 # What two caches must share to be compared, by what a score reads. ``model`` fields
 # apply to every comparison; the rest only when the score reads that part of the cache.
@@ -191,10 +202,11 @@ def odin_pairs(attrs):
     return [(float(p[0]), float(p[1]), bool(p[2]) if len(p) > 2 else False) for p in attrs.get("odin") or []]
 
 
-def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), maha=None):
+def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), maha=None, adascale=None):
     """``{dataset path: (row shape, numpy dtype name)}`` of every per-row dataset a cache
     with this plan holds, resolved from ``DATASETS``. ``odin``: [(T, eps, std_divided)];
-    ``tracked``: parameter names; ``maha``: the Mahalanobis recipe or None."""
+    ``tracked``: parameter names; ``maha``: the Mahalanobis recipe or None; ``adascale``:
+    the AdaScale perturbation recipe or None."""
     sym = {"K": num_classes, "D": feature_dim, "P": len(tracked),
            "M": len((maha or {}).get("magnitudes", [])), "L": len((maha or {}).get("layers", []))}
 
@@ -220,6 +232,8 @@ def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), ma
         out[MAHA_SCORES] = entry(MAHA_SCORES)
         if maha.get("adversarial"):
             out[MAHA_ADVERSARIAL] = entry(MAHA_ADVERSARIAL)
+    if adascale:
+        out[ADASCALE_FEATURES] = entry(ADASCALE_FEATURES)
     return out
 
 
@@ -246,7 +260,7 @@ def validate(attrs, datasets, where):
         raise CacheError(f"{where}: damaged cache, datasets missing: head/weight")
     k, d = attrs["num_classes"], datasets["head/weight"][0][1]
     want = layout(k, d, attrs["plan"], attrs["layer_shapes"], odin_pairs(attrs),
-                  attrs.get("tracked_parameters") or [], attrs.get("mahalanobis"))
+                  attrs.get("tracked_parameters") or [], attrs.get("mahalanobis"), attrs.get("adascale"))
     for optional in ("skip_reasons", "content_hash", MAHA_ADVERSARIAL):
         if optional not in datasets:
             want.pop(optional, None)

@@ -409,3 +409,199 @@ def test_openmax_recalibrated_unknown_probability(wrn):
         revised, u = v * (1 - w * omega), np.sum(v * w * omega)
         expected.append(-np.exp(u) / (np.exp(revised).sum() + np.exp(u)))
     check(ours(wrn, "openmax"), expected, tol=1e-9)
+
+
+def test_vra_clips_between_percentiles(wrn):
+    """OpenOOD's vra_postprocessor: clip the features to the low/high percentiles of every
+    fitting-set feature entry, energy of the head."""
+    model, _, _, (xt, _, xq, _) = wrn
+    w, b = head(model)
+    for low, high in ((10.0, 90.0), (1.0, 99.0)):
+        lo, hi = np.percentile(xt.numpy().ravel(), low), np.percentile(xt.numpy().ravel(), high)
+        x = xq.clamp(min=float(lo), max=float(hi))
+        check(ours(wrn, "vra", percentile_low=low, percentile_high=high), torch.logsumexp(x @ w.T + b, 1).numpy())
+
+
+def test_mcdropout_mean_logits_of_dropped_features(wrn):
+    """OpenOOD's dropout_postprocessor on a DropoutNet: T head passes on element-wise dropped
+    features (torch's dropout2d on a 2-D input, scaled by 1/(1-p)), softmax of the mean
+    logits, its maximum; masks drawn per cache row from numpy (the cache's row index)."""
+    model, _, _, (_, _, xq, _) = wrn
+    w, b = head(model)
+    for p, T in ((0.5, 5), (0.25, 3)):
+        expected = []
+        for r, x in enumerate(xq):
+            keep = torch.from_numpy(np.random.default_rng([0, r]).random((T, x.numel())) >= p).double()
+            z = torch.stack([(x * keep[t] / (1 - p)) @ w.T + b for t in range(T)]).mean(0)
+            expected.append(float(torch.softmax(z, 0).max()))
+        check(ours(wrn, "mcdropout", p=p, T=T), expected)
+    # p = 0 keeps every entry: the maximum softmax of the head on the features
+    check(ours(wrn, "mcdropout", p=0.0, T=2), torch.softmax(xq @ w.T + b, 1).max(1).values.numpy())
+
+
+def test_cfood_conformal_neighbour_fraction(wrn):
+    """OpenOOD's cfood_postprocessor, its loops: normalised features, a reference subset,
+    each reference row's sorted self-distances at the grid positions, then per sample the
+    first grid fraction whose share of reference rows reaches k."""
+    _, _, _, (xt, _, xq, _) = wrn
+    kval = np.concatenate((np.linspace(0.001, 0.1, 100), np.linspace(0.105, 0.5, 81), np.linspace(0.51, 0.99, 49)))
+    for alpha, k in ((1.0, 0.01), (0.5, 0.05)):
+        f = xt / (xt.norm(dim=1, keepdim=True) + 1e-10)
+        n = int(alpha * len(f)) if alpha < 1 else len(f)
+        idx = np.sort(np.random.default_rng(0).permutation(len(f))[:n])
+        ref_ = f[torch.from_numpy(idx)]
+        kpos = np.array(kval * n - 1, dtype=int)
+        keep = np.concatenate(([True], kpos[:-1] < kpos[1:]))
+        kv, kp = kval[keep], kpos[keep]
+        knn = torch.stack([torch.sort(((ref_[i] - ref_) ** 2).sum(1)).values[kp + 1] for i in range(n)])
+        expected = []
+        for v in xq / (xq.norm(dim=1, keepdim=True) + 1e-10):
+            d = ((v - ref_) ** 2).sum(1)
+            share = (knn >= d[:, None]).sum(0).double() / n
+            pos = torch.nonzero(share >= k)
+            expected.append(-(kv[int(pos[0, 0])] if len(pos) else 1.0))
+        got = ours(wrn, "cfood", alpha=alpha, k=k)
+        assert len(set(expected)) > 2
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_gram_deviations(wrn, tmp_path):
+    """OpenOOD's gram_postprocessor: G_p of every Conv2d / ReLU output (the matmul form, the
+    signed p-th root), per class min / max over the rows not held out by random.sample,
+    per-layer normalisers from the held-out rows, deviations of the predicted class over
+    the max softmax. Powers 1..3 (the default 1..5 only adds powers; extraction time grows
+    with each)."""
+    import random
+    from collections import Counter
+    model, (train, labels, test), _, _ = wrn
+    train, labels = train[:150], labels[:150]          # half the fixture: still every class
+    assert len(torch.unique(labels)) == 10
+    params = {"gram": {"max_power": 3}}
+    tr = extract_tensor(model, "wrn_40_2", train, str(tmp_path / "train.h5"), ["gram"], batch_size=100,
+                        labels=labels, name="train", params=params)
+    te = extract_tensor(model, "wrn_40_2", test, str(tmp_path / "test.h5"), ["gram"], batch_size=8, params=params)
+    powers = [1, 2, 3]
+    mods = [m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ReLU))]
+
+    def grams(x):
+        feats = []
+        hooks = [m.register_forward_hook(lambda m, i, o: feats.append(o.detach().double().clone())) for m in mods]
+        try:
+            with torch.no_grad():
+                z = model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        out = []
+        for f in feats:
+            per = {}
+            for p in powers:
+                t = (f ** p).reshape(f.shape[0], f.shape[1], -1)
+                s = (t @ t.transpose(1, 2)).sum(2)
+                per[p] = s.sign() * s.abs() ** (1 / p)
+            out.append(per)
+        return out, z.double()
+
+    def delta(lo, hi, x):
+        return (F.relu(lo - x) / (lo + 1e-6).abs()).sum(1) + (F.relu(x - hi) / (hi + 1e-6).abs()).sum(1)
+
+    gt, _ = grams(train)
+    y = labels.numpy()
+    counts = Counter(y.tolist())
+    rng = random.Random(0)
+    val = {c: rng.sample(range(counts[c]), int(0.1 * counts[c])) for c in counts}
+    trn = {c: sorted(set(range(counts[c])) - set(val[c])) for c in counts}
+    mins, maxs, norms = {}, {}, []
+    for l, per in enumerate(gt):
+        total = []
+        for c in counts:
+            rows = torch.from_numpy(np.flatnonzero(y == c))
+            dev = 0
+            for p in powers:
+                g = per[p][rows]
+                mins[l, p, c], maxs[l, p, c] = g[trn[c]].min(0).values, g[trn[c]].max(0).values
+                dev = dev + delta(mins[l, p, c], maxs[l, p, c], g[val[c]])
+            total.append(dev)
+        norms.append(float(torch.cat(total).mean()))
+    gq, zq = grams(test)
+    conf, pred = torch.softmax(zq, 1).max(1)
+    dev = torch.zeros(len(test), dtype=torch.float64)
+    for l, per in enumerate(gq):
+        for p in powers:
+            for c in range(10):
+                hit = pred == c
+                if hit.any():
+                    dev[hit] += delta(mins[l, p, c], maxs[l, p, c], per[p][hit]) / norms[l]
+    with CacheReader(tr) as t, CacheReader(te) as r:
+        assert len(r.attrs["hook_sets"]["gram"]) == len(mods)
+        got = compute_score(r, "gram", fit_score(t, "gram", max_power=3), max_power=3)
+    check(got, (-dev / conf).numpy(), tol=1e-4)
+
+
+def test_adascale_adaptive_scaling(wrn, tmp_path):
+    """OpenOOD's adascale_postprocessor with AdaScaleANet / AdaScaleLNet: the max-logit
+    input gradient, the 5 % least sensitive entries moved by 0.5 sign(g), the shift
+    statistic's ECDF over the fitting rows, per-sample percentiles, ada_scale's s1 / s2,
+    energy of fc(x exp(r)) (A) or of fc(x) r^2 (L)."""
+    model, (train, labels, test), _, _ = wrn
+    tr = extract_tensor(model, "wrn_40_2", train, str(tmp_path / "train.h5"), ["adascale_a"], batch_size=100,
+                        labels=labels, name="train")
+    te = extract_tensor(model, "wrn_40_2", test, str(tmp_path / "test.h5"), ["adascale_a"], batch_size=8)
+    w, b = head(model)
+
+    def features(x):
+        x = x.clone().requires_grad_(True)
+        captured = {}
+        h = model.fc.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))
+        try:
+            out = model(x)
+            out[torch.arange(len(x)), out.argmax(1)].sum().backward()
+            g = x.grad.detach()
+            f = captured["x"].flatten(1).detach().double()
+            n_pix = int(g[0].numel() * 0.05)
+            flat = g.abs().view(len(x), -1)
+            mask = torch.zeros_like(flat).scatter_(1, torch.topk(flat, n_pix, dim=1, largest=False)[1], 1)
+            with torch.no_grad():
+                model(x.detach() + g.sign() * mask.view_as(x) * 0.5)
+            fp = captured["x"].flatten(1).double()
+        finally:
+            h.remove()
+        return f, fp
+
+    def q(f, fp):
+        k1, k2 = int(f.shape[1] * 5 / 100), int(f.shape[1] * 1 / 100)
+        t1, t2 = torch.topk(f, k1, dim=1)[1], torch.topk(f, k2, dim=1)[1]
+        return torch.gather(torch.relu(fp), 1, t1).sum(1) + 10 * torch.gather((f - fp).abs(), 1, t2).sum(1)
+
+    ft, fpt = features(train)
+    fq, fpq = features(test)
+    log = np.sort(q(ft, fpt).numpy())
+    percent = 1 - np.searchsorted(log, q(fq, fpq).numpy(), side="right") / len(log)
+    pct = torch.from_numpy(75 + percent * 10)
+    a = torch.relu(fq)
+    ks = a.shape[1] - torch.round(a.shape[1] * pct / 100).to(torch.int)
+    vals = torch.topk(a, int(ks.max()), dim=1).values
+    s2 = (vals * (torch.arange(int(ks.max()))[None, :] < ks[:, None])).sum(1)
+    r = a.sum(1) / s2
+    expected_a = torch.logsumexp((fq * torch.exp(r)[:, None]) @ w.T + b, 1)
+    expected_l = torch.logsumexp((fq @ w.T + b) * (r ** 2)[:, None], 1)
+    with CacheReader(tr) as t, CacheReader(te) as rd:
+        got_a = compute_score(rd, "adascale_a", fit_score(t, "adascale_a"))
+        got_l = compute_score(rd, "adascale_l", fit_score(t, "adascale_l"))
+    assert len(np.unique(percent)) > 3
+    check(got_a, expected_a.numpy(), tol=1e-5)
+    check(got_l, expected_l.numpy(), tol=1e-5)
+
+
+def test_webo_weighted_energy(wrn, tmp_path):
+    """pytorch-ood's WeightedEBO.score: -log sum relu(w) exp(z) (negated: the confidence);
+    no weights file is a cache limit that names the parameter."""
+    from analyze.registry import entry
+    _, _, (_, te), (_, _, _, zq) = wrn
+    w = np.linspace(-0.5, 2.0, 10)
+    path = tmp_path / "w.npy"
+    np.save(path, w)
+    expected = torch.log((F.relu(torch.from_numpy(w)) * torch.exp(zq)).sum(1))
+    with CacheReader(te) as r:
+        check(compute_score(r, "webo", weights=str(path)), expected.numpy())
+        assert "webo.weights" in entry("webo").problems(r.attrs)[0]

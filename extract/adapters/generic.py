@@ -23,6 +23,10 @@ Hook sets built from these (``HOOK_SETS``; GAIA's and NAC-UE's names):
     before_head  the norm layers of the last two stages, then ``penultimate``
     nac          the stage outputs
     penultimate  the one map above
+    gram         every ``nn.Conv2d`` and ``nn.ReLU`` module that runs once per forward, in
+                 module order (GRAM's rule in OpenOOD's ``gram_postprocessor.py``: it hooks
+                 every module of those two types; a ReLU module a block calls twice, as
+                 torchvision's BasicBlock does, cannot be recorded per call and is left out)
 Family adapters (one file each in this package) replace a set where an author defined it
 otherwise. Any set may be replaced by module names or globs (``hook_sets`` overrides,
 ``--hook-set bn='features.*.norm*'``), and any module that runs once per forward and
@@ -32,9 +36,10 @@ import fnmatch
 
 import torch.nn as nn
 
+from store.recipes import HOOK_SETS  # the names are data, shared with the torch-free CLI
+
 from .trace import canonical_shape, trace
 
-HOOK_SETS = ("bn", "before_head", "before_head_gn", "nac", "penultimate")
 
 _NORM_KINDS = (("BatchNorm", nn.modules.batchnorm._BatchNorm), ("GroupNorm", nn.GroupNorm),
                ("LayerNorm", nn.LayerNorm))
@@ -250,6 +255,13 @@ class ModelAdapter:
             return stages
         if name == "penultimate":
             return [self.penultimate()]
+        if name == "gram":
+            layers = [n for n in self.order if n and n != self.head_name and not self.why_not_hookable(n)
+                      and isinstance(self.modules[n], (nn.Conv2d, nn.ReLU))]
+            if not layers:
+                raise HookSetError(f"hook set 'gram' is not defined for {what}: no nn.Conv2d or "
+                                   "nn.ReLU module runs once per forward")
+            return layers
         raise HookSetError(f"hook set {name!r} is not defined for {what} (it is "
                            "GAIA's BiT-only set); name its modules with --hook-set "
                            f"{name}=MODULES")

@@ -10,6 +10,7 @@ import numpy as np
 
 from analyze.logits import logsumexp
 from analyze.registry import register_score
+from analyze.streaming import gather
 
 
 def _unit(x):
@@ -31,13 +32,7 @@ class NNGuide:
         n = data.n
         m = min(n, max(self.k, int(round(n * self.fraction))))
         rows = np.sort(np.random.default_rng(self.seed).choice(n, m, replace=False))
-        parts, at = [], 0
-        for block in data.blocks():          # rows index the usable rows, in order
-            mine = rows[(rows >= at) & (rows < at + block.n)] - at
-            if len(mine):
-                parts.append(_unit(block.features[mine]) * logsumexp(block.logits[mine])[:, None])
-            at += block.n
-        self.bank_ = np.concatenate(parts)
+        self.bank_ = gather(data, rows, lambda b: _unit(b.features) * logsumexp(b.logits)[:, None])
         return self
 
     def score(self, data):
