@@ -19,8 +19,7 @@ import time
 import click
 
 from analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
-from store.benchmarks import BENCHMARKS, benchmark, ood_sets, preset_params
-from store.reader import CacheReader, cache_path, default_cache_dir
+from store.benchmarks import BENCHMARKS, preset_params
 from store.recipes import HOOK_SETS, split_selector
 from store.schema import POLICIES, CacheError
 
@@ -81,21 +80,13 @@ def _load_plugins(plugins):
 
 
 def _parse_scores(items, all_means):
-    """Score names from repeatable, comma-separated --score values; ``all`` = ``all_means``."""
-    names = []
-    for s in items:
-        for part in s.split(","):
-            part = part.strip()
-            if part == "all":
-                names += [n for n in all_means if n not in names]
-            elif part:
-                try:
-                    part = canonical(part)
-                except ScoreError as err:
-                    _fail(err)
-                if part not in names:
-                    names.append(part)
-    return names
+    """Score names from repeatable, comma-separated --score values (``analyze.api.score_names``);
+    ``all`` = ``all_means``."""
+    from analyze.api import score_names
+    try:
+        return score_names(items, every=all_means)[0] if items else []
+    except ScoreError as err:
+        _fail(err)
 
 
 def _parse_params(items, names=None):
@@ -232,55 +223,13 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
 
 
 # ----------------------------------------------------------------------------- analyze
-def _caches(bench, arch, cache_dir, id_name, ood_names, exclude=()):
+def _caches(bench, arch, cache_dir, id_name, ood_names):
     """(cache_dir, id_name, ood_names) from a preset and/or explicit options."""
-    from analyze.api import default_ood_sets
-    if bench:
-        preset = benchmark(bench)
-        cache_dir = cache_dir or default_cache_dir(bench, arch or preset["arch"])
-        id_name = id_name or preset["id"]
-    if not cache_dir or not id_name:
-        _fail("give --benchmark, or --cache-dir and --id")
-    if not os.path.isdir(cache_dir):
-        _fail(f"cache folder {cache_dir} does not exist; extract first (pipeline.py extract)")
-    if id_name in ood_names:
-        _fail(f"--ood {id_name}: that is the ID set (--id); an OOD set must be another cache")
-    if not ood_names:
-        found = default_ood_sets(cache_dir, id_name, exclude)
-        order = ood_sets(bench) if bench else []
-        ood_names = [n for n in order if n in found] + [n for n in found if n not in order]
-    if not ood_names:
-        _fail(f"no OOD caches in {cache_dir}; extract some first (pipeline.py extract)")
-    return cache_dir, id_name, list(ood_names)
-
-
-def _servable(cache_dir, id_name, ood_names, names, fit_on, params, explicit):
-    """The scores every cache can serve; the others are refused (explicit) or noted."""
-    from analyze.evaluation import check_compatible, unavailable_scores
-    missing = unavailable_scores(cache_dir, id_name, names, fit_on, params)
-    with CacheReader(cache_path(cache_dir, id_name), allow_partial=True) as r:
-        id_attrs = r.attrs
-    from store.recipes import missing as lacks
-    for dataset in ood_names:
-        with CacheReader(cache_path(cache_dir, dataset), allow_partial=True) as r:
-            for name in names:
-                if name in missing:
-                    continue
-                e = entry(name)
-                problems = lacks(e.needs_for(params.get(name)), e.passes, r.attrs)
-                if problems:
-                    missing[name] = f"{dataset}: " + "; ".join(problems)
-                    continue
-                try:
-                    check_compatible(name, params.get(name), id_attrs, id_name, r.attrs, dataset)
-                except CacheError as err:
-                    missing[name] = str(err)
-    bad = [s for s in explicit if s in missing]
-    if bad:
-        _fail("; ".join(f"{s}: {missing[s]} (re-extract with --score {s})" for s in bad))
-    for name, why in missing.items():
-        click.echo(f"note: {name} left out: {why}", err=True)
-    return [n for n in names if n not in missing]
+    from analyze.api import resolve_caches
+    try:
+        return resolve_caches(cache_dir, id_name, ood_names, bench, arch)
+    except ScoreError as err:
+        _fail(err)
 
 
 @cli.command()
@@ -315,71 +264,46 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     treat ID as the positive class. Fitted scores are fitted once on their fitting cache;
     the fitted attributes are kept in RESULTS/fitted/ and reused.
     """
-    from analyze.evaluation import fit_caches, run_evaluation
-    from analyze.report import write_report, write_scores_csv
+    from analyze.api import checkpoint_evaluation, evaluation, resolve_caches, score_names
+    from analyze.report import default_results_dir, write_checkpoints_report, write_report, write_scores_csv
     _load_plugins(plugins)
-    explicit = [p.strip() for s in scores for p in s.split(",") if p.strip() and p.strip() != "all"]
-    names = _parse_scores(scores or ("all",), list(all_entries()))
+    scores = scores or ("all",)
     try:
-        pairs = [tuple(canonical(n.strip()) for n in c.split(",")) for c in compare]
+        names, _ = score_names(scores)
     except ScoreError as err:
-        _fail(f"--compare: {err}")
-    for pair in pairs:
-        if len(pair) != 2 or pair[0] == pair[1]:
-            _fail(f"--compare {','.join(pair)}: give two different scores, A,B")
-        names += [n for n in pair if n not in names]
-    params = _parse_params(param_items, None if "all" in ",".join(scores or ("all",)) else names)
+        _fail(err)
+    names += [n.strip() for c in compare for n in c.split(",") if n.strip() and n.strip() not in names]
+    params = _parse_params(param_items, None if "all" in ",".join(scores) else names)
+    members = [d.strip() for d in (checkpoint_dirs or "").split(",") if d.strip()]
     try:
-        members = [d.strip() for d in (checkpoint_dirs or "").split(",") if d.strip()]
-        if members and cache_dir:
-            _fail("give --checkpoint-dirs or --cache-dir, not both")
-        cache_dir, id_name, ood_names = _caches(bench, arch, members[0] if members else cache_dir, id_name,
-                                                ood_names,
-                                                fit_caches(id_name or (benchmark(bench)["id"] if bench else ""),
-                                                           names, fit_on, params))
         if members:
+            if cache_dir:
+                _fail("give --checkpoint-dirs or --cache-dir, not both")
             if ci or compare or tune_on or plots or scores_out:
                 _fail("--checkpoint-dirs reports mean ± std over checkpoints; --ci, --compare, --tune-on, "
                       "--plots and --scores-out apply to one checkpoint's folder (--cache-dir)")
-            return _analyze_checkpoints(members, id_name, ood_names, names, explicit, params, fit_on,
-                                        convention, results_dir, allow_overlap)
-        out = results_dir or os.path.join("results", os.path.basename(os.path.normpath(cache_dir)))
+            out = results_dir or default_results_dir(members)
+            _check_writable(out, "--results")
+            start = time.time()
+            ce = checkpoint_evaluation(members, id_name, scores, ood_names, convention, fit_on, params, bench,
+                                       os.path.join(out, "fitted"), allow_overlap)
+            for line in ce.notes:
+                click.echo(f"note: {line}", err=True)
+            click.echo(write_checkpoints_report(ce, out))
+            click.echo(f"\n{len(ce.results)} row(s) over {len(members)} checkpoints in "
+                       f"{time.time() - start:.2f} s; tables in {out}/")
+            return
+        cache_dir, _, _ = resolve_caches(cache_dir, id_name, ood_names, bench, arch)
+        out = results_dir or default_results_dir([cache_dir])
         _check_writable(out, "--results")
         if scores_out:
             _check_writable(scores_out, "--scores-out")
-        with CacheReader(cache_path(cache_dir, id_name), allow_partial=True) as r:
-            params = preset_params(r.attrs, params)
-        names = _servable(cache_dir, id_name, ood_names, names, fit_on, params, explicit)
-        if not names:
-            _fail("none of the requested scores can be computed from these caches")
         start = time.time()
-        tuned = {}
-        if tune_on:
-            from analyze.tuning import tune
-            val_id = tune_id or (benchmark(bench).get("val", {}).get("id") if bench else None) or f"{id_name}_val"
-            for name in (val_id, tune_on):
-                if not os.path.exists(cache_path(cache_dir, name)):
-                    _fail(f"--tune-on: validation cache {cache_path(cache_dir, name)} not found; extract it "
-                          f"(with --benchmark, --dataset {name})")
-            if tune_on in ood_names or val_id in ood_names:
-                _fail(f"--tune-on: {tune_on} / {val_id} are validation caches, not OOD test sets; leave "
-                      "them out of --ood")
-            tuned = tune(cache_dir, id_name, val_id, tune_on, names, params, fit_on)
-            for name, t in tuned.items():
-                params[name] = t["params"]
-                click.echo(f"tuned {name} on {val_id} vs {tune_on}: "
-                           + (", ".join(f"{k}={v}" for k, v in t["params"].items()) or "defaults")
-                           + f" (validation AUROC {100 * t['auroc']:.2f}, {t['tried']} candidates)", err=True)
-        ev = run_evaluation(cache_dir, id_name, ood_names, names, convention, allow_partial,
-                            params, fit_on, os.path.join(out, "fitted"), lenient=not explicit,
-                            allow_overlap=allow_overlap, progress=sys.stderr.isatty(), ci=ci,
-                            resamples=resamples, seed=ci_seed, compare=pairs)
-        for name, why in ev["failed"].items():
-            click.echo(f"note: {name} left out: {why}", err=True)
-        names = list(ev["results"])
-        for name, t in tuned.items():
-            ev["settings"][name] = ((ev["settings"].get(name, "") + "; ") if ev["settings"].get(name) else "") + \
-                f"tuned on {val_id} vs {tune_on}: " + (", ".join(f"{k}={v}" for k, v in t["params"].items()) or "defaults")
+        ev = evaluation(cache_dir, id_name, scores, ood_names, convention, fit_on, params, tune_on, tune_id,
+                        bench, arch, allow_partial, os.path.join(out, "fitted"), allow_overlap, ci, resamples,
+                        ci_seed, compare, progress=sys.stderr.isatty())
+        for line in ev.notes:
+            click.echo(("" if line.startswith("tuned") else "note: ") + line, err=True)
         elapsed = time.time() - start
         text = write_report(ev, out, extra_files=["plots"] if plots else [])
         if scores_out:
@@ -394,32 +318,8 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     except ERRORS as err:
         _fail(err)
     click.echo(text)
-    click.echo(f"\n{len(names)} score(s) on {1 + len(ood_names)} caches in {elapsed:.2f} s; tables in {out}/"
+    click.echo(f"\n{len(ev.results)} score(s) on {1 + len(ev.ood)} caches in {elapsed:.2f} s; tables in {out}/"
                + (f"; {len(figures)} figures in {out}/plots/" if figures else ""))
-
-
-def _analyze_checkpoints(members, id_name, ood_names, names, explicit, params, fit_on, convention,
-                         results_dir, allow_overlap):
-    """``analyze --checkpoint-dirs``: the scores every member serves, mean ± std tables."""
-    from analyze.checkpoints import evaluate_checkpoints
-    from analyze.report import write_checkpoints_report
-    with CacheReader(cache_path(members[0], id_name), allow_partial=True) as r:
-        params = preset_params(r.attrs, params)
-    for member in members:
-        names = _servable(member, id_name, ood_names, names, fit_on, params, explicit)
-    if not names:
-        _fail("none of the requested scores can be computed from every checkpoint's caches")
-    out = results_dir or os.path.join("results", "checkpoints-" + "-".join(os.path.basename(os.path.normpath(m))
-                                                                          for m in members))
-    _check_writable(out, "--results")
-    start = time.time()
-    ce = evaluate_checkpoints(members, id_name, ood_names, names, convention, params, fit_on,
-                              os.path.join(out, "fitted"), lenient=not explicit, allow_overlap=allow_overlap)
-    for name, why in ce["failed"].items():
-        click.echo(f"note: {name} left out: {why}", err=True)
-    click.echo(write_checkpoints_report(ce, out))
-    click.echo(f"\n{len(ce['results'])} row(s) over {len(members)} checkpoints in {time.time() - start:.2f} s; "
-               f"tables in {out}/")
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -450,12 +350,12 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
     keyword parameters. The published configurations are always included and marked.
     Writes sweep.md / .csv / .json.
     """
-    from analyze.report import plain
+    from analyze.report import default_results_dir, plain
     from analyze.sweep import load_grid_file, parse_grid_text, run_sweep, sweep_table, write_sweep
     _load_plugins(plugins)
     try:
         cache_dir, id_name, ood_names = _caches(bench, arch, cache_dir, id_name, ood_names)
-        out = results_dir or os.path.join("results", os.path.basename(os.path.normpath(cache_dir)), "sweep")
+        out = results_dir or os.path.join(default_results_dir([cache_dir]), "sweep")
         _check_writable(out, "--results")
         grid = {}
         if grid_file:
@@ -475,14 +375,14 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
         _fail(err)
     header, rows = sweep_table(result, top)
     click.echo(plain(header, rows))
-    skipped = sum(v["count"] for v in result.get("not_stored", {}).values())
+    skipped = sum(v["count"] for v in result.not_stored.values())
     kinds = {}
-    for e in result["errors"]:
+    for e in result.errors:
         kinds.setdefault(e.get("kind", "not servable"), []).append(e)
     counts = ", ".join(f"{len(v)} {k}" for k, v in kinds.items()) or "all served"
     crashed = kinds.get("crashed", [])
-    click.echo(f"\n{result['n_variants']} variants ({counts}) in "
-               f"{result['seconds']:.1f} s on {result['workers']} processes; table in {path}"
+    click.echo(f"\n{result.n_variants} variants ({counts}) in "
+               f"{result.seconds:.1f} s on {result.workers} processes; table in {path}"
                + (f"; {len(figures)} figures in {out}/" if figures else "")
                + (f"\n{skipped} variants of the default grid need statistics these caches do not store "
                   "(extract with --policy stats to sweep them); listed in the table's caption" if skipped else "")

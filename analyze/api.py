@@ -1,23 +1,31 @@
-"""The public Python API of the analysis stage (torch-free).
+"""The public Python API of the analysis stage (torch-free), and the library functions the
+command line calls: ``pipeline.py analyze`` is ``evaluation`` (or
+``checkpoint_evaluation``) plus printing and writing files.
 
     import analyze
     with analyze.open_cache("caches/demo-resnet18/digits.h5") as c:   # c.attrs, c.n_samples
         ...
     s = analyze.score("caches/demo-resnet18", "digits", "gaia_z")       # (N,) float64
-    s = analyze.score(cache_dir, "noise", "knn", fit_on="digits_train", k=10)
+    s = analyze.score(cache_dir, "noise", "knn", id="digits", k=10)
     df = analyze.evaluate("caches/demo-resnet18", id="digits", scores=["gaia_z", "msp"])
+    ev = analyze.evaluation("caches/demo-resnet18", id="digits")      # an Evaluation
+    print(ev.to_latex())
 
 Scores are oriented higher = more in-distribution; rows are in dataset order and include
-skipped (unreadable) images, whose ``skipped`` flag is in the cache.
+skipped (unreadable) images, whose ``skipped`` flag is in the cache. Fitted scores are
+fitted by the engine's rule (``analyze.engine``): ``fit_on``, else ``<id>_train``.
 """
 import os
 
-from store.benchmarks import is_fitting_or_validation, preset_params
-from store.reader import CacheReader, cache_path
+from store.benchmarks import benchmark as preset_of
+from store.benchmarks import is_fitting_or_validation, ood_sets, preset_params, val_cache_name
+from store.reader import CacheReader, cache_path, default_cache_dir
 
-from .evaluation import FitStore, check_compatible, fit_caches, run_evaluation, score_cache
-from .metrics import METRICS
-from .registry import ScoreError, entry
+from .engine import Engine
+from .evaluation import run_evaluation
+from .fitting import score_cache
+from .metrics import column_name
+from .registry import ScoreError, all_entries, canonical
 
 
 def open_cache(path, allow_partial=False):
@@ -29,113 +37,68 @@ def open_cache(path, allow_partial=False):
     return CacheReader(path, allow_partial=allow_partial)
 
 
-def _fit_cache(cache_dir, name, id_hint, fit_on, params):
-    e = entry(name)
-    if e.fit_on == "validation":
-        source = params.get("validation") or id_hint
-        if not source:
-            raise ScoreError(f"{name} is fitted on a validation cache: pass validation=NAME")
-        return source
-    if fit_on:
-        return fit_on
-    trains = sorted(f[:-3] for f in os.listdir(cache_dir) if f.endswith("_train.h5"))
-    if len(trains) != 1:
-        raise ScoreError(f"{name} is fitted on an ID training cache: pass fit_on=NAME (found "
-                         f"{', '.join(trains) or 'no <id>_train.h5'} in {cache_dir})")
-    return trains[0]
-
-
-def score(cache_dir, dataset, name, fit_on=None, allow_partial=False, fitted_dir=None, **params):
+def score(cache_dir, dataset, name, fit_on=None, allow_partial=False, fitted_dir=None, id=None, **params):
     """Scores of every row of ``cache_dir/<dataset>.h5``: float64 ndarray (N,), higher =
     more in-distribution.
 
     name: a registered score (built in or from a plugin). params: its parameters, e.g.
     ``k=10`` (defaults: the entry's, then the benchmark preset's recorded in the cache).
-    fit_on: the cache a training-fitted score is fitted on (default: the only
-    ``*_train.h5`` in the folder). fitted_dir: keep fitted attributes there and reuse them.
+    id: the ID test set of the analysis (default: the preset's ID set recorded in the
+    cache, else ``dataset``); a training-fitted score is fitted on ``fit_on``, else on
+    ``<id>_train``; a validation-fitted one on its ``validation`` parameter, else ``id``.
+    fitted_dir: keep fitted attributes there and reuse them.
     """
-    e = entry(name)
     path = cache_path(cache_dir, dataset)
     with CacheReader(path, allow_partial=allow_partial) as reader:
         params = preset_params(reader.attrs, {name: params})[name]
-        estimator = e.make(params)
-        if e.fitted:
-            source = _fit_cache(cache_dir, name, dataset if e.fit_on == "validation" else None, fit_on, params)
-            with CacheReader(cache_path(cache_dir, source)) as fit_reader:
-                check_compatible(name, params, fit_reader.attrs, fit_reader.path, reader.attrs, path)
-                estimator = FitStore(fitted_dir).get(fit_reader, name, params)
-        return score_cache(reader, name, estimator, params)
+        if id is None:
+            bench = reader.attrs.get("benchmark")
+            id = preset_of(bench).id if bench else dataset
+        engine = Engine(cache_dir, id, fit_on, fitted_dir, allow_partial)
+        return score_cache(reader, name, engine.estimator(name, params, against=reader.attrs), params)
 
 
-def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None, params=None,
-             allow_partial=False, fitted_dir=None, allow_overlap=False, ci=None, resamples=1000, seed=0):
-    """Metrics of ``scores`` with ``id`` as the in-distribution test cache, as a
-    ``pandas.DataFrame``: one row per (score, OOD set) and one "Average" row per score,
-    columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT, DetErr`` (fractions in [0, 1], in
-    the named ``convention``: "sklearn" or "gaia", ID positive, or "openood", OOD positive);
-    with a grouped benchmark, also "nearood" and "farood" rows.
-
-    ood: OOD cache names (default: every other cache in the folder except training and
-    fitting caches). params: ``{score: {parameter: value}}``. fit_on: the training cache
-    of the training-fitted scores (default ``<id>_train``). allow_overlap: accept a fitting
-    cache that shares images with an evaluated one (refused by default). ci: a level in
-    percent (``analyze --ci``): columns ``FPR95_low, FPR95_high, AUROC_low, AUROC_high``
-    hold bootstrap intervals (``resamples`` resamples, ``seed``).
-    """
-    import pandas as pd
-    ev = _evaluation(cache_dir, id, scores, ood, convention, fit_on, params, allow_partial, fitted_dir,
-                     allow_overlap, ci=ci, resamples=resamples, seed=seed)
-    rows = []
-    for name, per_set in ev["results"].items():
-        for dataset, metrics in per_set.items():
-            row = {"score": name, "ood": dataset, **{_column(m): v for m, v in metrics.items()}}
-            for m, (lo, hi) in (ev.get("intervals", {}).get(name, {}).get(dataset, {})).items():
-                row[f"{m}_low"], row[f"{m}_high"] = lo, hi
-            rows.append(row)
-    columns = ["score", "ood", *[_column(m) for m in METRICS]]
-    if ci:
-        columns += ["FPR95_low", "FPR95_high", "AUROC_low", "AUROC_high"]
-    return pd.DataFrame(rows, columns=columns)
+def score_names(scores, every=None):
+    """``(names, explicit)`` of ``scores`` (a name, or names, each possibly comma-separated;
+    ``all`` = ``every``, default every registered score): canonical names in order, and
+    those named explicitly.
+    A score named explicitly must be computable (an error otherwise); one that comes with
+    ``all`` is left out with a note when the caches cannot serve it."""
+    scores = [scores] if isinstance(scores, str) else list(scores or ["all"])
+    names, explicit = [], []
+    for item in scores:
+        for part in (p.strip() for p in item.split(",")):
+            if part == "all":
+                names += [n for n in (all_entries() if every is None else every) if n not in names]
+            elif part:
+                part = canonical(part)
+                explicit += [part] if part not in explicit else []
+                names += [part] if part not in names else []
+    return names, explicit
 
 
-def compare(cache_dir, id, a, b, ood=None, convention="sklearn", fit_on=None, params=None, level=95,
-            resamples=1000, seed=0, allow_partial=False, fitted_dir=None, allow_overlap=False):
-    """Paired comparison of scores ``a`` and ``b`` on the same samples (``analyze
-    --compare A,B``), as a ``pandas.DataFrame``: one row per OOD set (and "Average",
-    group means), columns ``ood, AUROC_diff, AUROC_low, AUROC_high, delong_p, FPR95_diff,
-    FPR95_low, FPR95_high`` (fractions; differences a - b; intervals at ``level`` % from
-    ``resamples`` paired bootstrap resamples; DeLong's two-sided p for the AUROC
-    difference, per set only). Other arguments as ``evaluate``."""
-    import pandas as pd
-    from .registry import canonical
-    pair = (canonical(a), canonical(b))
-    ev = _evaluation(cache_dir, id, list(pair), ood, convention, fit_on, params, allow_partial, fitted_dir,
-                     allow_overlap, resamples=resamples, seed=seed, compare=[pair], compare_level=level)
-    rows = []
-    for dataset, row in ev["comparisons"][",".join(pair)].items():
-        rows.append({"ood": dataset, "AUROC_diff": row["difference"]["AUROC"], "AUROC_low": row["AUROC"][0],
-                     "AUROC_high": row["AUROC"][1], "delong_p": row.get("delong_p", float("nan")),
-                     "FPR95_diff": row["difference"]["FPR95"], "FPR95_low": row["FPR95"][0],
-                     "FPR95_high": row["FPR95"][1]})
-    return pd.DataFrame(rows)
-
-
-def _evaluation(cache_dir, id, scores, ood, convention, fit_on, params, allow_partial, fitted_dir,
-                allow_overlap, ci=None, resamples=1000, seed=0, compare=(), compare_level=95):
-    """``run_evaluation`` with the API's defaults: presets' parameters, OOD sets found."""
-    scores = [scores] if isinstance(scores, str) else list(scores)
-    params = {s: dict(p) for s, p in (params or {}).items()}
-    with CacheReader(cache_path(cache_dir, id), allow_partial=allow_partial) as reader:
-        params = preset_params(reader.attrs, params)
-    if ood is None:
-        ood = default_ood_sets(cache_dir, id, fit_caches(id, scores, fit_on, params))
-    return run_evaluation(cache_dir, id, list(ood), scores, convention, allow_partial, params, fit_on, fitted_dir,
-                          allow_overlap=allow_overlap, ci=ci, resamples=resamples, seed=seed,
-                          compare=compare, compare_level=compare_level)
-
-
-def _column(metric):
-    return {"AUPR-In": "AUPR_IN", "AUPR-Out": "AUPR_OUT"}.get(metric, metric)
+def resolve_caches(cache_dir=None, id=None, ood=None, benchmark=None, arch=None, exclude=()):
+    """``(cache_dir, id, ood)`` of an analysis: the preset's folder and ID set where not
+    given; the OOD sets default to every other cache in the folder (``default_ood_sets``),
+    in the preset's table order first. Raises ScoreError naming what is missing."""
+    if benchmark:
+        preset = preset_of(benchmark)
+        cache_dir = cache_dir or default_cache_dir(benchmark, arch or preset.arch)
+        id = id or preset.id
+    if not cache_dir or not id:
+        raise ScoreError("give a benchmark, or a cache folder and an ID set (--benchmark, or --cache-dir and --id)")
+    if not os.path.isdir(cache_dir):
+        raise ScoreError(f"cache folder {cache_dir} does not exist; extract first (pipeline.py extract)")
+    ood = list(ood or [])
+    if id in ood:
+        raise ScoreError(f"--ood {id}: that is the ID set (--id); an OOD set must be another cache")
+    if not ood:
+        found = default_ood_sets(cache_dir, id, exclude)
+        order = ood_sets(benchmark) if benchmark else []
+        ood = [n for n in order if n in found] + [n for n in found if n not in order]
+    if not ood:
+        raise ScoreError(f"no OOD caches in {cache_dir}; extract some first (pipeline.py extract)")
+    return cache_dir, id, ood
 
 
 def default_ood_sets(cache_dir, id_name, exclude=()):
@@ -152,6 +115,153 @@ def default_ood_sets(cache_dir, id_name, exclude=()):
     return [n for n in present if n != id_name and not is_fitting_or_validation(n) and n not in exclude]
 
 
+def _request(cache_dirs, id, scores, ood, benchmark, arch, fit_on, params, compare):
+    """The parts every evaluation shares: ``(cache_dir, id, ood, names, explicit, params)``
+    with the presets' parameters merged and the scores the caches cannot serve split off
+    (an explicit one raises; the others come back as notes)."""
+    names, explicit = score_names(scores)
+    for pair in compare:
+        names += [n for n in pair if n not in names]
+        explicit += [n for n in pair if n not in explicit]
+    params = {s: dict(p) for s, p in (params or {}).items()}
+    first = cache_dirs[0] if cache_dirs else None
+    probe = Engine(first, id or (preset_of(benchmark).id if benchmark else ""), fit_on)
+    cache_dir, id, ood = resolve_caches(first, id, ood, benchmark, arch, probe.fit_caches(names, params))
+    with CacheReader(cache_path(cache_dir, id), allow_partial=True) as reader:
+        params = preset_params(reader.attrs, params)
+    notes, missing = [], {}
+    for folder in cache_dirs or [cache_dir]:
+        names, reasons = Engine(folder, id, fit_on).servable(names, params, ood)
+        missing.update(reasons)
+    bad = [s for s in explicit if s in missing]
+    if bad:
+        raise ScoreError("; ".join(f"{s}: {missing[s]} (re-extract with --score {s})" for s in bad))
+    notes += [f"{name} left out: {why}" for name, why in missing.items()]
+    if not names:
+        raise ScoreError("none of the requested scores can be computed from these caches"
+                         + ("" if not missing else ": " + "; ".join(f"{n}: {r}" for n, r in missing.items())))
+    return cache_dir, id, ood, names, explicit, params, notes
+
+
+def evaluation(cache_dir=None, id=None, scores="all", ood=None, convention="sklearn", fit_on=None, params=None,
+               tune_on=None, tune_id=None, benchmark=None, arch=None, allow_partial=False, fitted_dir=None,
+               allow_overlap=False, ci=None, resamples=1000, seed=0, compare=(), compare_level=95,
+               progress=False):
+    """An ``analyze.results.Evaluation``: what ``pipeline.py analyze`` computes, with the
+    same defaults (its options are these arguments).
+
+    scores: names (comma-separated allowed) or ``"all"``; a score named explicitly must be
+    computable, one that comes with ``all`` is left out with a note (``.notes``) when the
+    caches cannot serve it. ood: default every other cache of the folder (training,
+    fitting and validation caches excluded), the preset's order first. benchmark / arch:
+    a preset's cache folder and ID set. tune_on: an OOD validation cache; every score with
+    a sweep grid gets the parameters with the best AUROC of the ID validation cache
+    (``tune_id``, default the preset's, else ``<id>_val``) against it, as OpenOOD's
+    parameter search (``analyze.tuning``), before the test sets are scored; the choice is
+    in ``.tuned``, ``.settings`` and ``.notes``. compare: ``[(a, b)]`` or ``["a,b"]``.
+    Other arguments as ``run_evaluation``.
+    """
+    pairs = [tuple(canonical(n.strip()) for n in (c.split(",") if isinstance(c, str) else c)) for c in compare or ()]
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise ScoreError(f"compare {','.join(pair)}: give two different scores, A,B")
+    cache_dir, id, ood, names, explicit, params, notes = _request(
+        [cache_dir] if cache_dir else [], id, scores, ood, benchmark, arch, fit_on, params, pairs)
+    tuned = {}
+    if tune_on:
+        from .tuning import tune
+        val_id = tune_id or (preset_of(benchmark).val_id if benchmark else None) or val_cache_name(id)
+        for name in (val_id, tune_on):
+            if not os.path.exists(cache_path(cache_dir, name)):
+                raise ScoreError(f"--tune-on: validation cache {cache_path(cache_dir, name)} not found; extract it "
+                                 f"(with --benchmark, --dataset {name})")
+        if tune_on in ood or val_id in ood:
+            raise ScoreError(f"--tune-on: {tune_on} / {val_id} are validation caches, not OOD test sets; leave "
+                             "them out of --ood")
+        tuned = tune(cache_dir, id, val_id, tune_on, names, params, fit_on)
+        for name, t in tuned.items():
+            params[name] = t["params"]
+            notes.append(f"tuned {name} on {val_id} vs {tune_on}: " + _setting(t["params"])
+                         + f" (validation AUROC {100 * t['auroc']:.2f}, {t['tried']} candidates)")
+    ev = run_evaluation(cache_dir, id, ood, names, convention, allow_partial, params, fit_on, fitted_dir,
+                        lenient=not explicit, allow_overlap=allow_overlap, progress=progress, ci=ci,
+                        resamples=resamples, seed=seed, compare=pairs, compare_level=compare_level)
+    ev.tuned = tuned
+    for name, t in tuned.items():
+        if name in ev.results:
+            before = ev.settings.get(name)
+            ev.settings[name] = (f"{before}; " if before else "") + \
+                f"tuned on {t['on'][0]} vs {t['on'][1]}: " + _setting(t["params"])
+    ev.notes = notes + ev.notes
+    return ev
+
+
+def _setting(params):
+    return ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
+
+
+def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None, params=None,
+             allow_partial=False, fitted_dir=None, allow_overlap=False, ci=None, resamples=1000, seed=0,
+             tune_on=None, tune_id=None):
+    """Metrics of ``scores`` with ``id`` as the in-distribution test cache, as a
+    ``pandas.DataFrame``: one row per (score, OOD set) and one "Average" row per score,
+    columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT, DetErr`` (fractions in [0, 1], in
+    the named ``convention``: "sklearn" or "gaia", ID positive, or "openood", OOD positive);
+    with a grouped benchmark, also "nearood" and "farood" rows.
+
+    ood: OOD cache names (default: every other cache in the folder except training and
+    fitting caches). params: ``{score: {parameter: value}}``. fit_on: the training cache
+    of the training-fitted scores (default ``<id>_train``). allow_overlap: accept a fitting
+    cache that shares images with an evaluated one (refused by default). ci: a level in
+    percent (``analyze --ci``): columns ``FPR95_low, FPR95_high, AUROC_low, AUROC_high``
+    hold bootstrap intervals (``resamples`` resamples, ``seed``). tune_on / tune_id:
+    choose each score's parameters on validation caches first (``analyze --tune-on``,
+    ``evaluation``). The ``Evaluation`` object itself comes from ``evaluation``.
+    """
+    return evaluation(cache_dir, id, scores, ood, convention, fit_on, params, tune_on=tune_on, tune_id=tune_id,
+                      allow_partial=allow_partial, fitted_dir=fitted_dir, allow_overlap=allow_overlap, ci=ci,
+                      resamples=resamples, seed=seed).frame()
+
+
+def compare(cache_dir, id, a, b, ood=None, convention="sklearn", fit_on=None, params=None, level=95,
+            resamples=1000, seed=0, allow_partial=False, fitted_dir=None, allow_overlap=False):
+    """Paired comparison of scores ``a`` and ``b`` on the same samples (``analyze
+    --compare A,B``), as a ``pandas.DataFrame``: one row per OOD set (and "Average",
+    group means), columns ``ood, AUROC_diff, AUROC_low, AUROC_high, delong_p, FPR95_diff,
+    FPR95_low, FPR95_high`` (fractions; differences a - b; intervals at ``level`` % from
+    ``resamples`` paired bootstrap resamples; DeLong's two-sided p for the AUROC
+    difference, per set only). Other arguments as ``evaluate``."""
+    import pandas as pd
+    pair = (canonical(a), canonical(b))
+    ev = evaluation(cache_dir, id, list(pair), ood, convention, fit_on, params, allow_partial=allow_partial,
+                    fitted_dir=fitted_dir, allow_overlap=allow_overlap, resamples=resamples, seed=seed,
+                    compare=[pair], compare_level=level)
+    rows = []
+    for dataset, row in ev.comparisons[",".join(pair)].items():
+        rows.append({"ood": dataset, "AUROC_diff": row["difference"]["AUROC"], "AUROC_low": row["AUROC"][0],
+                     "AUROC_high": row["AUROC"][1], "delong_p": row.get("delong_p", float("nan")),
+                     "FPR95_diff": row["difference"]["FPR95"], "FPR95_low": row["FPR95"][0],
+                     "FPR95_high": row["FPR95"][1]})
+    return pd.DataFrame(rows)
+
+
+def checkpoint_evaluation(cache_dirs, id=None, scores="all", ood=None, convention="sklearn", fit_on=None,
+                          params=None, benchmark=None, fitted_dir=None, allow_overlap=False, ensemble=True):
+    """An ``analyze.results.CheckpointsEvaluation`` (``pipeline.py analyze
+    --checkpoint-dirs``): the scores every checkpoint's folder can serve, each cell as mean
+    ± std over the checkpoints, and the deep ensemble. ood: default the OOD sets of the
+    first folder. fitted_dir: fits go to ``fitted_dir/<folder name>``. Scores left out
+    are in ``.notes``."""
+    from .checkpoints import evaluate_checkpoints as run
+    cache_dirs = list(cache_dirs)
+    _, id, ood, names, explicit, params, notes = _request(cache_dirs, id, scores, ood, benchmark, None, fit_on,
+                                                          params, ())
+    ce = run(cache_dirs, id, list(ood), names, convention, params, fit_on, fitted_dir, lenient=not explicit,
+             allow_overlap=allow_overlap, ensemble=ensemble)
+    ce.notes = notes + [f"{name} left out: {why}" for name, why in ce.failed.items()]
+    return ce
+
+
 def evaluate_checkpoints(cache_dirs, id, scores, ood=None, convention="sklearn", fit_on=None, params=None,
                          fitted_dir=None, allow_overlap=False, ensemble=True):
     """``analyze --checkpoint-dirs``: metrics of ``scores`` over several checkpoints' cache
@@ -160,20 +270,13 @@ def evaluate_checkpoints(cache_dirs, id, scores, ood=None, convention="sklearn",
     std over checkpoints, ddof 0); the deep ensemble is the score "ensemble". ood: default
     the OOD sets of the first folder. fitted_dir: fits go to ``fitted_dir/<folder name>``."""
     import pandas as pd
-    from .checkpoints import evaluate_checkpoints as run
-    scores = [scores] if isinstance(scores, str) else list(scores)
-    params = {s: dict(p) for s, p in (params or {}).items()}
-    with CacheReader(cache_path(cache_dirs[0], id)) as reader:
-        params = preset_params(reader.attrs, params)
-    if ood is None:
-        ood = default_ood_sets(cache_dirs[0], id, fit_caches(id, scores, fit_on, params))
-    ce = run(list(cache_dirs), id, list(ood), scores, convention, params, fit_on, fitted_dir,
-             allow_overlap=allow_overlap, ensemble=ensemble)
+    ce = checkpoint_evaluation(cache_dirs, id, scores, ood, convention, fit_on, params, fitted_dir=fitted_dir,
+                               allow_overlap=allow_overlap, ensemble=ensemble)
     rows = []
-    for name, per_set in ce["results"].items():
+    for name, per_set in ce.results.items():
         for dataset, metrics in per_set.items():
             row = {"score": name, "ood": dataset}
             for m, cell in metrics.items():
-                row[f"{_column(m)}_mean"], row[f"{_column(m)}_std"] = cell["mean"], cell["std"]
+                row[f"{column_name(m)}_mean"], row[f"{column_name(m)}_std"] = cell["mean"], cell["std"]
             rows.append(row)
     return pd.DataFrame(rows)

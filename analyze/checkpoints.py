@@ -21,6 +21,7 @@ from store.reader import CacheReader, cache_path
 from store.schema import CacheError
 
 from .evaluation import run_evaluation
+from .results import CheckpointsEvaluation
 from .logits import log_softmax
 from .metrics import METRICS, ood_metrics
 
@@ -78,10 +79,8 @@ def evaluate_checkpoints(cache_dirs, id_name, ood_names, names, convention="skle
                          fit_on=None, fitted_root=None, lenient=False, allow_overlap=False, ensemble=True):
     """Mean ± std of every metric over the checkpoints whose caches are in ``cache_dirs``.
 
-    Returns ``{"runs": [run_evaluation result per folder], "cache_dirs", "id", "ood",
-    "convention", "results": {score: {set or "Average": {metric: {"mean", "std",
-    "values"}}}}, "failed": {score: reason}}``; with ``ensemble`` the results also hold
-    ``"ensemble"`` (the deep ensemble, one value per metric: "std" 0, "values" one).
+    Returns an ``analyze.results.CheckpointsEvaluation``; with ``ensemble`` its results
+    also hold ``"ensemble"`` (the deep ensemble, one value per metric: "std" 0, "values" one).
     A score left out on any checkpoint (``lenient``) is left out of all.
     """
     cache_dirs = [os.path.normpath(d) for d in cache_dirs]
@@ -93,15 +92,15 @@ def evaluate_checkpoints(cache_dirs, id_name, ood_names, names, convention="skle
                                    fitted_dir=fitted, lenient=lenient, allow_overlap=allow_overlap))
     failed = {}
     for run in runs:
-        failed.update(run["failed"])
-    kept = [n for n in names if n not in failed and all(n in run["results"] for run in runs)]
+        failed.update(run.failed)
+    kept = [n for n in names if n not in failed and all(n in run.results for run in runs)]
     results = {}
     for name in kept:
         rows = {}
-        for dataset in runs[0]["results"][name]:
+        for dataset in runs[0].results[name]:
             rows[dataset] = {}
             for m in METRICS:
-                values = [run["results"][name][dataset][m] for run in runs]
+                values = [run.results[name][dataset][m] for run in runs]
                 rows[dataset][m] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
         results[name] = rows
     if ensemble:
@@ -115,5 +114,5 @@ def evaluate_checkpoints(cache_dirs, id_name, ood_names, names, convention="skle
         average = {m: float(np.mean([rows[d][m]["mean"] for d in ood_names])) for m in METRICS}
         rows["Average"] = {m: {"mean": v, "std": 0.0, "values": [v]} for m, v in average.items()}
         results[ENSEMBLE] = rows
-    return {"runs": runs, "cache_dirs": cache_dirs, "id": id_name, "ood": list(ood_names),
-            "convention": convention, "results": results, "failed": failed}
+    return CheckpointsEvaluation(runs=runs, cache_dirs=cache_dirs, id=id_name, ood=list(ood_names),
+                                 convention=convention, results=results, failed=failed)

@@ -27,7 +27,7 @@ from store.reader import CacheReader, cache_path
 from store.recipes import missing as lacks
 from store.schema import CacheError
 
-from .evaluation import FitStore, check_compatible, score_cache
+from .fitting import FitStore, check_compatible, score_cache
 from .registry import ScoreCrash, ScoreError, entry
 
 

@@ -43,19 +43,19 @@ def score_histograms(evaluation, out_dir):
     """``out_dir/hist_<score>.png`` for every score of ``evaluation``; returns the paths."""
     plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
-    id_name = evaluation["id"]
-    oods = [n for n in evaluation["scores"] if n != id_name]
+    id_name = evaluation.id
+    oods = [n for n in evaluation.scores if n != id_name]
     paths = []
-    for score in evaluation["results"]:
+    for score in evaluation.results:
         fig, axes = plt.subplots(1, len(oods), figsize=(3.2 * len(oods), 2.8), squeeze=False)
-        ref = _finite(evaluation["scores"][id_name][score])
+        ref = _finite(evaluation.scores[id_name][score])
         for ax, name in zip(axes[0], oods):
-            other = _finite(evaluation["scores"][name][score])
+            other = _finite(evaluation.scores[name][score])
             both = np.concatenate([ref, other])
             bins = np.linspace(both.min(), both.max(), 40) if np.ptp(both) > 0 else 10
             ax.hist(ref, bins=bins, alpha=0.6, density=True, label=f"{id_name} (ID)")
             ax.hist(other, bins=bins, alpha=0.6, density=True, label=name)
-            auroc = evaluation["results"][score][name]["AUROC"]
+            auroc = evaluation.results[score][name]["AUROC"]
             ax.set_title(f"{name}: AUROC {100 * auroc:.1f}", fontsize=9)
             ax.legend(fontsize=7)
             ax.tick_params(labelsize=7)
@@ -70,18 +70,18 @@ def roc_curves(evaluation, out_dir):
     """``out_dir/roc_<score>.png`` (ID positive) for every score; returns the paths."""
     plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
-    id_name = evaluation["id"]
+    id_name = evaluation.id
     paths = []
-    for score in evaluation["results"]:
+    for score in evaluation.results:
         fig, ax = plt.subplots(figsize=(4, 4))
-        ref = evaluation["scores"][id_name][score]
-        for name, values in evaluation["scores"].items():
+        ref = evaluation.scores[id_name][score]
+        for name, values in evaluation.scores.items():
             if name == id_name:
                 continue
             s = np.nan_to_num(np.concatenate([ref, values[score]]), nan=-1e300, posinf=1e300, neginf=-1e300)
             y = np.r_[np.ones(len(ref)), np.zeros(len(values[score]))]
             fpr, tpr, _ = roc_curve(y, s)
-            ax.plot(fpr, tpr, label=f"{name} ({100 * evaluation['results'][score][name]['AUROC']:.1f})")
+            ax.plot(fpr, tpr, label=f"{name} ({100 * evaluation.results[score][name]['AUROC']:.1f})")
         ax.axhline(0.95, color="grey", lw=0.5, ls="--")
         ax.set_xlabel("false positive rate (OOD accepted)")
         ax.set_ylabel("true positive rate (ID accepted)")
@@ -97,17 +97,17 @@ def method_comparison(evaluation, out_dir):
     plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for ood in [*evaluation["ood"], "Average"]:
-        names = sorted(evaluation["results"], key=lambda n: evaluation["results"][n][ood]["AUROC"])
+    for ood in [*evaluation.ood, "Average"]:
+        names = sorted(evaluation.results, key=lambda n: evaluation.results[n][ood]["AUROC"])
         fig, axes = plt.subplots(1, 2, figsize=(8, max(2.5, 0.28 * len(names) + 1)), sharey=True)
         for ax, metric in zip(axes, ("AUROC", "FPR95")):
-            ax.barh(range(len(names)), [100 * evaluation["results"][n][ood][metric] for n in names],
+            ax.barh(range(len(names)), [100 * evaluation.results[n][ood][metric] for n in names],
                     color="tab:blue" if metric == "AUROC" else "tab:red")
             ax.set_xlim(0, 100)
             ax.set_xlabel(f"{metric} (%) {'higher' if metric == 'AUROC' else 'lower'} is better", fontsize=8)
         axes[0].set_yticks(range(len(names)))
         axes[0].set_yticklabels([title(n) for n in names], fontsize=7)
-        fig.suptitle(f"ID {evaluation['id']} vs {ood if ood != 'Average' else 'the average over OOD sets'}",
+        fig.suptitle(f"ID {evaluation.id} vs {ood if ood != 'Average' else 'the average over OOD sets'}",
                      fontsize=10)
         paths.append(_save(plt, fig, out_dir, f"compare_{ood}.png"))
     return paths
@@ -120,14 +120,14 @@ def layer_contribution(sweep, out_dir):
     plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     by_score = {}
-    for r in sweep["rows"]:
+    for r in sweep.rows:
         layers = r["params"].get("layers") or []
         if len(layers) == 1:
             best = by_score.setdefault(r["score"], {})
             best[layers[0]] = max(best.get(layers[0], -1.0), r["average"]["AUROC"])
     paths = []
     for score, values in by_score.items():
-        order = sweep.get("layer_order", {}).get(score, [])
+        order = sweep.layer_order.get(score, [])
         layers = [l for l in order if l in values] + [l for l in values if l not in order]
         fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(layers) + 1.5), 3.2))
         ax.bar(range(len(layers)), [100 * values[l] for l in layers], color="tab:blue")

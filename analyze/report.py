@@ -19,6 +19,13 @@ from .registry import entry
 WIDTH = 120
 
 
+def default_results_dir(cache_dirs):
+    """Where an analysis of the cache folders ``cache_dirs`` writes by default:
+    ``results/<folder name>``, or ``results/checkpoints-<name>-<name>...`` for several."""
+    names = [os.path.basename(os.path.normpath(d)) for d in cache_dirs]
+    return os.path.join("results", names[0] if len(names) == 1 else "checkpoints-" + "-".join(names))
+
+
 def title(name):
     """Table title of a score."""
     try:
@@ -30,14 +37,14 @@ def title(name):
 def write_scores_csv(evaluation, out_dir):
     """``out_dir/<score>/<dataset>.csv`` with header ``index,path,score,skipped`` in dataset
     order; skipped (unreadable) rows have score ``nan`` and ``skipped`` 1."""
-    for dataset, by_score in evaluation["scores"].items():
-        skipped = set(evaluation["skip_reasons"].get(dataset, {}))
+    for dataset, by_score in evaluation.scores.items():
+        skipped = set(evaluation.skip_reasons.get(dataset, {}))
         for name, values in by_score.items():
             os.makedirs(os.path.join(out_dir, name), exist_ok=True)
             with open(os.path.join(out_dir, name, f"{dataset}.csv"), "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["index", "path", "score", "skipped"])
-                for i, (p, v) in enumerate(zip(evaluation["paths"][dataset], values)):
+                for i, (p, v) in enumerate(zip(evaluation.paths[dataset], values)):
                     flag = str(p) in skipped
                     w.writerow([i, p, "nan" if flag else repr(float(v)), int(flag)])
 
@@ -49,26 +56,26 @@ def _pct(v):
 def score_table(evaluation, name):
     """(header, rows) of one score's table; values in percent."""
     header = ["OOD set", "FPR95 ↓", "AUROC ↑", "AUPR-In ↑", "AUPR-Out ↑", "DetErr ↓"]
-    rows = [[d, *[_pct(m[k]) for k in METRICS]] for d, m in evaluation["results"][name].items()]
+    rows = [[d, *[_pct(m[k]) for k in METRICS]] for d, m in evaluation.results[name].items()]
     return header, rows
 
 
 def _cell(evaluation, name, dataset, metric):
     """A metric in percent, with its bootstrap interval ``[low, high]`` when the evaluation
     has intervals (``--ci``)."""
-    text = _pct(evaluation["results"][name][dataset][metric])
-    ci = evaluation.get("intervals", {}).get(name, {}).get(dataset, {}).get(metric)
+    text = _pct(evaluation.results[name][dataset][metric])
+    ci = evaluation.intervals.get(name, {}).get(dataset, {}).get(metric)
     return text if ci is None else f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 def summary_table(evaluation):
     """(header, rows): one row per score, FPR95/AUROC per OOD set and the averages (with
     ``[low, high]`` bootstrap intervals of FPR95 and AUROC under ``--ci``)."""
-    oods = evaluation["ood"]
+    oods = evaluation.ood
     header = ["Method", *[f"{n} FPR95/AUROC" for n in oods],
               "Avg FPR95 ↓", "Avg AUROC ↑", "Avg AUPR-In ↑", "Avg AUPR-Out ↑"]
     rows = []
-    for name, res in evaluation["results"].items():
+    for name, res in evaluation.results.items():
         avg = res["Average"]
         rows.append([title(name), *[f"{_cell(evaluation, name, n, 'FPR95')} / {_cell(evaluation, name, n, 'AUROC')}"
                                     for n in oods],
@@ -83,11 +90,11 @@ def comparison_table(evaluation, pair):
     intervals and DeLong's p for AUROC; "*" marks an interval that excludes zero."""
     from .uncertainty import excludes_zero
     a, b = pair.split(",")
-    level = evaluation["ci"]["level"]
+    level = evaluation.ci["level"]
     header = ["OOD set", f"ΔAUROC ({title(a)} − {title(b)})", f"{level:g}% CI", "DeLong p",
               "ΔFPR95", f"{level:g}% CI"]
     rows = []
-    for d, row in evaluation["comparisons"][pair].items():
+    for d, row in evaluation.comparisons[pair].items():
         cells = [d]
         for m in ("AUROC", "FPR95"):
             lo, hi = row[m]
@@ -101,7 +108,7 @@ def comparison_table(evaluation, pair):
 
 def uncertainty_caption(evaluation):
     """What the intervals are, for the text under tables with intervals or comparisons."""
-    ci = evaluation.get("ci")
+    ci = evaluation.ci
     if not ci:
         return ""
     return (f" Intervals: {ci['level']:g}% percentile bootstrap over samples ({ci['resamples']} "
@@ -113,20 +120,20 @@ def uncertainty_caption(evaluation):
 def summary_csv_table(evaluation):
     """(header, rows) of ``summary.csv``: the summary table with one number per cell (metrics
     in %, two decimals), a column per (OOD set, metric), for spreadsheets and pandas."""
-    oods = evaluation["ood"]
+    oods = evaluation.ood
     header = ["method", *[f"{n} {m}" for n in oods for m in ("FPR95", "AUROC")],
               "average FPR95", "average AUROC", "average AUPR-In", "average AUPR-Out"]
     rows = []
-    for name, res in evaluation["results"].items():
+    for name, res in evaluation.results.items():
         avg = res["Average"]
         rows.append([title(name), *[_pct(res[n][m]) for n in oods for m in ("FPR95", "AUROC")],
                      *[_pct(avg[m]) for m in ("FPR95", "AUROC", "AUPR-In", "AUPR-Out")]])
-    if evaluation.get("intervals"):         # --ci: low and high of each interval, same units
+    if evaluation.intervals:         # --ci: low and high of each interval, same units
         spans = [*oods, "Average"]
         header += [f"{'average' if d == 'Average' else d} {m} {end}" for d in spans for m in ("FPR95", "AUROC")
                    for end in ("low", "high")]
-        for row, name in zip(rows, evaluation["results"]):
-            ci = evaluation["intervals"][name]
+        for row, name in zip(rows, evaluation.results):
+            ci = evaluation.intervals[name]
             row += [_pct(ci[d][m][i]) for d in spans for m in ("FPR95", "AUROC") for i in (0, 1)]
     return header, rows
 
@@ -134,13 +141,13 @@ def summary_csv_table(evaluation):
 def grouped_table(evaluation):
     """(header, rows) in OpenOOD's layout: per score, near-OOD and far-OOD averages (FPR95,
     AUROC), then AUROC per set, near sets first; the ID accuracy is in the caption."""
-    groups = evaluation["groups"]
+    groups = evaluation.groups
     sets = [d for g in ("near", "far") for d in groups.get(g, [])]
-    sets += [d for d in evaluation["ood"] if d not in sets]
+    sets += [d for d in evaluation.ood if d not in sets]
     header = ["Method", "Near FPR95 ↓", "Near AUROC ↑", "Far FPR95 ↓", "Far AUROC ↑",
               *[f"{d} AUROC" for d in sets]]
     rows = []
-    for name, res in evaluation["results"].items():
+    for name, res in evaluation.results.items():
         cells = [title(name)]
         for g in ("near", "far"):
             r = res.get(f"{g}ood")
@@ -153,15 +160,15 @@ def openood_csv_rows(evaluation, name):
     """Rows of OpenOOD's per-method CSV (its evaluator's ``ood.csv`` shape): header
     ``dataset,FPR@95,AUROC,AUPR_IN,AUPR_OUT,ACC``, one row per near set, ``nearood``, one
     per far set, ``farood`` (ungrouped: every set and ``Average``); percent, 2 decimals."""
-    res = evaluation["results"][name]
-    acc = "" if evaluation.get("id_accuracy") is None else f"{100 * evaluation['id_accuracy']:.2f}"
+    res = evaluation.results[name]
+    acc = "" if evaluation.id_accuracy is None else f"{100 * evaluation.id_accuracy:.2f}"
     order = []
-    if evaluation.get("groups"):
+    if evaluation.groups:
         for g in ("near", "far"):
-            if evaluation["groups"].get(g):
-                order += [*evaluation["groups"][g], f"{g}ood"]
+            if evaluation.groups.get(g):
+                order += [*evaluation.groups[g], f"{g}ood"]
     else:
-        order = [*evaluation["ood"], "Average"]
+        order = [*evaluation.ood, "Average"]
     rows = [["dataset", "FPR@95", "AUROC", "AUPR_IN", "AUPR_OUT", "ACC"]]
     for d in order:
         m = res[d]
@@ -211,28 +218,28 @@ CONVENTION_TEXT = {
 def caption(evaluation):
     """The text under every table: sets, sample counts, convention, settings, skips."""
     def count(d):
-        n, k = evaluation["n_rows"][d], evaluation["skipped"][d]
+        n, k = evaluation.n_rows[d], evaluation.skipped[d]
         return f"{d} ({n - k} images" + (f", {k} skipped" if k else "") + ")"
-    text = f"ID = {count(evaluation['id'])}"
-    if evaluation.get("id_accuracy") is not None:
-        text += f", classifier accuracy {100 * evaluation['id_accuracy']:.2f}%"
-    groups = evaluation.get("groups")
+    text = f"ID = {count(evaluation.id)}"
+    if evaluation.id_accuracy is not None:
+        text += f", classifier accuracy {100 * evaluation.id_accuracy:.2f}%"
+    groups = evaluation.groups
     if groups:
         grouped = {d for g in groups.values() for d in g}
-        other = [d for d in evaluation["ood"] if d not in grouped]
+        other = [d for d in evaluation.ood if d not in grouped]
         parts = [f"{g}-OOD: " + ", ".join(count(d) for d in groups[g]) for g in ("near", "far") if groups.get(g)]
         parts += ["other OOD sets: " + ", ".join(count(d) for d in other)] if other else []
         text += ". " + "; ".join(parts) + "."
     else:
-        text += ". OOD sets: " + ", ".join(count(d) for d in evaluation["ood"]) + "."
-    if evaluation.get("fit_caches"):
-        text += " Fitted on: " + ", ".join(evaluation["fit_caches"]) + " (not OOD sets)."
-    text += f" Metrics in %, {CONVENTION_TEXT[evaluation['convention']]}; DetErr as GAIA computes it."
-    if evaluation.get("settings"):
-        text += " Settings: " + "; ".join(f"{title(s)}: {t}" for s, t in evaluation["settings"].items()) + "."
+        text += ". OOD sets: " + ", ".join(count(d) for d in evaluation.ood) + "."
+    if evaluation.fit_caches:
+        text += " Fitted on: " + ", ".join(evaluation.fit_caches) + " (not OOD sets)."
+    text += f" Metrics in %, {CONVENTION_TEXT[evaluation.convention]}; DetErr as GAIA computes it."
+    if evaluation.settings:
+        text += " Settings: " + "; ".join(f"{title(s)}: {t}" for s, t in evaluation.settings.items()) + "."
     text += uncertainty_caption(evaluation)
-    if evaluation["partial"]:
-        text += " PARTIAL caches (unfinished extraction): " + ", ".join(evaluation["partial"]) + "."
+    if evaluation.partial:
+        text += " PARTIAL caches (unfinished extraction): " + ", ".join(evaluation.partial) + "."
     return text
 
 
@@ -248,26 +255,26 @@ def checkpoints_table(ce):
     score (and the deep ensemble) FPR95 / AUROC per OOD set and the averages, as
     mean ± std over the checkpoints, in percent."""
     from .checkpoints import ENSEMBLE
-    header = ["Method", *[f"{d} FPR95 / AUROC" for d in ce["ood"]], "Avg FPR95 ↓", "Avg AUROC ↑"]
+    header = ["Method", *[f"{d} FPR95 / AUROC" for d in ce.ood], "Avg FPR95 ↓", "Avg AUROC ↑"]
     rows = []
-    for name, res in ce["results"].items():
+    for name, res in ce.results.items():
         label = "Deep ensemble (MSP of the mean softmax)" if name == ENSEMBLE else title(name)
-        rows.append([label, *[f"{_mean_std(res[d]['FPR95'])} / {_mean_std(res[d]['AUROC'])}" for d in ce["ood"]],
+        rows.append([label, *[f"{_mean_std(res[d]['FPR95'])} / {_mean_std(res[d]['AUROC'])}" for d in ce.ood],
                      _mean_std(res["Average"]["FPR95"]), _mean_std(res["Average"]["AUROC"])])
     return header, rows
 
 
 def checkpoints_caption(ce):
     """The text under a several-checkpoint table."""
-    first = ce["runs"][0]
-    acc = [r.get("id_accuracy") for r in ce["runs"]]
-    text = (f"ID = {first['id']}; OOD sets: {', '.join(ce['ood'])}. Mean ± std over {len(ce['runs'])} "
-            f"checkpoints ({', '.join(ce['cache_dirs'])}); std over checkpoints with ddof 0.")
+    first = ce.runs[0]
+    acc = [r.id_accuracy for r in ce.runs]
+    text = (f"ID = {first.id}; OOD sets: {', '.join(ce.ood)}. Mean ± std over {len(ce.runs)} "
+            f"checkpoints ({', '.join(ce.cache_dirs)}); std over checkpoints with ddof 0.")
     if all(a is not None for a in acc):
         text += " Classifier accuracy per checkpoint: " + ", ".join(f"{100 * a:.2f}%" for a in acc) + "."
-    if first.get("fit_caches"):
-        text += " Fitted per checkpoint on: " + ", ".join(first["fit_caches"]) + "."
-    text += f" Metrics in %, {CONVENTION_TEXT[ce['convention']]}."
+    if first.fit_caches:
+        text += " Fitted per checkpoint on: " + ", ".join(first.fit_caches) + "."
+    text += f" Metrics in %, {CONVENTION_TEXT[ce.convention]}."
     return text
 
 
@@ -281,16 +288,16 @@ def write_checkpoints_report(ce, out_dir):
     header, rows = checkpoints_table(ce)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(f"{cap}\n\n{markdown(header, rows)}\n")
-    spans = [*ce["ood"], "Average"]
+    spans = [*ce.ood, "Average"]
     with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", *[f"{d} {m} {k}" for d in spans for m in ("FPR95", "AUROC") for k in ("mean", "std")]])
-        for name, res in ce["results"].items():
+        for name, res in ce.results.items():
             w.writerow([name, *[f"{100 * res[d][m][k]:.2f}" for d in spans for m in ("FPR95", "AUROC")
                                 for k in ("mean", "std")]])
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"id": ce["id"], "ood": ce["ood"], "convention": ce["convention"], "cache_dirs": ce["cache_dirs"],
-                   "results": ce["results"], "failed": ce["failed"],
+        json.dump({"id": ce.id, "ood": ce.ood, "convention": ce.convention, "cache_dirs": ce.cache_dirs,
+                   "results": ce.results, "failed": ce.failed,
                    "files": ["summary.md", "summary.csv"]}, f, indent=2)
     note = f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
     return cap + "\n\n" + plain(header, rows) + note
@@ -335,7 +342,7 @@ def write_report(evaluation, out_dir, extra_files=()):
     moved, kept = _keep_previous(out_dir)
     cap = caption(evaluation)
     files = []
-    for name in evaluation["results"]:
+    for name in evaluation.results:
         header, rows = score_table(evaluation, name)
         with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
@@ -343,19 +350,19 @@ def write_report(evaluation, out_dir, extra_files=()):
             f.write(f"### {title(name)}\n\n{cap}\n\n{markdown(header, rows)}\n")
         files += [f"{name}.csv", f"{name}.md"]
     os.makedirs(os.path.join(out_dir, "ood"), exist_ok=True)
-    for name in evaluation["results"]:
+    for name in evaluation.results:
         with open(os.path.join(out_dir, "ood", f"{name}.csv"), "w", newline="") as f:
             csv.writer(f).writerows(openood_csv_rows(evaluation, name))
     header, rows = summary_table(evaluation)
     text = plain(header, rows)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(f"{cap}\n\n{markdown(header, rows)}\n")
-        if evaluation.get("groups"):
+        if evaluation.groups:
             gh, gr = grouped_table(evaluation)
             f.write(f"\nNear-OOD and far-OOD (OpenOOD's grouping; averages are unweighted means over "
                     f"each group's sets):\n\n{markdown(gh, gr)}\n")
             text = plain(gh, gr) + "\n\n" + text
-    for pair in evaluation.get("comparisons", {}):
+    for pair in evaluation.comparisons:
         ch, cr = comparison_table(evaluation, pair)
         stem = "compare_" + pair.replace(",", "_vs_")
         with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
@@ -369,13 +376,13 @@ def write_report(evaluation, out_dir, extra_files=()):
         csv.writer(f).writerows([csv_header, *csv_rows])
     files += ["summary.md", "summary.csv", "ood", *extra_files]
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"id": evaluation["id"], "ood": evaluation["ood"], "convention": evaluation["convention"],
-                   "fit_caches": evaluation.get("fit_caches", []), "settings": evaluation.get("settings", {}),
-                   "skipped": evaluation["skipped"], "partial": evaluation["partial"],
-                   "skipped_files": evaluation.get("skip_reasons", {}),
-                   "groups": evaluation.get("groups"), "id_accuracy": evaluation.get("id_accuracy"),
-                   "results": evaluation["results"], "ci": evaluation.get("ci"),
-                   "intervals": evaluation.get("intervals"), "comparisons": evaluation.get("comparisons"),
+        json.dump({"id": evaluation.id, "ood": evaluation.ood, "convention": evaluation.convention,
+                   "fit_caches": evaluation.fit_caches, "settings": evaluation.settings,
+                   "skipped": evaluation.skipped, "partial": evaluation.partial,
+                   "skipped_files": evaluation.skip_reasons,
+                   "groups": evaluation.groups, "id_accuracy": evaluation.id_accuracy,
+                   "results": evaluation.results, "ci": evaluation.ci,
+                   "intervals": evaluation.intervals, "comparisons": evaluation.comparisons,
                    "files": files}, f, indent=2)
     note = f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
     return cap + "\n\n" + text + note

@@ -25,12 +25,14 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from store.benchmarks import preset_params
+from store.benchmarks import preset_params, train_cache_name
 from store.reader import CacheReader, cache_path
-from store.schema import CacheError
 
-from .evaluation import check_not_constant, check_same_model, fit_estimator, fit_source, score_cache
+from .engine import Engine, is_crash
+from .evaluation import check_not_constant, check_ood_sets
+from .fitting import check_same_model
 from .metrics import ood_metrics
+from .results import SweepResult
 from .registry import ScoreError, all_entries, default_grid, entry, load_plugin, paper_variants
 
 
@@ -155,53 +157,40 @@ class MemoReader:
 _STATE = {}
 
 
-def _init_worker(paths, train_path, plugins, allow_partial):
+def _init_worker(cache_dir, id_name, fit_on, paths, train_name, plugins, allow_partial):
     for plugin in plugins:
         load_plugin(plugin)
-    _STATE["readers"] = {name: MemoReader(p, allow_partial) for name, p in paths.items()}
-    _STATE["train"] = MemoReader(train_path) if train_path else None
+    readers = {name: MemoReader(p, allow_partial) for name, p in paths.items()}
+    if train_name:
+        readers[train_name] = MemoReader(cache_path(cache_dir, train_name))
+    _STATE["engine"] = Engine(cache_dir, id_name, fit_on, allow_partial=allow_partial, readers=readers)
 
 
 def _evaluate_variant(args):
     label, name, params, id_name, ood_names = args
-    readers = _STATE["readers"]
+    engine = _STATE["engine"]
     start = time.perf_counter()
+    datasets = [id_name, *ood_names]
     try:
-        e = entry(name)
-        problems = e.problems(readers[id_name].attrs, params)
-        if problems:
-            raise ScoreError("; ".join(problems))
-        if e.fitted:
-            source = _STATE["train"]
-            if e.fit_on == "validation":
-                vname = fit_source(name, id_name, None, params)
-                if vname not in readers:
-                    raise ValueError(f"validation cache {vname!r} is not among the swept caches")
-                source = readers[vname]
-            if source is None:
-                raise ScoreError("needs the ID training cache (<id>_train or --fit-on)")
-            est = fit_estimator(source, name, params)
-        else:
-            est = e.make(params)
-        values = {n: score_cache(readers[n], name, est, params) for n in [id_name, *ood_names]}
+        why = engine.why_not(name, params, datasets)
+        if why:
+            raise ScoreError(why)
+        est = engine.estimator(name, params)
+        values = {}
+        for n in datasets:
+            with engine.open(n) as reader:
+                values[n] = engine.values(reader, name, params, est)
     except Exception as err:   # a variant the caches cannot serve is reported, not fatal
-        cause = err.__cause__
-        crashed = not isinstance(err, (CacheError, ScoreError)) or (
-            cause is not None and not isinstance(cause, (CacheError, ScoreError, ValueError)))
         return {"label": label, "score": name, "params": params, "error": f"{type(err).__name__}: {err}",
-                "kind": "crashed" if crashed else "not servable"}
-    keep = {n: ~readers[n].read_all("skipped").astype(bool) for n in values}
+                "kind": "crashed" if is_crash(err) else "not servable"}
     try:
-        check_not_constant(name, {n: values[n][keep[n]] for n in values}, params)
+        check_not_constant(name, {n: v[k] for n, (v, k) in values.items()}, params)
     except ScoreError as err:
         return {"label": label, "score": name, "params": params, "error": str(err), "kind": "constant"}
     per = {}
+    known = values[id_name][0][values[id_name][1]]
     for n in ood_names:
-        known, novel = values[id_name][keep[id_name]], values[n][keep[n]]
-        if not (np.isfinite(known).all() and np.isfinite(novel).all()):
-            return {"label": label, "score": name, "params": params,
-                    "error": f"non-finite scores on {n if np.isfinite(known).all() else id_name}"}
-        m = ood_metrics(known, novel, "sklearn")
+        m = ood_metrics(known, values[n][0][values[n][1]], "sklearn")
         per[n] = {"FPR95": m["FPR95"], "AUROC": m["AUROC"]}
     return {"label": label, "score": name, "params": params, "per_set": per,
             "seconds": time.perf_counter() - start}
@@ -223,11 +212,11 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
         raise ValueError(f"unknown ranking metric {metric!r}; choose FPR95 or AUROC")
     if select_on and select_on not in ood_names:
         raise ValueError(f"--select-on {select_on!r} is not one of the OOD sets: {', '.join(ood_names)}")
-    if id_name in ood_names:
-        raise ValueError(f"{id_name!r} is the ID set; it cannot also be an OOD set")
+    check_ood_sets(id_name, ood_names)
     paths = {n: cache_path(cache_dir, n) for n in [id_name, *ood_names]}
-    train_path = cache_path(cache_dir, fit_on or f"{id_name}_train")
-    train_path = train_path if os.path.exists(train_path) else None
+    train_name = fit_on or train_cache_name(id_name)
+    train_path = cache_path(cache_dir, train_name)
+    train_name, train_path = (train_name, train_path) if os.path.exists(train_path) else (None, None)
     check_same_model([*paths.values(), *([train_path] if train_path else [])], allow_partial, "the swept caches")
     with CacheReader(paths[id_name], allow_partial=allow_partial) as r:
         attrs = r.attrs
@@ -254,8 +243,8 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(paths, train_path, tuple(os.path.abspath(p) for p in plugins),
-                                       allow_partial)) as pool:
+                             initargs=(cache_dir, id_name, fit_on, paths, train_name,
+                                       tuple(os.path.abspath(p) for p in plugins), allow_partial)) as pool:
         from tqdm import tqdm
         results = list(tqdm(pool.map(_evaluate_variant, jobs, chunksize=max(1, len(jobs) // (8 * workers))),
                             total=len(jobs), desc="sweep", unit="variant", disable=not progress,
@@ -275,25 +264,25 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     for r in rows:
         selected.setdefault(r["score"], r["label"])
     layer_order = {s: e.layer_set(attrs) for s, e in all_entries().items() if e.layer_set}
-    return {"rows": rows, "errors": errors, "reported": reported, "select_on": select_on,
-            "metric": metric, "selected": selected if select_on else {}, "seconds": seconds,
-            "n_variants": len(jobs), "workers": workers, "id": id_name, "layer_order": layer_order,
-            "not_stored": {s: {"count": len(v), "example": v[0]} for s, v in not_stored.items()}}
+    return SweepResult(rows=rows, errors=errors, reported=reported, select_on=select_on, metric=metric,
+                       selected=selected if select_on else {}, seconds=seconds, n_variants=len(jobs),
+                       workers=workers, id=id_name, layer_order=layer_order,
+                       not_stored={s: {"count": len(v), "example": v[0]} for s, v in not_stored.items()})
 
 
 def sweep_table(sweep, top=None):
     """(header, rows) of the sweep, best first; values in percent."""
-    header = ["Rank", "Variant", *[f"{n} FPR95/AUROC" for n in sweep["reported"]],
+    header = ["Rank", "Variant", *[f"{n} FPR95/AUROC" for n in sweep.reported],
               "Avg FPR95 ↓", "Avg AUROC ↑"]
-    if sweep["select_on"]:
-        header.insert(2, f"{sweep['select_on']} {sweep['metric']} (selection)")
+    if sweep.select_on:
+        header.insert(2, f"{sweep.select_on} {sweep.metric} (selection)")
     out = []
-    for i, r in enumerate(sweep["rows"][:top] if top else sweep["rows"], 1):
+    for i, r in enumerate(sweep.rows[:top] if top else sweep.rows, 1):
         cells = [str(i), r["label"] + (" *" if r["paper"] else ""),
                  *[f"{100 * r['per_set'][n]['FPR95']:.2f} / {100 * r['per_set'][n]['AUROC']:.2f}"
-                   for n in sweep["reported"]],
+                   for n in sweep.reported],
                  f"{100 * r['average']['FPR95']:.2f}", f"{100 * r['average']['AUROC']:.2f}"]
-        if sweep["select_on"]:
+        if sweep.select_on:
             cells.insert(2, f"{100 * r['rank_value']:.2f}")
         out.append(cells)
     return header, out
@@ -309,28 +298,28 @@ def write_sweep(sweep, out_dir):
     with open(os.path.join(out_dir, "sweep.csv"), "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(sweep, f, indent=1, default=_json_default)
-    cap = (f"ID = {sweep['id']}; OOD sets: {', '.join(sweep['reported'])}. {sweep['n_variants']} variants in "
-           f"{sweep['seconds']:.1f} s on {sweep['workers']} processes, from the caches only. Sorted by "
-           + (f"{sweep['metric']} on the validation set {sweep['select_on']} (left out of the "
-              "averages)" if sweep["select_on"] else
-              f"average {sweep['metric']} on the test sets themselves (no validation set: a variant "
+        json.dump(sweep.to_json(), f, indent=1, default=_json_default)
+    cap = (f"ID = {sweep.id}; OOD sets: {', '.join(sweep.reported)}. {sweep.n_variants} variants in "
+           f"{sweep.seconds:.1f} s on {sweep.workers} processes, from the caches only. Sorted by "
+           + (f"{sweep.metric} on the validation set {sweep.select_on} (left out of the "
+              "averages)" if sweep.select_on else
+              f"average {sweep.metric} on the test sets themselves (no validation set: a variant "
               "chosen from this ranking is tuned on its test data; --select-on SET ranks on a held-out "
               "OOD set instead)")
            + "; * marks the published configurations. Metrics in %, scikit-learn convention.")
-    if sweep["selected"]:
-        cap += " Selected per score: " + "; ".join(f"{entry(s).title}: {l}" for s, l in sweep["selected"].items()) + "."
-    if sweep.get("not_stored"):
+    if sweep.selected:
+        cap += " Selected per score: " + "; ".join(f"{entry(s).title}: {l}" for s, l in sweep.selected.items()) + "."
+    if sweep.not_stored:
         cap += (" Not swept (the default grid's variants that need statistics these caches do not "
                 "store; extract with --policy stats to sweep them): "
-                + "; ".join(f"{entry(s).title} {v['count']} ({v['example']})" for s, v in sweep["not_stored"].items())
+                + "; ".join(f"{entry(s).title} {v['count']} ({v['example']})" for s, v in sweep.not_stored.items())
                 + ".")
     path = os.path.join(out_dir, "sweep.md")
     with open(path, "w") as f:
         f.write(f"{cap}\n\n{markdown(header, rows)}\n")
-        if sweep["errors"]:
+        if sweep.errors:
             f.write("\nVariants the caches could not serve:\n\n")
-            f.writelines(f"- {e['label']}: {e['error']}\n" for e in sweep["errors"])
+            f.writelines(f"- {e['label']}: {e['error']}\n" for e in sweep.errors)
     return path
 
 

@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 from store.reader import CacheReader, cache_path
 from store.schema import CacheError
 
-from .evaluation import FitStore, check_same_model, fit_source, score_cache
+from .engine import Engine, is_crash
+from .fitting import check_same_model
 from .registry import ScoreError, entry
 from .sweep import expand
 
@@ -32,15 +33,16 @@ def candidates(name, attrs, base=None):
 
 
 def tune(cache_dir, id_name, id_val, ood_val, names, params=None, fit_on=None):
-    """``{score: {"params", "auroc", "tried"}}``: the chosen parameters of every score in
-    ``names`` that has a grid, by AUROC of ``id_val`` against ``ood_val`` (cache names)."""
+    """``{score: {"params", "auroc", "tried", "on"}}``: the chosen parameters of every score
+    in ``names`` that has a grid, by AUROC of ``id_val`` against ``ood_val`` (cache names;
+    "on" is ``(id_val, ood_val)``). Fits follow the engine's rule (``analyze.engine``). A
+    variant these caches cannot serve, or whose parameters are out of range, is skipped;
+    a crash stops the tuning (``analyze.engine.is_crash``)."""
     params = params or {}
     out = {}
-    store = FitStore()
     check_same_model([cache_path(cache_dir, n) for n in (id_name, id_val, ood_val)], what="--tune-on")
+    engine = Engine(cache_dir, id_name, fit_on)
     with CacheReader(cache_path(cache_dir, id_val)) as iv, CacheReader(cache_path(cache_dir, ood_val)) as ov:
-        keep_i = ~iv.read_all("skipped").astype(bool)
-        keep_o = ~ov.read_all("skipped").astype(bool)
         for name in names:
             e = entry(name)
             if not e.grid:
@@ -49,22 +51,19 @@ def tune(cache_dir, id_name, id_val, ood_val, names, params=None, fit_on=None):
             for p in candidates(name, iv.attrs, params.get(name)):
                 if e.problems(ov.attrs, p):
                     continue
-                source = fit_source(name, id_name, fit_on, p)
                 try:
-                    if source:
-                        with CacheReader(cache_path(cache_dir, source)) as fr:
-                            est = store.get(fr, name, p)
-                    else:
-                        est = e.make(p)
-                    known, novel = score_cache(iv, name, est, p)[keep_i], score_cache(ov, name, est, p)[keep_o]
-                except (CacheError, ScoreError):      # a variant these caches cannot serve
+                    est = engine.estimator(name, p)
+                    known, keep_i = engine.values(iv, name, p, est)
+                    novel, keep_o = engine.values(ov, name, p, est)
+                except (CacheError, ScoreError) as err:      # a variant these caches cannot serve
+                    if is_crash(err):
+                        raise
                     continue
-                if not (np.isfinite(known).all() and np.isfinite(novel).all()):
-                    continue
+                known, novel = known[keep_i], novel[keep_o]
                 auroc = roc_auc_score(np.r_[np.ones(len(known)), np.zeros(len(novel))], np.r_[known, novel])
                 tried += 1
                 if best is None or auroc > best[1]:
                     best = (p, float(auroc))
             if best is not None:
-                out[name] = {"params": best[0], "auroc": best[1], "tried": tried}
+                out[name] = {"params": best[0], "auroc": best[1], "tried": tried, "on": (id_val, ood_val)}
     return out

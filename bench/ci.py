@@ -20,16 +20,16 @@ sys.path.insert(0, ROOT)
 
 def main():
     from analyze.api import default_ood_sets
-    from analyze.evaluation import fit_caches, run_evaluation, unavailable_scores
+    from analyze.engine import Engine
+    from analyze.evaluation import run_evaluation
     from analyze.registry import all_entries
     cache_dir = os.path.join(ROOT, "caches", "demo-resnet18")
     if not os.path.exists(os.path.join(cache_dir, "digits.h5")):
         subprocess.run([sys.executable, "pipeline.py", "demo", "--extract-only", "--cache-dir", cache_dir],
                        cwd=ROOT, check=True)
-    names = list(all_entries())
-    missing = unavailable_scores(cache_dir, "digits", names, None, {})
-    names = [n for n in names if n not in missing]
-    oods = default_ood_sets(cache_dir, "digits", fit_caches("digits", names, None, {}))
+    engine = Engine(cache_dir, "digits")
+    oods = default_ood_sets(cache_dir, "digits", engine.fit_caches(list(all_entries())))
+    names, _ = engine.servable(list(all_entries()), {}, oods)
     fitted = tempfile.mkdtemp()
     run_evaluation(cache_dir, "digits", oods, names, fitted_dir=fitted, lenient=True)     # fits, once
     t = time.perf_counter()
@@ -38,12 +38,12 @@ def main():
     t = time.perf_counter()
     with_ci = run_evaluation(cache_dir, "digits", oods, names, fitted_dir=fitted, lenient=True, ci=95)
     total = time.perf_counter() - t
-    n_scores = len(with_ci["intervals"])
-    sizes = {d: with_ci["n_rows"][d] for d in ["digits", *oods]}
-    result = {"scores": n_scores, "ood_sets": len(oods), "resamples": with_ci["ci"]["resamples"],
+    n_scores = len(with_ci.intervals)
+    sizes = {d: with_ci.n_rows[d] for d in ["digits", *oods]}
+    result = {"scores": n_scores, "ood_sets": len(oods), "resamples": with_ci.ci["resamples"],
               "rows": sizes, "evaluation_s": base, "with_ci_s": total, "ci_s": total - base,
               "cores": os.cpu_count()}
-    assert plain["results"] == with_ci["results"]
+    assert plain.results == with_ci.results
     with open(os.path.join(ROOT, "bench", "ci.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"--ci 95 over {n_scores} scores x {len(oods)} OOD sets ({result['resamples']} resamples; rows "

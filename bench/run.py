@@ -64,7 +64,7 @@ def child_analyse(path):
     Runs in a fresh interpreter that imports only ``store`` and ``analyze`` (no torch), so
     its peak memory is that of the analysis alone.
     """
-    from analyze.evaluation import score_cache
+    from analyze.fitting import score_cache
     from analyze.registry import entry
     from store.reader import CacheReader
     out = {"scores": {}}
@@ -222,7 +222,7 @@ def pytorch_ood_comparison(torch, model, train, train_labels, test, bs, device, 
     except ImportError:
         return None
     import pytorch_ood
-    from analyze.evaluation import fit_estimator, score_cache
+    from analyze.fitting import fit_estimator, score_cache
     from analyze.registry import entry
     from store.reader import CacheReader
 
@@ -556,7 +556,7 @@ def main(argv=None):
     _extract(model, images_cpu, f, default_scores(), {}, bs, device, sha)
     every = {}
     with CacheReader(f) as reader, CacheReader(train_cache) as tr:
-        from analyze.evaluation import fit_estimator, score_cache
+        from analyze.fitting import fit_estimator, score_cache
         from analyze.registry import entry
         for s in default_scores():
             t = time.perf_counter()
@@ -594,9 +594,9 @@ def main(argv=None):
     # Default recipes: dry-run estimates.
     recipes = {
         "CIFAR (resnet18, 3x32x32)": _recipe_estimate(torch, "resnet18", 10, (3, 32, 32),
-                                                       benchmark("cifar10")["odin"], device),
+                                                       benchmark("cifar10").odin, device),
         "ImageNet (BiT-S-R101x1, 3x480x480)": _recipe_estimate(torch, "BiT-S-R101x1", 1000, (3, 480, 480),
-                                                                benchmark("imagenet")["odin"], device),
+                                                                benchmark("imagenet").odin, device),
     }
     for name, r in recipes.items():
         print(f"  recipe {name}: {r['bytes_per_image']:,} bytes/image (uncompressed estimate)", flush=True)
@@ -718,7 +718,7 @@ def render_markdown(res):
           f"**{'yes' if ext['bit_identical_to_full_depth'] else 'NO'}**. The cache holds "
           f"{ext['cache_bytes_per_image_on_disk']:,.0f} bytes/image on disk.", "",
           "## Table 2. Each score: authors' pass vs analysis from the cache", "",
-          f"Analysis: `analyze.evaluation.score_cache` on the open cache, {res['analysis']['gaia_z']['repeats']} "
+          f"Analysis: `analyze.fitting.score_cache` on the open cache, {res['analysis']['gaia_z']['repeats']} "
           f"runs (median, min; the first run in parentheses). Speed-up = authors' pass time / median analysis time.", "",
           "| score | authors' pass (s) | analysis median (ms) | min (ms) | speed-up | bar | max rel. error vs authors |",
           "|---|---:|---:|---:|---:|---:|---:|"]

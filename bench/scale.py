@@ -35,7 +35,7 @@ ID, OODS = "imagenet_syn", ("ood_near_syn", "ood_far_syn")
 
 def _child(args):
     """Fit one score on the training cache and score the test caches; print JSON."""
-    from analyze.evaluation import fit_estimator, score_cache
+    from analyze.fitting import fit_estimator, score_cache
     from analyze.metrics import ood_metrics
     from analyze.registry import entry
     from store.reader import CacheReader, cache_path

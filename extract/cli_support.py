@@ -145,14 +145,14 @@ def dataset_specs(bench, datasets, data_root, split):
             continue
         if preset is None:
             raise ValueError(f"--dataset {item!r}: give NAME=DIR, or name a --benchmark preset")
-        names = list(preset["sets"]) if name == "all" else [name]
+        names = list(preset.sets) if name == "all" else [name]
         for n in names:
-            if split == "train" and n == preset["id"]:
+            if split == "train" and n == preset.id:
                 n = f"{n}_train"
-            if n not in preset["sets"]:
+            if n not in preset.sets:
                 raise ValueError(f"unknown dataset {n!r} in benchmark {bench!r}; choose one of: "
-                                 f"{', '.join(preset['sets'])}, all")
-            kind, rel, *images = preset["sets"][n]
+                                 f"{', '.join(preset.sets)}, all")
+            kind, rel, *images = preset.sets[n]
             specs.append(DatasetSpec(n, kind, rel, data_root, os.path.join(data_root, images[0]) if images else ""))
     if not specs:
         raise ValueError("no dataset given: use --dataset NAME=DIR (repeatable) or --benchmark")
@@ -239,12 +239,12 @@ def check_existing(target, attrs, overwrite, log, needs=(), passes=(), scores=()
 
 def extract_command(req):
     """Extract every requested dataset to the cache folder; see ``pipeline.py extract --help``."""
-    preset = benchmark(req.bench) if req.bench else {}
-    arch = req.arch or (None if req.model_file else preset.get("arch"))
-    num_classes = req.num_classes or preset.get("num_classes")
-    preprocess = req.preprocess or preset.get("preprocess")
+    preset = benchmark(req.bench) if req.bench else None
+    arch = req.arch or (None if req.model_file or not preset else preset.arch)
+    num_classes = req.num_classes or (preset.num_classes if preset else None)
+    preprocess = req.preprocess or (preset.preprocess if preset else None)
     data_root = req.data_root or (os.path.join("data", req.bench) if req.bench else "")
-    checkpoint = req.checkpoint or preset.get("checkpoint")
+    checkpoint = req.checkpoint or (preset.checkpoint if preset else None)
     missing = [n for n, v in (("--arch", arch or req.model_file), ("--num-classes", num_classes),
                               ("--preprocess", preprocess)) if not v]
     if missing:
@@ -276,7 +276,7 @@ def extract_command(req):
     config = ExtractConfig(arch=arch, head=req.head, hook_sets=hook_sets, needs=req.needs, passes=passes, hooks=tuple(req.hooks),
                            policy=req.policy, store=parse_policies(req.store),
                            odin=tuple(parse_odin(req.odin)) or tuple(
-                               (p[0], p[1], bool(p[2]) if len(p) > 2 else False) for p in preset.get("odin", ()))
+                               (p[0], p[1], bool(p[2]) if len(p) > 2 else False) for p in (preset.odin if preset else ()))
                            or ODIN_DEFAULT,
                            odin_std=_odin_std(description), maha=maha, batch_size=req.batch_size,
                            device=str(dev), progress=not req.quiet)
@@ -406,7 +406,7 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size, test_read
     log(f"demo classifier test accuracy: {100 * accuracy(model, test_set):.2f}% on {len(test_set)} digits")
     times["train"] = time.time() - t0
     t0 = time.time()
-    sets = [n for n in benchmark("demo")["sets"] if not n.endswith("_train")]
+    sets = [n for n in benchmark("demo").sets if not n.endswith("_train")]
     common = dict(bench="demo", data_root=data_root, checkpoint=checkpoint, cache_dir=cache_dir,
                   batch_size=batch_size, device=device, log=log)
     extract_command(ExtractRequest(*test_reads, datasets=tuple(sets), **common))

@@ -13,6 +13,62 @@ validation set that ``analyze --tune-on`` selects hyperparameters on). Names end
 ``_train`` or ``_val`` are never OOD test sets.
 """
 
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Optional
+
+
+def _frozen(value):
+    """``value`` with every dict a read-only mapping and every list a tuple."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+TRAIN_SUFFIX, VAL_SUFFIX = "_train", "_val"
+
+
+def train_cache_name(id_name):
+    """Name of the ID training cache of ID test set ``id_name``: ``<id>_train``."""
+    return id_name + TRAIN_SUFFIX
+
+
+def val_cache_name(id_name):
+    """Name of the ID validation cache of ID test set ``id_name``: ``<id>_val``."""
+    return id_name + VAL_SUFFIX
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark preset (read-only).
+
+    id: the ID test set; sets: ``{name: (kind, relative path[, images folder])}``;
+    preprocess, arch, num_classes, checkpoint: the extraction defaults; odin: the ODIN
+    passes ``(T, epsilon[, std_divided])``; score_params: ``{score: {parameter: value}}``
+    the releases set for this benchmark; groups: ``{"near": (set, ...), "far": (...)}`` or
+    None; val_id / val_ood: the ID and OOD validation caches of ``--tune-on`` or None;
+    openood: laid out as OpenOOD v1.5's image lists.
+    """
+    id: str
+    preprocess: str
+    arch: str
+    num_classes: int
+    sets: Mapping
+    odin: tuple = ()
+    score_params: Mapping = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+    groups: Optional[Mapping] = None
+    val_id: Optional[str] = None
+    val_ood: Optional[str] = None
+    openood: bool = False
+
+    def __post_init__(self):
+        for name in ("sets", "odin", "score_params", "groups"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+
+
 # ODIN (temperature, epsilon): the ODIN paper's CIFAR setting; for ImageNet the GradNorm /
 # MOS releases run ODIN with T=1000 and no input perturbation (epsilon 0).
 ODIN_CIFAR = [(1000.0, 0.0014)]
@@ -25,15 +81,14 @@ CIFAR_SCORE_PARAMS = {"ash": {"percentile": 95.0}}
 
 def _cifar(name, num_classes):
     """CIFAR-10/100 preset: torchvision test/train splits and the ODIN/GAIA OOD folders."""
-    return {
-        "id": name, "preprocess": name, "arch": "resnet18", "num_classes": num_classes,
-        "odin": ODIN_CIFAR, "score_params": CIFAR_SCORE_PARAMS,
-        "sets": {name: (name, "test"), f"{name}_train": (name, "train"),
-                 "SVHN": ("svhn", "test"), "LSUN": ("folder", "LSUN"),
-                 "LSUN_resize": ("folder", "LSUN_resize"), "iSUN": ("folder", "iSUN"),
-                 "Imagenet": ("folder", "Imagenet"), "Imagenet_resize": ("folder", "Imagenet_resize"),
-                 "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")},
-    }
+    return Benchmark(
+        id=name, preprocess=name, arch="resnet18", num_classes=num_classes,
+        odin=ODIN_CIFAR, score_params=CIFAR_SCORE_PARAMS,
+        sets={name: (name, "test"), train_cache_name(name): (name, "train"),
+              "SVHN": ("svhn", "test"), "LSUN": ("folder", "LSUN"),
+              "LSUN_resize": ("folder", "LSUN_resize"), "iSUN": ("folder", "iSUN"),
+              "Imagenet": ("folder", "Imagenet"), "Imagenet_resize": ("folder", "Imagenet_resize"),
+              "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")})
 
 
 def _openood(bench, num_classes, arch, preprocess, near, far, val_ood, id_dir, score_params=None):
@@ -44,15 +99,15 @@ def _openood(bench, num_classes, arch, preprocess, near, far, val_ood, id_dir, s
 
     def entry(file, folder):
         return ("list", f"{lists}/{file}", folder)
-    sets = {bench: entry(f"test_{bench}.txt", id_dir), f"{bench}_train": entry(f"train_{bench}.txt", id_dir),
-            f"{bench}_val": entry(f"val_{bench}.txt", id_dir)}
+    sets = {bench: entry(f"test_{bench}.txt", id_dir), train_cache_name(bench): entry(f"train_{bench}.txt", id_dir),
+            val_cache_name(bench): entry(f"val_{bench}.txt", id_dir)}
     for name, folder in [*near, *far]:
         sets[name] = entry(f"test_{name}.txt", folder)
-    sets[f"{val_ood[0]}_val"] = entry(f"val_{val_ood[0]}.txt", val_ood[1])
-    return {"id": bench, "preprocess": preprocess, "arch": arch, "num_classes": num_classes,
-            "odin": [(1000.0, 0.0014, True)], "score_params": score_params or {}, "sets": sets,
-            "groups": {"near": [n for n, _ in near], "far": [n for n, _ in far]},
-            "val": {"id": f"{bench}_val", "ood": f"{val_ood[0]}_val"}, "openood": True}
+    sets[val_cache_name(val_ood[0])] = entry(f"val_{val_ood[0]}.txt", val_ood[1])
+    return Benchmark(id=bench, preprocess=preprocess, arch=arch, num_classes=num_classes,
+                     odin=[(1000.0, 0.0014, True)], score_params=score_params or {}, sets=sets,
+                     groups={"near": [n for n, _ in near], "far": [n for n, _ in far]},
+                     val_id=val_cache_name(bench), val_ood=val_cache_name(val_ood[0]), openood=True)
 
 
 CLASSIC, LARGE = "images_classic", "images_largescale"
@@ -62,24 +117,25 @@ _IMAGENET_FAR = [("inaturalist", LARGE), ("textures", CLASSIC), ("openimage_o", 
 
 # Benchmarks: ID test set, ID training set, OOD sets; each entry is (kind, relative path).
 BENCHMARKS = {
-    "demo": {
-        "id": "digits", "preprocess": "demo", "arch": "resnet18", "num_classes": 10,
-        "checkpoint": "checkpoints/demo_resnet18.pt",
-        "odin": ODIN_CIFAR, "score_params": CIFAR_SCORE_PARAMS,
-        "sets": {"digits": ("folder", "digits/test"), "digits_train": ("folder", "digits/train"),
-                 "photo_patches": ("folder", "photo_patches"), "textures": ("folder", "textures"),
-                 "noise": ("folder", "noise"), "shapes": ("folder", "shapes"),
-                 "mashups": ("folder", "mashups")},
-    },
+    "demo": Benchmark(
+        id="digits", preprocess="demo", arch="resnet18", num_classes=10,
+        checkpoint="checkpoints/demo_resnet18.pt", odin=ODIN_CIFAR, score_params=CIFAR_SCORE_PARAMS,
+        sets={"digits": ("folder", "digits/test"), "digits_train": ("folder", "digits/train"),
+              "photo_patches": ("folder", "photo_patches"), "textures": ("folder", "textures"),
+              "noise": ("folder", "noise"), "shapes": ("folder", "shapes"),
+              "mashups": ("folder", "mashups")},
+        groups={"near": ["mashups"], "far": ["photo_patches", "textures", "noise", "shapes"]}),
     "cifar10": _cifar("cifar10", 10),
     "cifar100": _cifar("cifar100", 100),
-    "imagenet": {
-        "id": "imagenet", "preprocess": "imagenet_bit", "arch": "BiT-S-R101x1", "num_classes": 1000,
-        "odin": ODIN_IMAGENET,
-        "sets": {"imagenet": ("folder", "imagenet/val"), "imagenet_train": ("folder", "imagenet/train"),
-                 "iNaturalist": ("folder", "iNaturalist"), "SUN": ("folder", "SUN"),
-                 "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")},
-    },
+    # GAIA's ImageNet command passes -hook before_head to GAIA-Z too (hook.py: the block4
+    # GroupNorms, then the pooled before_head output; its Textures row ends at before_head.gn
+    # instead: --param gaia_z.hooks=before_head_gn)
+    "imagenet": Benchmark(
+        id="imagenet", preprocess="imagenet_bit", arch="BiT-S-R101x1", num_classes=1000, odin=ODIN_IMAGENET,
+        score_params={"dice": {"p": 70.0}, "gaia_z": {"hooks": "before_head"}},
+        sets={"imagenet": ("folder", "imagenet/val"), "imagenet_train": ("folder", "imagenet/train"),
+              "iNaturalist": ("folder", "iNaturalist"), "SUN": ("folder", "SUN"),
+              "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")}),
 }
 
 BENCHMARKS.update({
@@ -94,11 +150,7 @@ BENCHMARKS.update({
     "openood_imagenet": _openood("imagenet", 1000, "torchvision:resnet50", "imagenet_tv", _IMAGENET_NEAR,
                                  _IMAGENET_FAR, ("openimage_o", LARGE), LARGE, {"dice": {"p": 70.0}}),
 })
-BENCHMARKS["demo"]["groups"] = {"near": ["mashups"], "far": ["photo_patches", "textures", "noise", "shapes"]}
-# GAIA's ImageNet command passes -hook before_head to GAIA-Z too (hook.py: the block4
-# GroupNorms, then the pooled before_head output; its Textures row ends at before_head.gn
-# instead: --param gaia_z.hooks=before_head_gn)
-BENCHMARKS["imagenet"]["score_params"] = {"dice": {"p": 70.0}, "gaia_z": {"hooks": "before_head"}}
+BENCHMARKS = MappingProxyType(BENCHMARKS)     # presets are read-only
 
 WHERE_TO_GET_OPENOOD = (
     "OpenOOD v1.5 data: its download script (scripts/download/download.py in "
@@ -127,26 +179,28 @@ def benchmark(name):
 
 def is_fitting_or_validation(name):
     """True for cache names that are never OOD test sets (``*_train``, ``*_val``)."""
-    return name.endswith("_train") or name.endswith("_val")
+    return name.endswith(TRAIN_SUFFIX) or name.endswith(VAL_SUFFIX)
 
 
 def ood_sets(name):
     """OOD test set names of preset ``name``, in table order (near then far when grouped)."""
     preset = benchmark(name)
-    if preset.get("groups"):
-        return [*preset["groups"]["near"], *preset["groups"]["far"]]
-    return [s for s in preset["sets"] if s != preset["id"] and not is_fitting_or_validation(s)]
+    if preset.groups:
+        return [*preset.groups["near"], *preset.groups["far"]]
+    return [s for s in preset.sets if s != preset.id and not is_fitting_or_validation(s)]
 
 
 def groups_of(attrs):
     """``{"near": [...], "far": [...]}`` of the benchmark a cache was extracted for, or None."""
-    return BENCHMARKS.get(attrs.get("benchmark") or "", {}).get("groups")
+    preset = BENCHMARKS.get(attrs.get("benchmark") or "")
+    return preset.groups if preset else None
 
 
 def preset_params(attrs, params=None):
     """``{score: {parameter: value}}``: the score defaults of the benchmark a cache was
     extracted for (its ``benchmark`` attribute; none for custom datasets), updated by
     ``params`` (``{score: {parameter: value}}``, which win)."""
-    preset = BENCHMARKS.get(attrs.get("benchmark") or "", {}).get("score_params", {})
+    bench = BENCHMARKS.get(attrs.get("benchmark") or "")
+    preset = bench.score_params if bench else {}
     params = params or {}
     return {s: {**preset.get(s, {}), **params.get(s, {})} for s in {*preset, *params}}

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import torch
 
-from analyze.evaluation import fit_estimator, fitted_state, restore, score_cache
+from analyze.fitting import fit_estimator, fitted_state, restore, score_cache
 from analyze.registry import entry, requirements
 from extract import ExtractConfig, Provenance, extract_to_cache
 from extract.datasets import ImageSet

@@ -479,7 +479,10 @@ def test_layer_chart_shows_each_layers_best_variant_in_network_order(tmp_path):
     rows = [{"score": "nac", "params": {"layers": ["layer4"], "M": m}, "average": {"AUROC": a}}
             for m, a in ((10, 0.5), (50, 0.99))]
     rows += [{"score": "nac", "params": {"layers": ["avgpool"]}, "average": {"AUROC": 0.7}}]
-    sweep = {"rows": rows, "layer_order": {"nac": ["avgpool", "layer1", "layer4"]}}
+    from analyze.results import SweepResult
+    sweep = SweepResult(rows=rows, errors=[], reported=[], select_on=None, metric="AUROC", selected={},
+                        seconds=0.0, n_variants=len(rows), workers=1, id="digits",
+                        layer_order={"nac": ["avgpool", "layer1", "layer4"]})
     orig_pyplot, orig_save = plots._pyplot, plots._save
     plots._pyplot, plots._save = (lambda: monkey), (lambda plt, fig, out, name: name)
     try:

@@ -281,8 +281,11 @@ def test_layer_charts_start_at_zero(tmp_path, monkeypatch):
         limits.append(fig.axes[0].get_ylim())
         return real(plt, fig, out_dir, name)
     monkeypatch.setattr(P, "_save", keep)
-    sweep = {"rows": [{"score": "gaia_z", "params": {"layers": [l]}, "average": {"AUROC": a}}
-                      for l, a in (("bn1", 0.91), ("layer1.0.bn1", 0.95))], "layer_order": {}}
+    from analyze.results import SweepResult
+    rows = [{"score": "gaia_z", "params": {"layers": [l]}, "average": {"AUROC": a}}
+            for l, a in (("bn1", 0.91), ("layer1.0.bn1", 0.95))]
+    sweep = SweepResult(rows=rows, errors=[], reported=[], select_on=None, metric="AUROC", selected={},
+                        seconds=0.0, n_variants=len(rows), workers=1, id="digits")
     P.layer_contribution(sweep, str(tmp_path))
     assert limits == [(0.0, 100.0)]
 

@@ -36,7 +36,7 @@ def build_openood_root(base):
     root = base / "data"
     preset = BENCHMARKS["openood_cifar10"]
     folders = {}
-    for name, (kind, rel, images) in preset["sets"].items():
+    for name, (kind, rel, images) in preset.sets.items():
         src, n = STAND_INS[name]
         skip = 24 if name in ("cifar10_val",) else (10 if name == "tin_val" else 0)
         lines, dest_dir = [], os.path.join(root, images, name.replace("_val", "").replace("_train", ""),

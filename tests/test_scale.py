@@ -9,7 +9,7 @@ import pytest
 from sklearn.neighbors import NearestNeighbors
 
 import analyze.data as data_module
-from analyze.evaluation import FitStore, fit_estimator, score_cache
+from analyze.fitting import FitStore, fit_estimator, score_cache
 from analyze.registry import entry
 from analyze.streaming import exact_percentile, kth_nearest
 from store.gaussian import class_gaussian, sq_distances

@@ -162,7 +162,7 @@ def test_checkpoints_report_mean_std_and_a_deep_ensemble(members, tmp_path):
     runs = [run_evaluation(d, "syn", ["near", "far"], ["msp", "mahalanobis"]) for d in members]
     for name in ("msp", "mahalanobis"):
         for d in ("near", "far", "Average"):
-            values = [r["results"][name][d]["AUROC"] for r in runs]
+            values = [r.results[name][d]["AUROC"] for r in runs]
             assert saved[name][d]["AUROC"]["mean"] == pytest.approx(np.mean(values), abs=1e-15)
             assert saved[name][d]["AUROC"]["std"] == pytest.approx(np.std(values), abs=1e-15)
     probs = {}
