@@ -20,6 +20,18 @@ def _escape(text):
     return out.replace(r"\textbackslash\{\}", r"\textbackslash{}")
 
 
+def csv_text(header, rows, path=None):
+    """CSV text of a table (header, rows); also written to ``path`` when given."""
+    import csv
+    import io
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    if path:
+        with open(path, "w", newline="") as f:
+            f.write(buf.getvalue())
+    return buf.getvalue()
+
+
 def latex_table(frame, caption="", label=""):
     """A booktabs ``table`` of ``frame`` (rows = methods, columns = a two-level
     (group, metric) MultiIndex of numbers in percent): the groups as spanning headers
@@ -136,16 +148,8 @@ class Evaluation:
 
     def to_csv(self, path=None):
         """``summary.csv``'s text (one number per cell, percent); written to ``path`` when given."""
-        import csv
-        import io
         from .report import summary_csv_table
-        buf = io.StringIO()
-        header, rows = summary_csv_table(self)
-        csv.writer(buf).writerows([header, *rows])
-        if path:
-            with open(path, "w", newline="") as f:
-                f.write(buf.getvalue())
-        return buf.getvalue()
+        return csv_text(*summary_csv_table(self), path)
 
     def to_latex(self, label="tab:ood"):
         """The summary as a booktabs LaTeX table, best per column in bold, the caption under it."""
@@ -203,16 +207,8 @@ class SweepResult:
 
     def to_csv(self, path=None):
         """``sweep.csv``'s text; written to ``path`` when given."""
-        import csv
-        import io
         from .sweep import sweep_table
-        buf = io.StringIO()
-        header, rows = sweep_table(self)
-        csv.writer(buf).writerows([header, *rows])
-        if path:
-            with open(path, "w", newline="") as f:
-                f.write(buf.getvalue())
-        return buf.getvalue()
+        return csv_text(*sweep_table(self), path)
 
     def to_latex(self, label="tab:sweep", top=None):
         """The ``top`` best variants as a booktabs LaTeX table, best per column in bold."""

@@ -147,3 +147,9 @@ def test_tuning_uses_validation_caches_only(openood_root, extracted):
     assert chosen["auroc"] == pytest.approx(max(aurocs.values()))
     saved = json.loads(open(base / "tuned" / "results.json").read())
     assert f"k={chosen['params']['k']}" in saved["settings"]["knn"]
+    # the API twin tunes the same way and gives the same table, cell by cell
+    df = analyze.evaluate(cache, id="cifar10", scores="knn,energy,msp", convention="openood", tune_on="tin_val")
+    assert set(df["ood"]) == set(saved["ood"]) | {"nearood", "farood", "Average"}
+    for row in df.to_dict("records"):
+        for metric, column in (("FPR95", "FPR95"), ("AUROC", "AUROC"), ("AUPR-In", "AUPR_IN")):
+            assert row[column] == saved["results"][row["score"]][row["ood"]][metric], (row["score"], row["ood"])
