@@ -15,7 +15,7 @@ CHECKPOINT ?= checkpoints/$(BENCHMARK)_$(subst :,-,$(ARCH)).pt
 DATA_ROOT ?= data/$(BENCHMARK)
 CACHE_DIR ?= caches/$(BENCHMARK)-$(subst :,-,$(ARCH))
 DEVICE    ?= auto
-BATCH_SIZE ?= 64
+BATCH_SIZE ?=
 METRICS   ?= sklearn
 NPROC     ?= 1
 # NPROC > 1: one process per GPU (or CPU share) on this machine, launched by torchrun.
@@ -52,7 +52,7 @@ demo-seeds: install
 extract: install
 	$(EXTRACT_LAUNCH) pipeline.py extract --benchmark $(BENCHMARK) $(if $(MODEL_FILE),--model-file $(MODEL_FILE),--arch $(ARCH)) --checkpoint $(CHECKPOINT) \
 	  --data-root $(DATA_ROOT) --cache-dir $(CACHE_DIR) --dataset $(DATASET) \
-	  --device $(DEVICE) --batch-size $(BATCH_SIZE) --policy $(POLICY) $(if $(SCORE),--score $(SCORE)) \
+	  --device $(DEVICE) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) --policy $(POLICY) $(if $(SCORE),--score $(SCORE)) \
 	  $(if $(OVERWRITE),--overwrite)
 
 analyze: install

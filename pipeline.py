@@ -18,9 +18,10 @@ import time
 
 import click
 
+from analyze.metrics import CONVENTIONS
 from analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from store.benchmarks import BENCHMARKS, preset_params
-from store.recipes import HOOK_SETS, split_selector
+from store.recipes import BATCH_SIZE, HOOK_SETS, split_selector
 from store.schema import POLICIES, CacheError
 
 ERRORS = (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError, ScoreError)
@@ -173,7 +174,7 @@ def cli():
 @click.option("--split", default="test", type=click.Choice(["test", "train"]), show_default=True, help="train: the ID training split of a preset (cache <id>_train), or NAME=DIR written as NAME_train.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Extract at most N samples (the first N, or class-balanced with --balanced).")
 @click.option("--balanced", is_flag=True, help="With --limit: a class-balanced, seeded subset.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True)
 @click.option("--device", default="auto", show_default=True, callback=_device, help="cpu, cuda, cuda:N or auto.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace existing caches of the same names (default: skip those that are complete and equal, refuse those that differ).")
@@ -242,7 +243,7 @@ def _caches(bench, arch, cache_dir, id_name, ood_names):
 @click.option("--param", "param_items", multiple=True, help="Score parameter, SCORE.NAME=VALUE (e.g. react.percentile=95, knn.k=100, odin.temperature=1000, nac.layers=avgpool,layer3). Repeatable.")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (analyze.register_score). Repeatable.")
 @click.option("--fit-on", default=None, help="Training cache for the scores fitted on training data (Mahalanobis, ReAct, KNN, ViM, NAC-UE, ...). [default: <id>_train]")
-@click.option("--metrics", "convention", default="sklearn", type=click.Choice(["sklearn", "gaia", "openood"]), show_default=True, help="Metric convention: ID positive as the GradNorm release (scikit-learn) or the GAIA release, or OOD positive as OpenOOD v1.5.")
+@click.option("--metrics", "convention", default="sklearn", type=click.Choice(list(CONVENTIONS)), show_default=True, help="Metric convention: ID positive as the GradNorm release (scikit-learn) or the GAIA release, or OOD positive as OpenOOD v1.5.")
 @click.option("--tune-on", default=None, help="OOD validation cache: choose each score's hyperparameters (its sweep grid) by AUROC against the ID validation cache, as OpenOOD's parameter search, then report the test sets with them.")
 @click.option("--tune-id", default=None, help="ID validation cache for --tune-on. [default: the preset's, else <id>_val]")
 @click.option("--results", "results_dir", default=None, help="Where tables go (rewritten as one consistent set per run). [default: results/<cache folder name>]")
@@ -488,7 +489,7 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
 @click.option("--cache-dir", default="caches/demo-resnet18", show_default=True)
 @click.option("--results", "results_dir", default="results/demo-resnet18", show_default=True)
 @click.option("--device", default="auto", show_default=True, callback=_device)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Training seed of the demo classifier (its initialisation and data order): `make demo-seeds` trains seeds 0, 1, 2 into their own checkpoints and cache folders.")
 @click.option("--extract-only", is_flag=True, help="Stop after extraction (no analyze, no sweep).")
 def demo(data_root, checkpoint, cache_dir, results_dir, device, batch_size, seed=0, extract_only=False):

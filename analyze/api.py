@@ -22,7 +22,7 @@ from store.benchmarks import is_fitting_or_validation, ood_sets, preset_params, 
 from store.reader import CacheReader, cache_path, default_cache_dir
 
 from .engine import Engine
-from .evaluation import run_evaluation
+from .evaluation import check_ood_sets, run_evaluation
 from .fitting import score_cache
 from .metrics import column_name
 from .registry import ScoreError, all_entries, canonical
@@ -90,14 +90,13 @@ def resolve_caches(cache_dir=None, id=None, ood=None, benchmark=None, arch=None,
     if not os.path.isdir(cache_dir):
         raise ScoreError(f"cache folder {cache_dir} does not exist; extract first (pipeline.py extract)")
     ood = list(ood or [])
-    if id in ood:
-        raise ScoreError(f"--ood {id}: that is the ID set (--id); an OOD set must be another cache")
     if not ood:
         found = default_ood_sets(cache_dir, id, exclude)
         order = ood_sets(benchmark) if benchmark else []
         ood = [n for n in order if n in found] + [n for n in found if n not in order]
-    if not ood:
-        raise ScoreError(f"no OOD caches in {cache_dir}; extract some first (pipeline.py extract)")
+        if not ood:
+            raise ScoreError(f"no OOD caches in {cache_dir}; extract some first (pipeline.py extract)")
+    check_ood_sets(id, ood)
     return cache_dir, id, ood
 
 

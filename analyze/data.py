@@ -9,7 +9,7 @@ extraction plans and cache comparisons rely on.
 import numpy as np
 
 from store.recipes import holds, layers_of
-from store.schema import ADASCALE_FEATURES, GRAM_STATS, MAHA_ADVERSARIAL, MAHA_SCORES, MAP, STATS, TRACKING_PATH, CacheError, odin_pairs, odin_path, stat_path
+from store.schema import ADASCALE_FEATURES, GRAM_STATS, odin_label, MAHA_ADVERSARIAL, MAHA_SCORES, MAP, STATS, TRACKING_PATH, CacheError, odin_pairs, odin_path, stat_path
 
 
 class CacheData:
@@ -205,8 +205,7 @@ class CacheData:
         self._check_pass("odin")
         key = (float(temperature), float(epsilon), bool(std_divided))
         if key not in self.odin_passes:
-            raise CacheError(f"{self.path}: no ODIN pass T={temperature:g}, epsilon={epsilon:g}"
-                             f"{' (std-divided)' if std_divided else ''}; recorded: "
+            raise CacheError(f"{self.path}: no ODIN pass {odin_label(*key)}; recorded: "
                              f"{_describe_odin(self.odin_passes)} (extract with --odin T,EPS[,std])")
         return self._rows(odin_path(*key)).astype(np.float64)
 
@@ -261,7 +260,7 @@ def fit_block_rows(data):
 
 
 def _describe_odin(pairs):
-    return ", ".join(f"({t:g}, {e:g}{', std' if s else ''})" for t, e, s in pairs) or "none"
+    return "; ".join(odin_label(*p) for p in pairs) or "none"
 
 
 def map_stat(m, stat):

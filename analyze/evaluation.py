@@ -210,7 +210,7 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
 def check_ood_sets(id_name, ood_names):
     """Raise ValueError when there is no OOD set or the ID set is among them."""
     if id_name in ood_names:
-        raise ValueError(f"{id_name!r} is the ID set; it cannot also be an OOD set")
+        raise ValueError(f"OOD set {id_name!r} (--ood): that is the ID set (--id); an OOD set must be another cache")
     if not ood_names:
         raise ValueError("no OOD set to evaluate against")
 

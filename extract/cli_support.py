@@ -13,10 +13,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from store.benchmarks import benchmark
+from store.benchmarks import TRAIN_SUFFIX, benchmark, train_cache_name
 from store.reader import cache_path, default_cache_dir
-from store.recipes import comparable, layers_of, missing
-from store.schema import CacheError, differing, odin_name, odin_pairs
+from store.recipes import BATCH_SIZE, comparable, layers_of, missing
+from store.schema import POLICIES, CacheError, differing, odin_name, odin_pairs, odin_pass
 from store.writer import parts_dir, run_identity
 
 from . import datasets as D
@@ -55,7 +55,7 @@ class ExtractRequest:
     split: str = "test"
     limit: Optional[int] = None
     balanced: bool = False
-    batch_size: int = 64
+    batch_size: int = BATCH_SIZE
     device: str = "auto"
     skip_bad: bool = False
     dry_run: bool = False
@@ -70,8 +70,8 @@ def parse_policies(items):
     out = {}
     for item in items:
         layer, sep, value = item.partition("=")
-        if not sep or value not in ("scores", "pooled", "stats", "raw"):
-            raise ValueError(f"--store {item!r}: expected LAYER=POLICY with POLICY one of scores, pooled, stats, raw")
+        if not sep or value not in POLICIES:
+            raise ValueError(f"--store {item!r}: expected LAYER=POLICY with POLICY one of {', '.join(POLICIES)}")
         out[layer] = value
     return out
 
@@ -133,8 +133,8 @@ def dataset_specs(bench, datasets, data_root, split):
         if sep:
             if not name or not folder:
                 raise ValueError(f"--dataset {item!r}: expected NAME=DIR or NAME=LIST.txt")
-            if split == "train" and not name.endswith("_train"):
-                name = f"{name}_train"
+            if split == "train" and not name.endswith(TRAIN_SUFFIX):
+                name = train_cache_name(name)
             if folder.lower().endswith((".txt", ".lst")):
                 if not data_root:
                     raise ValueError(f"--dataset {item!r}: an image list needs --data-root, the folder "
@@ -148,7 +148,7 @@ def dataset_specs(bench, datasets, data_root, split):
         names = list(preset.sets) if name == "all" else [name]
         for n in names:
             if split == "train" and n == preset.id:
-                n = f"{n}_train"
+                n = train_cache_name(n)
             if n not in preset.sets:
                 raise ValueError(f"unknown dataset {n!r} in benchmark {bench!r}; choose one of: "
                                  f"{', '.join(preset.sets)}, all")
@@ -276,7 +276,7 @@ def extract_command(req):
     config = ExtractConfig(arch=arch, head=req.head, hook_sets=hook_sets, needs=req.needs, passes=passes, hooks=tuple(req.hooks),
                            policy=req.policy, store=parse_policies(req.store),
                            odin=tuple(parse_odin(req.odin)) or tuple(
-                               (p[0], p[1], bool(p[2]) if len(p) > 2 else False) for p in (preset.odin if preset else ()))
+                               odin_pass(p) for p in (preset.odin if preset else ()))
                            or ODIN_DEFAULT,
                            odin_std=_odin_std(description), maha=maha, batch_size=req.batch_size,
                            device=str(dev), progress=not req.quiet)
@@ -317,7 +317,7 @@ def _extract_one(req, shard, model, plan, config, spec, transform, description,
     provenance = Provenance(dataset=name, checkpoint=os.path.abspath(checkpoint), checkpoint_sha256=sha,
                             weights_sha256=weights, preprocess=description,
                             dataset_root=os.path.abspath(source),
-                            split="train" if name.endswith("_train") else req.split,
+                            split="train" if name.endswith(TRAIN_SUFFIX) else req.split,
                             subset={"limit": req.limit, "balanced": req.balanced}, benchmark=req.bench or "",
                             **model_source)
     attrs = cache_attrs(plan, provenance, n_images, dev, shard.world_size)
@@ -406,7 +406,7 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size, test_read
     log(f"demo classifier test accuracy: {100 * accuracy(model, test_set):.2f}% on {len(test_set)} digits")
     times["train"] = time.time() - t0
     t0 = time.time()
-    sets = [n for n in benchmark("demo").sets if not n.endswith("_train")]
+    sets = [n for n in benchmark("demo").sets if not n.endswith(TRAIN_SUFFIX)]
     common = dict(bench="demo", data_root=data_root, checkpoint=checkpoint, cache_dir=cache_dir,
                   batch_size=batch_size, device=device, log=log)
     extract_command(ExtractRequest(*test_reads, datasets=tuple(sets), **common))

@@ -12,8 +12,8 @@ cache's root attributes.
 from dataclasses import dataclass, field
 from typing import Optional
 
-from store.recipes import PASSES, check_needs
-from store.schema import POLICIES
+from store.recipes import BATCH_SIZE, PASSES, check_needs
+from store.schema import POLICIES, odin_pass
 
 ODIN_DEFAULT = ((1000.0, 0.0014, False),)
 
@@ -50,7 +50,7 @@ class ExtractConfig:
     odin: tuple = ODIN_DEFAULT
     odin_std: Optional[tuple] = None
     maha: Optional[dict] = None
-    batch_size: int = 64
+    batch_size: int = BATCH_SIZE
     device: str = "auto"
     progress: bool = True
     truncate_backward: bool = True
@@ -67,7 +67,7 @@ class ExtractConfig:
                 raise ValueError(f"storage policy {policy!r} for {layer}: choose one of {', '.join(POLICIES)}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch size must be a positive integer, got {self.batch_size!r}")
-        self.odin = tuple((float(t), float(e), bool(s[0]) if s else False) for t, e, *s in self.odin)
+        self.odin = tuple(odin_pass(p) for p in self.odin)
         if "odin" in self.passes:
             if not self.odin:
                 raise ValueError("the ODIN pass needs at least one (temperature, epsilon) pair (--odin T,EPS)")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from store.recipes import build_plan, objectives_for
 from store.recipes import hook_names as hook_names_of
 from store.recipes import layers_of, split_selector
+from store.schema import odin_label
 from store.schema import ADASCALE_FEATURES, MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
 from store.schema import layout as schema_layout
 from store.writer import BackgroundWriter, CacheWriter
@@ -177,8 +178,8 @@ class ExtractionPlan:
                  f"objectives: {', '.join(self.objectives) or '(none: logits and features only)'}",
                  f"graph starts at: {self.start_module or ('the input' if self.graph_from_input else '-')}"]
         if self.odin_passes:
-            lines.append("ODIN passes (T, epsilon): " + ", ".join(
-                f"({t:g}, {e:g}{', / std' if s else ''})" for t, e, s in self.odin_passes))
+            lines.append("ODIN passes: " + "; ".join(
+                f"({odin_label(*p)})" for p in self.odin_passes))
         if self.tracked:
             lines.append(f"gradient tracking: {len(self.tracked)} weight tensors x {self.num_classes} labels")
         if self.maha:

@@ -32,6 +32,9 @@ _PASS_HOW = {
 }
 
 
+# Images per extraction batch when none is given (CLI, Python config, Makefile).
+BATCH_SIZE = 64
+
 # The named hook sets every model adapter defines (``extract.adapters.generic``).
 HOOK_SETS = ("bn", "before_head", "before_head_gn", "nac", "penultimate", "gram")
 

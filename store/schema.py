@@ -197,9 +197,19 @@ def odin_path(temperature, epsilon, std_divided=False):
     return f"odin/{odin_name(temperature, epsilon, std_divided)}/logits"
 
 
+def odin_pass(p):
+    """One ODIN pass ``(T, epsilon[, std_divided])`` as ``(float, float, bool)``."""
+    return float(p[0]), float(p[1]), bool(p[2]) if len(p) > 2 else False
+
+
+def odin_label(temperature, epsilon, std_divided=False):
+    """A pass for people: ``T=1000, eps=0.0014`` (+ ``, std``)."""
+    return f"T={float(temperature):g}, eps={float(epsilon):g}" + (", std" if std_divided else "")
+
+
 def odin_pairs(attrs):
     """Recorded ODIN passes of a cache as ``[(T, epsilon, std_divided)]`` (version 1: no std)."""
-    return [(float(p[0]), float(p[1]), bool(p[2]) if len(p) > 2 else False) for p in attrs.get("odin") or []]
+    return [odin_pass(p) for p in attrs.get("odin") or []]
 
 
 def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), maha=None, adascale=None):

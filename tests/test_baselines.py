@@ -162,7 +162,7 @@ def test_odin_equals_per_batch_autograd(resnet):
         # a temperature alone picks the first recorded pass at that temperature
         np.testing.assert_array_equal(compute_score(r, "odin", temperature=10.0),
                                       compute_score(r, "odin", temperature=10.0, epsilon=0.05))
-        with pytest.raises(Exception, match="recorded: T=1000 eps=0.0014"):
+        with pytest.raises(Exception, match="recorded: T=1000, eps=0.0014"):
             compute_score(r, "odin", temperature=5.0)
 
 

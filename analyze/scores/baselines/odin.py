@@ -19,7 +19,7 @@ import numpy as np
 
 from analyze.logits import log_softmax
 from analyze.registry import register_score
-from store.schema import CacheError, odin_pairs
+from store.schema import CacheError, odin_label, odin_pairs
 
 
 def choose_pass(passes, temperature=None, epsilon=None, std=None, where="cache"):
@@ -29,7 +29,7 @@ def choose_pass(passes, temperature=None, epsilon=None, std=None, where="cache")
             and (epsilon is None or p[1] == float(epsilon))
             and (std is None or p[2] == bool(std))]
     if not fits:
-        recorded = ", ".join(f"T={t:g} eps={e:g}{' std' if s else ''}" for t, e, s in passes) or "none"
+        recorded = "; ".join(odin_label(*p) for p in passes) or "none"
         raise CacheError(f"{where}: no recorded ODIN pass with temperature={temperature}, "
                          f"epsilon={epsilon}, std={std}; recorded: {recorded} "
                          "(extract with --odin T,EPS[,std])")
