@@ -25,7 +25,7 @@ GRID      ?=
 GRID_FILE ?=
 SELECT_ON ?=
 
-.PHONY: install demo demo-seeds extract analyze sweep test bench bench-scale clean
+.PHONY: install demo demo-seeds extract analyze sweep test bench bench-scale bench-peers clean
 
 install: .venv/.installed
 
@@ -74,6 +74,12 @@ bench: install
 
 bench-scale: install
 	$(PY) bench/scale.py
+
+# The newer detectors against OpenOOD's and pytorch-ood's own code, per sample (after
+# `make demo`): OPENOOD=a checkout of Jingkang50/OpenOOD; SITE=a folder holding statsmodels
+# and pytorch-ood (pip install --target SITE --no-deps statsmodels patsy pytorch-ood).
+bench-peers: install
+	$(PY) bench/peers.py --openood $(OPENOOD) $(if $(SITE),--site $(SITE))
 
 clean:
 	rm -rf caches results .pytest_cache

@@ -9,7 +9,7 @@ extraction plans and cache comparisons rely on.
 import numpy as np
 
 from store.recipes import holds, layers_of
-from store.schema import ADASCALE_FEATURES, GRAM_STATS, odin_label, MAHA_ADVERSARIAL, MAHA_SCORES, MAP, STATS, TRACKING_PATH, CacheError, odin_pairs, odin_path, stat_path
+from store.schema import ADASCALE_FEATURES, GRAM_STATS, IODIN_LOGITS, odin_label, MAHA_ADVERSARIAL, MAHA_SCORES, MAP, STATS, TRACKING_PATH, CacheError, odin_pairs, odin_path, stat_path
 
 
 class CacheData:
@@ -26,7 +26,8 @@ class CacheData:
     ``map(layer, source)`` (n, C, H, W) float32, ``count_above(layer, source, tau)`` (n, C).
     Extra passes: ``odin_logits(T, eps, std_divided)`` (n, K), ``odin_passes``,
     ``tracking_norms`` (n, K, P), ``tracked_parameters``, ``maha_scores`` /
-    ``maha_adversarial`` (n, M, L) float32, ``adascale_features`` (n, D).
+    ``maha_adversarial`` (n, M, L) float32, ``adascale_features`` (n, D),
+    ``iodin_logits`` (n, K).
     """
 
     def __init__(self, reader, start=0, stop=None, keep=None, needs=None, passes=None, score=None):
@@ -234,6 +235,14 @@ class CacheData:
             raise CacheError(f"{self.path}: no AdaScale perturbed features were recorded "
                              "(extract with --score adascale_a)")
         return self._rows(ADASCALE_FEATURES).astype(np.float64)
+
+    @property
+    def iodin_logits(self):
+        """(n, K) float64 logits of the iODIN-perturbed input (``extract.iodin``; not divided by T)."""
+        self._check_pass("iodin")
+        if not self.attrs.get("iodin"):
+            raise CacheError(f"{self.path}: no iODIN pass was recorded (extract with --score iodin)")
+        return self._rows(IODIN_LOGITS).astype(np.float64)
 
     @property
     def maha_adversarial(self):

@@ -24,7 +24,7 @@ from store.recipes import build_plan, objectives_for
 from store.recipes import hook_names as hook_names_of
 from store.recipes import layers_of, split_selector
 from store.schema import odin_label
-from store.schema import ADASCALE_FEATURES, MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
+from store.schema import ADASCALE_FEATURES, IODIN_LOGITS, MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
 from store.schema import layout as schema_layout
 from store.writer import BackgroundWriter, CacheWriter
 
@@ -33,6 +33,8 @@ from .distributed import Shard, grid_batches
 from .adapters import adapter_for
 from .adascale import RECIPE as ADASCALE_RECIPE
 from .adascale import max_logit_gradient, perturbed
+from .iodin import RECIPE as IODIN_RECIPE
+from .iodin import perturbed as iodin_perturbed
 from .objectives import objective_value
 
 TOOL_VERSION = "0.1.0"
@@ -92,6 +94,10 @@ class ExtractionPlan:
         self.odin_passes = [list(p) for p in config.odin] if "odin" in config.passes else []
         self.odin_std = list(config.odin_std) if config.odin_std else None
         self.adascale = "adascale" in config.passes
+        self.iodin = "iodin" in config.passes
+        if self.iodin and not config.odin_std:
+            raise ValueError("iODIN divides its step by the normalisation std, and this preprocessing has "
+                             "none (a model whose input is not normalised): it cannot be recorded")
         self.tracked = []
         if "tracking" in config.passes:
             from .tracking import tracked_parameters
@@ -110,7 +116,8 @@ class ExtractionPlan:
         grad_layers = [l for l in self.layers if any(src != "act" for src in self.plan[l])]
         # ODIN's and AdaScale's input gradients need the graph from the input: the forward
         # then starts there.
-        self.graph_from_input = self.adascale or (bool(self.odin_passes) and any(e != 0 for _, e, _ in self.odin_passes))
+        self.graph_from_input = self.adascale or self.iodin or (
+            bool(self.odin_passes) and any(e != 0 for _, e, _ in self.odin_passes))
         self.start_module = (H.graph_start(model, grad_layers)
                              if grad_layers and not self.graph_from_input else None)
         self.num_classes, self.feature_dim = self.adapter.num_classes, self.adapter.feature_dim
@@ -125,7 +132,7 @@ class ExtractionPlan:
         return schema_layout(int(self.num_classes), int(self.feature_dim), self.plan, self.layer_shapes,
                              [tuple(p) for p in self.odin_passes], self.tracked,
                              self.maha["recipe"] if self.maha else None,
-                             ADASCALE_RECIPE if self.adascale else None)
+                             ADASCALE_RECIPE if self.adascale else None, IODIN_RECIPE if self.iodin else None)
 
     def bytes_per_image(self):
         """Uncompressed bytes one image adds to the cache (paths counted as 64 bytes)."""
@@ -147,6 +154,8 @@ class ExtractionPlan:
                          f"{sum(1 for _, e, _ in self.odin_passes if e != 0)} perturbed copies")
         if self.adascale:
             parts.append("AdaScale: 1 input-gradient backward + 1 forward of the perturbed input")
+        if self.iodin:
+            parts.append("iODIN: the ODIN input-gradient backward at T=1000 (shared) + 1 forward")
         if self.tracked:
             parts.append(f"gradient tracking: {self.num_classes} backward")
         if self.maha:
@@ -248,6 +257,7 @@ def cache_attrs(plan, provenance, n, device, world_size=1):
         **({"odin_std": plan.odin_std} if plan.odin_std else {}),
         **({"mahalanobis": plan.maha["recipe"]} if plan.maha else {}),
         **({"adascale": ADASCALE_RECIPE} if plan.adascale else {}),
+        **({"iodin": IODIN_RECIPE} if plan.iodin else {}),
         "world_size": world_size, **provenance.attrs(),
     }
     attrs["fingerprint"] = fingerprint(attrs)
@@ -375,6 +385,7 @@ def _extract_batch(model, recorder, captured, plan, x, labels):
     ``{dataset path: ndarray}``."""
     recorder.reset()
     odin_temps = sorted({t for t, e, _ in plan.odin_passes if e != 0})
+    grad_temps = sorted(set(odin_temps) | ({IODIN_RECIPE["temperature"]} if plan.iodin else set()))
     if plan.graph_from_input:
         x = x.detach().clone().requires_grad_(True)
         recorder.leaf = x
@@ -382,16 +393,16 @@ def _extract_batch(model, recorder, captured, plan, x, labels):
         logits = model(x)
         head_input = captured["x"].flatten(1)
         for i, objective in enumerate(plan.objectives):
-            last = i == len(plan.objectives) - 1 and not odin_temps and not plan.adascale
+            last = i == len(plan.objectives) - 1 and not grad_temps and not plan.adascale
             recorder.backward(objective, objective_value(objective, logits, head_input),
                               retain_graph=not last, truncate=plan.config.truncate_backward)
         recorder.objective = None
-        ada_grad = max_logit_gradient(logits, x, retain_graph=bool(odin_temps)) if plan.adascale else None
-        signs = {}
-        for j, t in enumerate(odin_temps):
+        ada_grad = max_logit_gradient(logits, x, retain_graph=bool(grad_temps)) if plan.adascale else None
+        grads = {}
+        for j, t in enumerate(grad_temps):
             loss = torch.nn.functional.cross_entropy(logits / t, logits.argmax(dim=1))
-            (grad,) = torch.autograd.grad(loss, x, retain_graph=j < len(odin_temps) - 1)
-            signs[t] = (grad >= 0).to(x.dtype) * 2 - 1
+            (grads[t],) = torch.autograd.grad(loss, x, retain_graph=j < len(grad_temps) - 1)
+        signs = {t: (grads[t] >= 0).to(x.dtype) * 2 - 1 for t in odin_temps}
     out = {"logits": logits.detach().float().cpu().numpy(),
            "features": head_input.detach().float().cpu().numpy()}
     for (source, layer, stat), value in recorder.records.items():
@@ -400,6 +411,11 @@ def _extract_batch(model, recorder, captured, plan, x, labels):
     try:
         if plan.odin_passes:
             out.update(_odin_outputs(model, x.detach(), logits.detach(), plan, signs))
+        if plan.iodin:
+            std = torch.tensor(plan.odin_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            with torch.no_grad():
+                z = model(iodin_perturbed(x.detach(), grads[IODIN_RECIPE["temperature"]], std))
+            out[IODIN_LOGITS] = z.float().cpu().numpy()
         if plan.adascale:
             with torch.no_grad():
                 model(perturbed(x.detach(), ada_grad))

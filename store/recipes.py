@@ -14,21 +14,24 @@ from .schema import CHANNEL_STATS, MAP, MODEL_FIELDS, OBJECTIVES, SOURCES, STATS
 # (``odin/<pass>/logits``, root attribute ``odin``), the per-sample weight-gradient norms
 # of gradient tracking (``tracking/norms``, root attribute ``tracked_parameters``), the
 # multi-layer Mahalanobis scores (``mahalanobis/...``, root attribute ``mahalanobis``),
-# AdaScale's perturbed features (``adascale/features``, root attribute ``adascale``).
+# AdaScale's perturbed features (``adascale/features``, root attribute ``adascale``),
+# iODIN's perturbed logits (``iodin/logits``, root attribute ``iodin``).
 PASSES = {
     "odin": "ODIN's perturbed forward pass (--odin T,EPS[,std])",
     "tracking": "K backward passes for the per-sample weight-gradient norms (gradient tracking)",
     "mahalanobis": "multi-layer input-preprocessed Mahalanobis scores (--maha-fit TRAIN_CACHE)",
     "adascale": "AdaScale's perturbed forward (the least max-logit-sensitive pixels moved; its features)",
+    "iodin": "iODIN's perturbed forward (ODIN's std-divided step at the one most sensitive input entry)",
 }
 _PASS_ATTR = {"odin": "odin", "tracking": "tracked_parameters", "mahalanobis": "mahalanobis",
-              "adascale": "adascale"}
+              "adascale": "adascale", "iodin": "iodin"}
 _PASS_HOW = {
     "odin": "no ODIN pass was recorded (extract with --score odin, --odin T,EPS)",
     "tracking": "no gradient-tracking norms were recorded (extract with --score tracking)",
     "mahalanobis": ("no multi-layer Mahalanobis scores were recorded (extract with --maha-fit "
                     "TRAIN_CACHE; the validation set also with --maha-adversarial)"),
     "adascale": "no AdaScale perturbed features were recorded (extract with --score adascale_a)",
+    "iodin": "no iODIN pass was recorded (extract with --score iodin)",
 }
 
 

@@ -106,6 +106,7 @@ ROOT_ATTRS = {
     "tracked_parameters": Attr(list, True, False, "parameter names in tracking/norms"),
     "mahalanobis": Attr(dict, True, False, "multi-layer Mahalanobis recipe (extract.mahalanobis)"),
     "adascale": Attr(dict, True, False, "AdaScale's input perturbation {o, step} (extract.adascale)"),
+    "iodin": Attr(dict, True, False, "iODIN's perturbation {temperature, epsilon} (extract.iodin)"),
     "batch_size": Attr(int, False, False, "rows per batch: batches are rows [k*B, (k+1)*B)"),
     "world_size": Attr(int, False, False, "processes of the (last) extraction run"),
     "n_skipped": Attr(int, False, False, "images that could not be read (--skip-bad)"),
@@ -160,6 +161,8 @@ DATASETS = {
                                               "the same for the row's pseudo-OOD copy"),
     "adascale/features": Dataset(("D",), "float32", True,
                                  "pooled penultimate vector of the AdaScale-perturbed input", "finite"),
+    "iodin/logits": Dataset(("K",), "float32", True, "logits of the iODIN-perturbed input (not divided by T)",
+                            "finite"),
 }
 REQUIRED_DATASETS = ("logits", "features", "labels", "paths", "skipped", "head/weight", "head/bias")
 STRING_DATASETS = ("paths", "skip_reasons", "content_hash")
@@ -167,6 +170,7 @@ TRACKING_PATH = "tracking/norms"
 MAHA_SCORES = "mahalanobis/scores"
 MAHA_ADVERSARIAL = "mahalanobis/adversarial_scores"
 ADASCALE_FEATURES = "adascale/features"
+IODIN_LOGITS = "iodin/logits"
 
 # What two caches must share to be compared, by what a score reads. ``model`` fields
 # apply to every comparison; the rest only when the score reads that part of the cache.
@@ -212,11 +216,12 @@ def odin_pairs(attrs):
     return [odin_pass(p) for p in attrs.get("odin") or []]
 
 
-def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), maha=None, adascale=None):
+def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), maha=None, adascale=None,
+           iodin=None):
     """``{dataset path: (row shape, numpy dtype name)}`` of every per-row dataset a cache
     with this plan holds, resolved from ``DATASETS``. ``odin``: [(T, eps, std_divided)];
     ``tracked``: parameter names; ``maha``: the Mahalanobis recipe or None; ``adascale``:
-    the AdaScale perturbation recipe or None."""
+    the AdaScale perturbation recipe or None; ``iodin``: the iODIN recipe or None."""
     sym = {"K": num_classes, "D": feature_dim, "P": len(tracked),
            "M": len((maha or {}).get("magnitudes", [])), "L": len((maha or {}).get("layers", []))}
 
@@ -244,6 +249,8 @@ def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), ma
             out[MAHA_ADVERSARIAL] = entry(MAHA_ADVERSARIAL)
     if adascale:
         out[ADASCALE_FEATURES] = entry(ADASCALE_FEATURES)
+    if iodin:
+        out[IODIN_LOGITS] = entry(IODIN_LOGITS)
     return out
 
 
@@ -270,7 +277,8 @@ def validate(attrs, datasets, where):
         raise CacheError(f"{where}: damaged cache, datasets missing: head/weight")
     k, d = attrs["num_classes"], datasets["head/weight"][0][1]
     want = layout(k, d, attrs["plan"], attrs["layer_shapes"], odin_pairs(attrs),
-                  attrs.get("tracked_parameters") or [], attrs.get("mahalanobis"), attrs.get("adascale"))
+                  attrs.get("tracked_parameters") or [], attrs.get("mahalanobis"), attrs.get("adascale"),
+                  attrs.get("iodin"))
     for optional in ("skip_reasons", "content_hash", MAHA_ADVERSARIAL):
         if optional not in datasets:
             want.pop(optional, None)

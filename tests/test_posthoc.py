@@ -605,3 +605,29 @@ def test_webo_weighted_energy(wrn, tmp_path):
     with CacheReader(te) as r:
         check(compute_score(r, "webo", weights=str(path)), expected.numpy())
         assert "webo.weights" in entry("webo").problems(r.attrs)[0]
+
+
+def test_iodin_one_entry_odin(wrn, tmp_path):
+    """OpenOOD's iodin_postprocessor: the cross-entropy of z / 1000 at the prediction, the
+    one input entry of largest |gradient| moved by 0.0014 against its std-divided sign,
+    the maximum softmax of the new logits over T."""
+    model, (_, _, test), _, _ = wrn
+    te = extract_tensor(model, "wrn_40_2", test, str(tmp_path / "test.h5"), ["iodin"], batch_size=8)
+    std = torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)      # the helper's normalisation std
+    x = test.clone().requires_grad_(True)
+    out = model(x)
+    F.cross_entropy(out / 1000, out.detach().argmax(1)).backward()
+    g = x.grad.detach()
+    flat = g.abs().view(len(x), -1)
+    mask = torch.zeros_like(flat, dtype=torch.uint8).scatter_(1, flat.argmax(1, keepdim=True), 1).view_as(g)
+    step = ((torch.ge(g, 0).float() - 0.5) * 2) / std
+    with torch.no_grad():
+        z = model(torch.add(x.detach(), step * mask, alpha=-0.0014)) / 1000
+    expected = torch.softmax(z.double(), 1).max(1).values
+    with CacheReader(te) as r:
+        got = compute_score(r, "iodin")
+    check(got, expected.numpy(), tol=1e-6)
+    # one entry per image moved: the scores differ from ODIN's (every entry moved) and from MSP
+    with torch.no_grad():
+        msp = torch.softmax(model(test).double() / 1000, 1).max(1).values
+    assert not np.allclose(got, msp.numpy(), rtol=0, atol=1e-12)

@@ -5,4 +5,4 @@ from . import gaia, gradnorm, nac, tracking, gradients  # noqa: F401
 from .baselines import (msp, maxlogit, energy, odin, mahalanobis, react, ash, knn, vim,  # noqa: F401
                         mahalanobis_ens, entropy, gen, scale, dice, fdbd, nnguide, rmds, klm, she,
                         neco, relation, nusa, tempscale, rankfeat, nci, pnml, lts, multimahalanobis, openmax, vra, cfood,
-                        mcdropout, gram, adascale, webo)
+                        mcdropout, gram, adascale, webo, iodin)
