@@ -152,7 +152,7 @@ def missing(needs, passes, attrs):
                    else f"stored by the score's extraction, or --store {absent[0]}=stats")
             problems.append(f"{source}/{stat} missing for {len(absent)} layer(s) of {set_name!r}, "
                             f"e.g. {absent[0]} ({how})")
-    return problems
+    return list(dict.fromkeys(problems))      # one line per distinct problem
 
 
 def comparable(attrs, needs=(), passes=()):
