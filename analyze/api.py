@@ -119,9 +119,8 @@ def _request(cache_dirs, id, scores, ood, benchmark, arch, fit_on, params, compa
     with the presets' parameters merged and the scores the caches cannot serve split off
     (an explicit one raises; the others come back as notes)."""
     names, explicit = score_names(scores)
-    for pair in compare:
+    for pair in compare:        # compared scores must be computed (run_evaluation refuses otherwise)
         names += [n for n in pair if n not in names]
-        explicit += [n for n in pair if n not in explicit]
     params = {s: dict(p) for s, p in (params or {}).items()}
     first = cache_dirs[0] if cache_dirs else None
     probe = Engine(first, id or (preset_of(benchmark).id if benchmark else ""), fit_on)

@@ -116,7 +116,7 @@ def test_every_readme_command_runs(workdir):
             for line in commands(body):
                 kind = run_line(line, names, base)
                 ran[kind] = ran.get(kind, 0) + 1
-    assert ran["pipeline"] >= 15 and ran["python"] == 2 and ran["make"] >= 7, ran
+    assert ran["pipeline"] >= 15 and ran["python"] == 3 and ran["make"] >= 7, ran
     assert os.path.exists(base / "caches" / "python" / "random.h5")
     assert os.path.exists(os.path.join(names["OUT"], "margin", "noise.csv")) is False  # OUT holds the OpenOOD run
     assert os.path.exists(os.path.join(names["OUT"], "gaia_z"))
