@@ -66,7 +66,10 @@ def run_pipeline(args, names, cwd):
     args = [re.sub(r"=(DIR_ID|DIR_OOD|DIR_TRAIN)$", lambda m: "=" + names[m.group(1)], a) for a in args]
     if args[0] == "extract" and "--dry-run" not in args:
         # training caches keep enough rows for full-rank covariances (ResNet-18 stages: 512)
-        args += ["--limit", "600" if "train" in args else "60", "--quiet"]
+        # and the multi-layer Mahalanobis pass (~60 forward passes an image) reads only the
+        # 40 images (2 m) that the README's mahalanobis_ens.m=20 needs
+        limit = "600" if "train" in args else ("40" if "--maha-fit" in args else "60")
+        args += ["--limit", limit, "--quiet"]
     old = os.getcwd()
     os.chdir(cwd)
     try:
