@@ -270,10 +270,9 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     _load_plugins(plugins)
     scores = scores or ("all",)
     try:
-        names, _ = score_names(scores)
+        names, _ = score_names([*scores, *compare])      # compared scores are requested too
     except ScoreError as err:
         _fail(err)
-    names += [n.strip() for c in compare for n in c.split(",") if n.strip() and n.strip() not in names]
     params = _parse_params(param_items, None if "all" in ",".join(scores) else names)
     members = [d.strip() for d in (checkpoint_dirs or "").split(",") if d.strip()]
     try:

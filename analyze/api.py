@@ -8,7 +8,7 @@ command line calls: ``pipeline.py analyze`` is ``evaluation`` (or
     s = analyze.score("caches/demo-resnet18", "digits", "gaia_z")       # (N,) float64
     s = analyze.score(cache_dir, "noise", "knn", id="digits", k=10)
     df = analyze.evaluate("caches/demo-resnet18", id="digits", scores=["gaia_z", "msp"])
-    ev = analyze.evaluation("caches/demo-resnet18", id="digits")      # an Evaluation
+    ev = analyze.api.evaluation("caches/demo-resnet18", id="digits")  # an Evaluation
     print(ev.to_latex())
 
 Scores are oriented higher = more in-distribution; rows are in dataset order and include
@@ -115,9 +115,9 @@ def default_ood_sets(cache_dir, id_name, exclude=()):
 
 
 def _request(cache_dirs, id, scores, ood, benchmark, arch, fit_on, params, compare):
-    """The parts every evaluation shares: ``(cache_dir, id, ood, names, explicit, params)``
-    with the presets' parameters merged and the scores the caches cannot serve split off
-    (an explicit one raises; the others come back as notes)."""
+    """The parts every evaluation shares: ``(cache_dir, id, ood, names, explicit, params,
+    notes)`` with the presets' parameters merged and the scores the caches cannot serve
+    split off (an explicit one raises; the others come back as notes)."""
     names, explicit = score_names(scores)
     for pair in compare:        # compared scores must be computed (run_evaluation refuses otherwise)
         names += [n for n in pair if n not in names]
