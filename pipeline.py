@@ -16,13 +16,24 @@ import re
 import sys
 import time
 
+if __name__ == "__main__" and not __package__:
+    # ``python pipeline.py`` from a checkout that is not installed: the checkout is the
+    # package ``gradood`` (setup.cfg maps the repository root to it).
+    import importlib.util
+    if importlib.util.find_spec("gradood") is None:
+        _root = os.path.dirname(os.path.abspath(__file__))
+        _spec = importlib.util.spec_from_file_location("gradood", os.path.join(_root, "__init__.py"),
+                                                       submodule_search_locations=[_root])
+        sys.modules["gradood"] = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(sys.modules["gradood"])
+
 import click
 
-from analyze.metrics import CONVENTIONS
-from analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
-from store.benchmarks import BENCHMARKS, preset_params
-from store.recipes import BATCH_SIZE, HOOK_SETS, split_selector
-from store.schema import POLICIES, CacheError
+from gradood.analyze.metrics import CONVENTIONS
+from gradood.analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
+from gradood.store.benchmarks import BENCHMARKS, preset_params
+from gradood.store.recipes import BATCH_SIZE, HOOK_SETS, split_selector
+from gradood.store.schema import POLICIES, CacheError
 
 ERRORS = (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError, ScoreError)
 
@@ -57,7 +68,7 @@ def _terminate_as_interrupt():
 def _extract_stage():
     """``extract.cli_support``, or a one-line error when PyTorch is not installed."""
     try:
-        from extract import cli_support
+        from gradood.extract import cli_support
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] in ("torch", "torchvision", "PIL"):
             _fail(f"extraction needs PyTorch ({err.name} is not installed): pip install "
@@ -83,7 +94,7 @@ def _load_plugins(plugins):
 def _parse_scores(items, all_means):
     """Score names from repeatable, comma-separated --score values (``analyze.api.score_names``);
     ``all`` = ``all_means``."""
-    from analyze.api import score_names
+    from gradood.analyze.api import score_names
     try:
         return score_names(items, every=all_means)[0] if items else []
     except ScoreError as err:
@@ -164,7 +175,7 @@ def cli():
 @click.option("--hook", "hooks", multiple=True, help=f"Hook set ({', '.join(HOOK_SETS)}) or module name to record besides what the scores need (with --policy/--store). Repeatable.")
 @click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = every score (mahalanobis_ens only with --maha-fit). Repeatable. [default: every score marked default, see `pipeline.py scores`; with --split train the default scores fitted on training data, which is what a training cache serves]")
 @click.option("--param", "param_items", multiple=True, help="Score parameter that changes what is recorded, SCORE.NAME=VALUE (e.g. nac.layers=avgpool,layer3). Repeatable.")
-@click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (analyze.register_score); their needs are recorded. Repeatable.")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (from gradood.analyze import register_score); their needs are recorded. Repeatable.")
 @click.option("--policy", default="scores", type=click.Choice(list(POLICIES)), show_default=True, help="Storage policy of every hooked layer (scores: only what the scores read; pooled; stats; raw = full maps).")
 @click.option("--store", "store_overrides", multiple=True, help="Per-layer policy, LAYER=POLICY (e.g. layer4=raw). Repeatable.")
 @click.option("--odin", "odin_pairs", multiple=True, help="ODIN pass T,EPS (GradNorm release: sign gradient) or T,EPS,std (original ODIN and OpenOOD: sign gradient divided by the normalisation std). Repeatable. [default: the preset's, else 1000,0.0014]")
@@ -226,7 +237,7 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
 # ----------------------------------------------------------------------------- analyze
 def _caches(bench, arch, cache_dir, id_name, ood_names):
     """(cache_dir, id_name, ood_names) from a preset and/or explicit options."""
-    from analyze.api import resolve_caches
+    from gradood.analyze.api import resolve_caches
     try:
         return resolve_caches(cache_dir, id_name, ood_names, bench, arch)
     except ScoreError as err:
@@ -241,7 +252,7 @@ def _caches(bench, arch, cache_dir, id_name, ood_names):
 @click.option("--ood", "ood_names", multiple=True, help="OOD cache names. [default: every other cache in the folder, training, fitting and validation caches excluded]")
 @click.option("--score", "scores", multiple=True, help="Scores (see `pipeline.py scores`), or all: every score all the caches can serve (the others are listed with what they lack). Repeatable. [default: all]")
 @click.option("--param", "param_items", multiple=True, help="Score parameter, SCORE.NAME=VALUE (e.g. react.percentile=95, knn.k=100, odin.temperature=1000, nac.layers=avgpool,layer3). Repeatable.")
-@click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (analyze.register_score). Repeatable.")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (from gradood.analyze import register_score). Repeatable.")
 @click.option("--fit-on", default=None, help="Training cache for the scores fitted on training data (Mahalanobis, ReAct, KNN, ViM, NAC-UE, ...). [default: <id>_train]")
 @click.option("--metrics", "convention", default="sklearn", type=click.Choice(list(CONVENTIONS)), show_default=True, help="Metric convention: ID positive as the GradNorm release (scikit-learn) or the GAIA release, or OOD positive as OpenOOD v1.5.")
 @click.option("--tune-on", default=None, help="OOD validation cache: choose each score's hyperparameters (its sweep grid) by AUROC against the ID validation cache, as OpenOOD's parameter search, then report the test sets with them.")
@@ -265,8 +276,8 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     treat ID as the positive class. Fitted scores are fitted once on their fitting cache;
     the fitted attributes are kept in RESULTS/fitted/ and reused.
     """
-    from analyze.api import checkpoint_evaluation, evaluation, resolve_caches, score_names
-    from analyze.report import default_results_dir, write_checkpoints_report, write_report, write_scores_csv
+    from gradood.analyze.api import checkpoint_evaluation, evaluation, resolve_caches, score_names
+    from gradood.analyze.report import default_results_dir, write_checkpoints_report, write_report, write_scores_csv
     _load_plugins(plugins)
     scores = scores or ("all",)
     try:
@@ -310,7 +321,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
             write_scores_csv(ev, scores_out)
         figures = []
         if plots:
-            from analyze.plots import method_comparison, roc_curves, score_histograms
+            from gradood.analyze.plots import method_comparison, roc_curves, score_histograms
             figures = (score_histograms(ev, os.path.join(out, "plots")) + roc_curves(ev, os.path.join(out, "plots"))
                        + method_comparison(ev, os.path.join(out, "plots")))
     except KeyboardInterrupt as err:
@@ -350,8 +361,8 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
     keyword parameters. The published configurations are always included and marked.
     Writes sweep.md / .csv / .json.
     """
-    from analyze.report import default_results_dir, plain
-    from analyze.sweep import load_grid_file, parse_grid_text, run_sweep, sweep_table, write_sweep
+    from gradood.analyze.report import default_results_dir, plain
+    from gradood.analyze.sweep import load_grid_file, parse_grid_text, run_sweep, sweep_table, write_sweep
     _load_plugins(plugins)
     try:
         cache_dir, id_name, ood_names = _caches(bench, arch, cache_dir, id_name, ood_names)
@@ -367,7 +378,7 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
         path = write_sweep(result, out)
         figures = []
         if plots:
-            from analyze.plots import layer_contribution
+            from gradood.analyze.plots import layer_contribution
             figures = layer_contribution(result, out)
     except KeyboardInterrupt as err:
         _interrupted(err)
@@ -395,7 +406,7 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
 @click.argument("cache_file", type=click.Path())
 def inspect(cache_file):
     """Readable summary of a cache: provenance, layers, stored statistics, sizes."""
-    from store.inspect import summary
+    from gradood.store.inspect import summary
     try:
         click.echo(summary(cache_file))
     except ERRORS as err:
@@ -421,7 +432,7 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
       pipeline.py scores --arch torchvision:vit_b_16
     """
     _load_plugins(plugins)
-    from analyze.report import plain
+    from gradood.analyze.report import plain
     names = list(all_entries())
     if arch or model_file:
         stage = _extract_stage()
@@ -453,8 +464,8 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
     note]`` on a random-weight copy of the model, traced at ``image_size``; ``stage``:
     ``extract.cli_support``. The one place that joins what a score reads (analysis) with
     what the model has (extraction)."""
-    from extract.adapters import adapter_for
-    from extract.adapters.serves import model_attrs, unserved
+    from gradood.extract.adapters import adapter_for
+    from gradood.extract.adapters.serves import model_attrs, unserved
     model = stage.build_model(arch, num_classes, model_file)
     adapter = adapter_for(model, (3, image_size, image_size), head, stage.parse_hook_sets(hook_sets))
     rows = []

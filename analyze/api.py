@@ -2,7 +2,7 @@
 command line calls: ``pipeline.py analyze`` is ``evaluation`` (or
 ``checkpoint_evaluation``) plus printing and writing files.
 
-    import analyze
+    from gradood import analyze
     with analyze.open_cache("caches/demo-resnet18/digits.h5") as c:   # c.attrs, c.n_samples
         ...
     s = analyze.score("caches/demo-resnet18", "digits", "gaia_z")       # (N,) float64
@@ -17,9 +17,9 @@ fitted by the engine's rule (``analyze.engine``): ``fit_on``, else ``<id>_train`
 """
 import os
 
-from store.benchmarks import benchmark as preset_of
-from store.benchmarks import is_fitting_or_validation, ood_sets, preset_params, val_cache_name
-from store.reader import CacheReader, cache_path, default_cache_dir
+from gradood.store.benchmarks import benchmark as preset_of
+from gradood.store.benchmarks import is_fitting_or_validation, ood_sets, preset_params, val_cache_name
+from gradood.store.reader import CacheReader, cache_path, default_cache_dir
 
 from .engine import Engine
 from .evaluation import check_ood_sets, run_evaluation

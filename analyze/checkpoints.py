@@ -17,8 +17,8 @@ import os
 
 import numpy as np
 
-from store.reader import CacheReader, cache_path
-from store.schema import CacheError
+from gradood.store.reader import CacheReader, cache_path
+from gradood.store.schema import CacheError
 
 from .evaluation import run_evaluation
 from .results import CheckpointsEvaluation

@@ -8,8 +8,8 @@ extraction plans and cache comparisons rely on.
 """
 import numpy as np
 
-from store.recipes import holds, layers_of
-from store.schema import ADASCALE_FEATURES, GRAM_STATS, IODIN_LOGITS, odin_label, MAHA_ADVERSARIAL, MAHA_SCORES, MAP, STATS, TRACKING_PATH, CacheError, odin_pairs, odin_path, stat_path
+from gradood.store.recipes import holds, layers_of
+from gradood.store.schema import ADASCALE_FEATURES, GRAM_STATS, IODIN_LOGITS, odin_label, MAHA_ADVERSARIAL, MAHA_SCORES, MAP, STATS, TRACKING_PATH, CacheError, odin_pairs, odin_path, stat_path
 
 
 class CacheData:

@@ -22,10 +22,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from store.benchmarks import train_cache_name
-from store.reader import CacheReader, cache_path
-from store.recipes import missing as lacks
-from store.schema import CacheError
+from gradood.store.benchmarks import train_cache_name
+from gradood.store.reader import CacheReader, cache_path
+from gradood.store.recipes import missing as lacks
+from gradood.store.schema import CacheError
 
 from .fitting import FitStore, check_compatible, score_cache
 from .registry import ScoreCrash, ScoreError, entry

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from store.benchmarks import groups_of
-from store.reader import CacheReader
-from store.schema import CacheError
+from gradood.store.benchmarks import groups_of
+from gradood.store.reader import CacheReader
+from gradood.store.schema import CacheError
 
 from .engine import Engine
 from .fitting import check_compatible

@@ -10,9 +10,9 @@ import os
 
 import numpy as np
 
-from store.reader import BLOCK_ROWS, CacheReader
-from store.recipes import comparable, layers_of
-from store.schema import CacheError, differing
+from gradood.store.reader import BLOCK_ROWS, CacheReader
+from gradood.store.recipes import comparable, layers_of
+from gradood.store.schema import CacheError, differing
 
 from .data import CacheData
 from .registry import ScoreCrash, ScoreError, entry

@@ -24,11 +24,12 @@ import os
 import sys
 from typing import Callable, NamedTuple, Optional
 
-from store.recipes import PASSES, check_needs, missing
+from gradood.store.recipes import PASSES, check_needs, missing
 
 SCORES = {}
 ALIASES = {}
 _PLUGIN_DIGESTS = {}      # plugin path -> SHA-256 of the file as last loaded
+_BUILTIN_PREFIX = __name__.rpartition(".")[0] + "."     # "gradood.analyze.": built-in scores live below it
 
 
 class ScoreError(ValueError):
@@ -190,7 +191,7 @@ def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_o
         old = SCORES.get(name)
         same = old is not None and (old.impl.__module__, old.impl.__qualname__) == (impl.__module__, impl.__qualname__)
         # a plugin may replace another plugin's score (the last one loaded wins); built-ins stay
-        by_plugin = old is not None and old.plugin is not None and not impl.__module__.startswith("analyze.")
+        by_plugin = old is not None and old.plugin is not None and not impl.__module__.startswith(_BUILTIN_PREFIX)
         if old is not None and not (replace or same or by_plugin):
             raise ValueError(f"a score named {name!r} is already registered "
                              f"({SCORES[name].plugin or 'built in'}); choose another name")
@@ -213,7 +214,7 @@ def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_o
                 if key not in params:
                     raise ValueError(f"score {name}: grid key {key!r} is not a parameter ({', '.join(params)})")
         plugin = getattr(sys.modules.get(impl.__module__), "__file__", None)
-        builtin = impl.__module__.startswith("analyze.")
+        builtin = impl.__module__.startswith(_BUILTIN_PREFIX)
         SCORES[name] = ScoreEntry(
             name=name, title=title or name, reference=reference, impl=impl,
             needs=needs if callable(needs) else [tuple(n) for n in needs], passes=tuple(passes),
@@ -314,7 +315,7 @@ def load_plugin(path):
         SCORES[n] = SCORES[n]._replace(plugin=path)
     if not added:
         raise ScoreError(f"plugin {path} registered no score (decorate a function or class with "
-                         "@analyze.register_score)")
+                         "@register_score, from gradood.analyze import register_score)")
     return added
 
 
@@ -324,4 +325,4 @@ _BUILTINS_LOADED = []
 def _load_builtins():
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED.append(True)
-        importlib.import_module("analyze.scores")
+        importlib.import_module(_BUILTIN_PREFIX + "scores")

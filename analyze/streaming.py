@@ -151,7 +151,7 @@ def kth_nearest(queries, bank_chunks, k):
 def class_moments(data, get=lambda block: block.features):
     """``store.gaussian.ClassMoments`` of the vectors ``get(block)`` (n_b, D) labelled by the
     blocks' labels, accumulated block by block."""
-    from store.gaussian import ClassMoments
+    from gradood.store.gaussian import ClassMoments
     moments = ClassMoments()
     for block in data.blocks():
         if block.n:

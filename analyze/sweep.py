@@ -25,8 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from store.benchmarks import preset_params, train_cache_name
-from store.reader import CacheReader, cache_path
+from gradood.store.benchmarks import preset_params, train_cache_name
+from gradood.store.reader import CacheReader, cache_path
 
 from .engine import Engine, is_crash
 from .evaluation import check_not_constant, check_ood_sets

@@ -9,8 +9,8 @@ defaults are always candidates, first. Test sets are never looked at.
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from store.reader import CacheReader, cache_path
-from store.schema import CacheError
+from gradood.store.reader import CacheReader, cache_path
+from gradood.store.schema import CacheError
 
 from .engine import Engine, is_crash
 from .fitting import check_same_model

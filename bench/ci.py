@@ -19,10 +19,10 @@ sys.path.insert(0, ROOT)
 
 
 def main():
-    from analyze.api import default_ood_sets
-    from analyze.engine import Engine
-    from analyze.evaluation import run_evaluation
-    from analyze.registry import all_entries
+    from gradood.analyze.api import default_ood_sets
+    from gradood.analyze.engine import Engine
+    from gradood.analyze.evaluation import run_evaluation
+    from gradood.analyze.registry import all_entries
     cache_dir = os.path.join(ROOT, "caches", "demo-resnet18")
     if not os.path.exists(os.path.join(cache_dir, "digits.h5")):
         subprocess.run([sys.executable, "pipeline.py", "demo", "--extract-only", "--cache-dir", cache_dir],

@@ -33,7 +33,7 @@ def compare_caches(cpu_path, gpu_path, scores=SCORES):
     import h5py
 
     from helpers import compute_score
-    from store.reader import CacheReader
+    from gradood.store.reader import CacheReader
     out = {"scores": {}, "counts": {"entries": 0, "differing": 0, "max_abs": 0, "by_layer": {}}}
     with CacheReader(cpu_path) as a, CacheReader(gpu_path) as b:
         for score in scores:
@@ -71,7 +71,7 @@ def main(argv=None):
         print("bench/devices.py: no CUDA device on this machine; run it where `nvidia-smi` "
               "lists a GPU", file=sys.stderr)
         return 2
-    from extract.runner import select_device
+    from gradood.extract.runner import select_device
     gpu = select_device(args.device)
     images, _, image_note = _load_images(torch, args.images)
     model, model_note, sha = _load_model(torch)

@@ -24,12 +24,12 @@ def measure(arch, n_images, batch_size, side, device):
     """``{arch, served, refused, forward_ips, extract_ips, ...}`` for one model."""
     import torch
 
-    from analyze.registry import default_scores, requirements
-    from extract import ExtractConfig, Provenance, extract_to_cache
-    from extract.adapters import adapter_for
-    from extract.adapters.serves import unserved
-    from extract.models import build_model
-    from extract.runner import as_image_set
+    from gradood.analyze.registry import default_scores, requirements
+    from gradood.extract import ExtractConfig, Provenance, extract_to_cache
+    from gradood.extract.adapters import adapter_for
+    from gradood.extract.adapters.serves import unserved
+    from gradood.extract.models import build_model
+    from gradood.extract.runner import as_image_set
 
     torch.manual_seed(0)
     model = build_model(arch, 1000).to(device).requires_grad_(False)

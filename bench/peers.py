@@ -58,11 +58,11 @@ def main():
     import numpy as np
     import torch
     import torch.nn as nn
-    from extract import datasets as D
-    from extract.checkpoint import load_checkpoint
-    from extract.models import build_model
+    from gradood.extract import datasets as D
+    from gradood.extract.checkpoint import load_checkpoint
+    from gradood.extract.models import build_model
     from helpers import compute_score, extract_tensor, fit_score
-    from store.reader import CacheReader
+    from gradood.store.reader import CacheReader
     torch.Tensor.cuda = lambda self, *a, **k: self          # the releases call .cuda(); this machine has none
     work = tempfile.mkdtemp()
     openood_package(args.openood, work)
@@ -132,7 +132,7 @@ def main():
                            extract_tensor(model, "resnet18", test, os.path.join(work, f"{key}_test.h5"), [key],
                                           batch_size=100))
         with CacheReader(caches[key][0]) as t, CacheReader(caches[key][1]) as r:
-            from analyze.registry import entry
+            from gradood.analyze.registry import entry
             fitted = fit_score(t, score, **params) if entry(score).fitted else None
             return compute_score(r, score, fitted, **params)
 

@@ -64,9 +64,9 @@ def child_analyse(path):
     Runs in a fresh interpreter that imports only ``store`` and ``analyze`` (no torch), so
     its peak memory is that of the analysis alone.
     """
-    from analyze.fitting import score_cache
-    from analyze.registry import entry
-    from store.reader import CacheReader
+    from gradood.analyze.fitting import score_cache
+    from gradood.analyze.registry import entry
+    from gradood.store.reader import CacheReader
     out = {"scores": {}}
     start = time.perf_counter()
     with CacheReader(path) as reader:
@@ -111,7 +111,7 @@ def _load_images(torch, n):
     present (their labels; -1 for OOD folders), else random tensors (labels i % 10)."""
     root = os.path.join(ROOT, "data", "demo")
     if os.path.isdir(os.path.join(root, "digits", "test")):
-        from extract.datasets import build_transform, open_dataset
+        from gradood.extract.datasets import build_transform, open_dataset
         transform, _ = build_transform("demo")
         images, labels, used = [], [], []
         for rel in ("digits/test", "digits/train", "photo_patches", "textures", "shapes", "noise"):
@@ -133,8 +133,8 @@ def _load_images(torch, n):
 
 def _load_model(torch):
     """(model in eval mode, description): the demo checkpoint when present."""
-    from extract.checkpoint import load_checkpoint
-    from extract.models import build_model
+    from gradood.extract.checkpoint import load_checkpoint
+    from gradood.extract.models import build_model
     from helpers import randomize_norms
     model = build_model(ARCH, 10)
     ckpt = os.path.join(ROOT, "checkpoints", "demo_resnet18.pt")
@@ -149,8 +149,8 @@ def _load_model(torch):
 def _extract(model, images, cache_file, scores, policies, batch_size, device, sha, truncate=True, labels=None,
              params=None):
     """Our extraction of ``images`` into ``cache_file`` (``extract.extract_to_cache``, on ``device``)."""
-    from analyze import requirements
-    from extract import ExtractConfig, Provenance, ExtractionPlan, extract_to_cache
+    from gradood.analyze import requirements
+    from gradood.extract import ExtractConfig, Provenance, ExtractionPlan, extract_to_cache
     from helpers import image_set
     needs, passes = requirements(scores, params)
     policies = dict(policies)
@@ -169,9 +169,9 @@ def _extract(model, images, cache_file, scores, policies, batch_size, device, sh
 
 def _recipe_estimate(torch, arch, num_classes, image_shape, odin, device):
     """Uncompressed bytes per image of ``extract`` with the default scores and policy ``scores``."""
-    from analyze.registry import default_scores, requirements
-    from extract import ExtractConfig, ExtractionPlan
-    from extract.models import build_model
+    from gradood.analyze.registry import default_scores, requirements
+    from gradood.extract import ExtractConfig, ExtractionPlan
+    from gradood.extract.models import build_model
     model = build_model(arch, num_classes).to(device).eval().requires_grad_(False)
     scores = default_scores()
     needs, passes = requirements(scores)
@@ -222,9 +222,9 @@ def pytorch_ood_comparison(torch, model, train, train_labels, test, bs, device, 
     except ImportError:
         return None
     import pytorch_ood
-    from analyze.fitting import fit_estimator, score_cache
-    from analyze.registry import entry
-    from store.reader import CacheReader
+    from gradood.analyze.fitting import fit_estimator, score_cache
+    from gradood.analyze.registry import entry
+    from gradood.store.reader import CacheReader
 
     def features(x):
         captured = {}
@@ -296,8 +296,8 @@ def build_big_cache(src_path, dst_path, target_bytes, variants=8, noise=1e-3, se
     """
     import h5py
 
-    from store.schema import STRING_DATASETS
-    from store.writer import _attr_value, _create_rows_dataset
+    from gradood.store.schema import STRING_DATASETS
+    from gradood.store.writer import _attr_value, _create_rows_dataset
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     with h5py.File(src_path, "r") as src:
@@ -436,11 +436,11 @@ def main(argv=None):
     import torch
 
     import authors_reference as ref
-    from analyze.registry import default_scores
-    from extract.runner import select_device
+    from gradood.analyze.registry import default_scores
+    from gradood.extract.runner import select_device
     from helpers import compute_score, rel_err
-    from store.benchmarks import benchmark
-    from store.reader import CacheReader
+    from gradood.store.benchmarks import benchmark
+    from gradood.store.reader import CacheReader
 
     device = select_device(args.device)
     timed = _timer(torch, device)
@@ -556,8 +556,8 @@ def main(argv=None):
     _extract(model, images_cpu, f, default_scores(), {}, bs, device, sha)
     every = {}
     with CacheReader(f) as reader, CacheReader(train_cache) as tr:
-        from analyze.fitting import fit_estimator, score_cache
-        from analyze.registry import entry
+        from gradood.analyze.fitting import fit_estimator, score_cache
+        from gradood.analyze.registry import entry
         for s in default_scores():
             t = time.perf_counter()
             e = entry(s)

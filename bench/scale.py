@@ -35,10 +35,10 @@ ID, OODS = "imagenet_syn", ("ood_near_syn", "ood_far_syn")
 
 def _child(args):
     """Fit one score on the training cache and score the test caches; print JSON."""
-    from analyze.fitting import fit_estimator, score_cache
-    from analyze.metrics import ood_metrics
-    from analyze.registry import entry
-    from store.reader import CacheReader, cache_path
+    from gradood.analyze.fitting import fit_estimator, score_cache
+    from gradood.analyze.metrics import ood_metrics
+    from gradood.analyze.registry import entry
+    from gradood.store.reader import CacheReader, cache_path
     name, folder, train = args.child, args.dir, args.train
     params = json.loads(args.params or "{}")
     e = entry(name)
@@ -88,7 +88,7 @@ def measured(cmd):
 def read_throughput(path):
     """MB/s reading the features of ``path`` block by block, today's layout and gzip."""
     import h5py
-    from store.reader import CacheReader
+    from gradood.store.reader import CacheReader
     out = {}
     with CacheReader(path) as r:
         x = r.read("features", 0, r.n_samples)
@@ -127,8 +127,8 @@ def main():
     args = ap.parse_args()
     if args.child:
         return _child(args)
-    from store.reader import cache_path
-    from store.synthetic import write_synthetic
+    from gradood.store.reader import cache_path
+    from gradood.store.synthetic import write_synthetic
     import threadpoolctl
     blas = [{k: i.get(k) for k in ("internal_api", "architecture", "num_threads", "version")}
             for i in threadpoolctl.threadpool_info() if i.get("user_api") == "blas"]

@@ -5,7 +5,7 @@ layout is fixed by :mod:`store.schema`.
 
 From Python::
 
-    from extract import ExtractConfig, Provenance, extract_to_cache
+    from gradood.extract import ExtractConfig, Provenance, extract_to_cache
     needs, passes = analyze.requirements(["gaia_z", "msp"])
     extract_to_cache(model, dataset, "caches/x/set.h5",
                      ExtractConfig(arch="resnet18", needs=needs, passes=passes),

@@ -13,11 +13,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from store.benchmarks import TRAIN_SUFFIX, benchmark, train_cache_name
-from store.reader import cache_path, default_cache_dir
-from store.recipes import BATCH_SIZE, comparable, layers_of, missing
-from store.schema import POLICIES, CacheError, differing, odin_name, odin_pairs, odin_pass
-from store.writer import parts_dir, run_identity
+from gradood.store.benchmarks import TRAIN_SUFFIX, benchmark, train_cache_name
+from gradood.store.reader import cache_path, default_cache_dir
+from gradood.store.recipes import BATCH_SIZE, comparable, layers_of, missing
+from gradood.store.schema import POLICIES, CacheError, differing, odin_name, odin_pairs, odin_pass
+from gradood.store.writer import parts_dir, run_identity
 
 from . import datasets as D
 from .checkpoint import load_checkpoint
@@ -212,7 +212,7 @@ def check_existing(target, attrs, overwrite, log, needs=(), passes=(), scores=()
         os.remove(target)
         log(f"{attrs['dataset']}: --overwrite: removed {target}")
         return False
-    from store.reader import CacheReader
+    from gradood.store.reader import CacheReader
     try:
         with CacheReader(target) as r:
             old = r.attrs
@@ -343,7 +343,7 @@ def _extract_one(req, shard, model, plan, config, spec, transform, description,
 
 
 def _count_skipped(path):
-    from store.reader import CacheReader
+    from gradood.store.reader import CacheReader
     with CacheReader(path) as r:
         return int(r.attrs.get("n_skipped", 0))
 
@@ -355,9 +355,9 @@ def _maha_setup(adapter, weights, preprocess, device, req):
     modules of ``--hook-set nac=...``) are fitted on the ``--maha-fit`` cache, which must
     come from the same weights and preprocessing.
     """
-    from store.gaussian import fit_layer_gaussians
-    from store.reader import CacheReader
-    from store.schema import differing, identity
+    from gradood.store.gaussian import fit_layer_gaussians
+    from gradood.store.reader import CacheReader
+    from gradood.store.schema import differing, identity
 
     from .mahalanobis import ADV_NOISE, RELEASE_MAGNITUDES, LayerGaussians
     layers = adapter.hook_set("nac")

@@ -12,8 +12,8 @@ cache's root attributes.
 from dataclasses import dataclass, field
 from typing import Optional
 
-from store.recipes import BATCH_SIZE, PASSES, check_needs
-from store.schema import POLICIES, odin_pass
+from gradood.store.recipes import BATCH_SIZE, PASSES, check_needs
+from gradood.store.schema import POLICIES, odin_pass
 
 ODIN_DEFAULT = ((1000.0, 0.0014, False),)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
-from store.benchmarks import WHERE_TO_GET, WHERE_TO_GET_OPENOOD
+from gradood.store.benchmarks import WHERE_TO_GET, WHERE_TO_GET_OPENOOD
 
 # Evaluation transforms. CIFAR constants from GAIA's data/datasets.py; BiT ImageNet from
 # GradNorm's test_ood.py (Resize 480x480, Normalize 0.5/0.5); torchvision models use their

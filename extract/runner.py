@@ -20,13 +20,13 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from store.recipes import build_plan, objectives_for
-from store.recipes import hook_names as hook_names_of
-from store.recipes import layers_of, split_selector
-from store.schema import odin_label
-from store.schema import ADASCALE_FEATURES, IODIN_LOGITS, MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
-from store.schema import layout as schema_layout
-from store.writer import BackgroundWriter, CacheWriter
+from gradood.store.recipes import build_plan, objectives_for
+from gradood.store.recipes import hook_names as hook_names_of
+from gradood.store.recipes import layers_of, split_selector
+from gradood.store.schema import odin_label
+from gradood.store.schema import ADASCALE_FEATURES, IODIN_LOGITS, MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
+from gradood.store.schema import layout as schema_layout
+from gradood.store.writer import BackgroundWriter, CacheWriter
 
 from . import hooks as H
 from .distributed import Shard, grid_batches

@@ -1,5 +1,3 @@
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+"""Shared test configuration. The package under test is ``gradood`` as installed
+(``make install``: an editable install of this checkout); ``helpers`` and
+``authors_reference`` sit beside the tests (pytest puts this folder on ``sys.path``)."""

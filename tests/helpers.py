@@ -4,18 +4,18 @@ import os
 import numpy as np
 import torch
 
-from analyze.fitting import fit_estimator, fitted_state, restore, score_cache
-from analyze.registry import entry, requirements
-from extract import ExtractConfig, Provenance, extract_to_cache
-from extract.datasets import ImageSet
-from store.reader import CacheReader
+from gradood.analyze.fitting import fit_estimator, fitted_state, restore, score_cache
+from gradood.analyze.registry import entry, requirements
+from gradood.extract import ExtractConfig, Provenance, extract_to_cache
+from gradood.extract.datasets import ImageSet
+from gradood.store.reader import CacheReader
 
 
 def demo_workspace(base):
     """The demo images under ``base/data`` and a random demo-layout checkpoint
     ``base/model.pt`` (CIFAR ResNet-18 with random norm layers); returns (data, ckpt)."""
-    from extract.demo_data import build_demo_data
-    from extract.models import build_model
+    from gradood.extract.demo_data import build_demo_data
+    from gradood.extract.models import build_model
     data = build_demo_data(str(base / "data"))
     ckpt = str(base / "model.pt")
     torch.manual_seed(0)

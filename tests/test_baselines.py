@@ -11,9 +11,9 @@ from sklearn.covariance import EmpiricalCovariance
 
 import authors_reference as ref
 from helpers import compute_score, fit_score
-from extract.models import build_model
+from gradood.extract.models import build_model
 from helpers import extract_tensor, randomize_norms, rel_err
-from store.reader import CacheReader
+from gradood.store.reader import CacheReader
 
 
 def _images(n, size, seed):

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract.demo_data import build_demo_data
-from extract.distributed import Shard, grid_batches
-from extract.models import build_model
+from gradood.extract.demo_data import build_demo_data
+from gradood.extract.distributed import Shard, grid_batches
+from gradood.extract.models import build_model
 from helpers import randomize_norms
-from store.writer import list_parts, missing_intervals, parts_dir
+from gradood.store.writer import list_parts, missing_intervals, parts_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, BATCH = 42, 4          # 11 batches, the last one short: rank 0 gets 5 (rows 0-20), rank 1 gets 6

@@ -15,11 +15,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from extract.models import build_model
+from gradood.extract.models import build_model
 from helpers import demo_workspace, randomize_norms
-from pipeline import cli
-from store.reader import CacheReader
-from store.writer import CacheLock, list_parts, parts_dir
+from gradood.pipeline import cli
+from gradood.store.reader import CacheReader
+from gradood.store.writer import CacheLock, list_parts, parts_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def test_sweep_after_an_analysis_in_the_same_process_finishes(setup):
     """KNN (scikit-learn, OpenMP) runs first, then the sweep's worker pool; forked workers
     could deadlock in OpenMP's barrier, forkserver workers do not."""
     base, _, _, cache, _ = setup
-    code = (f"from click.testing import CliRunner\nfrom pipeline import cli\n"
+    code = (f"from click.testing import CliRunner\nfrom gradood.pipeline import cli\n"
             f"r = CliRunner().invoke(cli, ['analyze', '--cache-dir', {cache!r}, '--id', 'digits', "
             f"'--score', 'knn', '--results', {str(base / 'r1')!r}])\nassert r.exit_code == 0, r.output\n"
             f"r = CliRunner().invoke(cli, ['sweep', '--cache-dir', {cache!r}, '--id', 'digits', '--grid', "
@@ -267,7 +267,7 @@ def test_non_utf8_file_name_is_extracted(setup, tmp_path):
 def test_disk_full_during_assembly_is_one_message_and_no_crash(setup, tmp_path):
     base, data, ckpt, cache, common = setup
     code = (
-        "import errno, sys\nimport store.writer as W\nfrom click.testing import CliRunner\nfrom pipeline import cli\n"
+        "import errno, sys\nimport gradood.store.writer as W\nfrom click.testing import CliRunner\nfrom gradood.pipeline import cli\n"
         "real = W._create_rows_dataset\ncalls = []\n"
         "def failing(f, path, *a):\n"
         "    calls.append(path)\n"
@@ -328,7 +328,7 @@ def test_ctrl_c_keeps_the_parts_and_says_how_to_resume(setup, tmp_path):
 
 
 def test_interrupt_during_assembly_completes_the_file_then_stops(setup, tmp_path, monkeypatch):
-    import store.writer as W
+    import gradood.store.writer as W
     from test_store import make_writer, rows
     path = str(tmp_path / "toy.h5")
     w = make_writer(path)
@@ -375,7 +375,7 @@ def test_skipped_images_are_visible(setup, tmp_path):
 
 # ------------------------------------------------------------------ 12. 16-bit PNG
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
-    from extract.datasets import load_rgb
+    from gradood.extract.datasets import load_rgb
     ramp = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
     path = tmp_path / "deep.png"
     Image.fromarray(ramp).save(path)
@@ -452,7 +452,7 @@ def test_sweep_options_match_analyze(setup, tmp_path):
 
 
 def test_wide_tables_are_split_to_fit_120_columns():
-    from analyze.report import plain
+    from gradood.analyze.report import plain
     header = ["Method", *[f"set{i} FPR95/AUROC" for i in range(8)], "Avg"]
     rows = [["GAIA-Z", *["12.34 / 56.78"] * 8, "1.00"]]
     text = plain(header, rows)
@@ -462,7 +462,7 @@ def test_wide_tables_are_split_to_fit_120_columns():
 
 def test_layer_chart_shows_each_layers_best_variant_in_network_order(tmp_path):
     pytest.importorskip("matplotlib")
-    from analyze import plots
+    from gradood.analyze import plots
     drawn = {}
 
     class Axes:
@@ -479,7 +479,7 @@ def test_layer_chart_shows_each_layers_best_variant_in_network_order(tmp_path):
     rows = [{"score": "nac", "params": {"layers": ["layer4"], "M": m}, "average": {"AUROC": a}}
             for m, a in ((10, 0.5), (50, 0.99))]
     rows += [{"score": "nac", "params": {"layers": ["avgpool"]}, "average": {"AUROC": 0.7}}]
-    from analyze.results import SweepResult
+    from gradood.analyze.results import SweepResult
     sweep = SweepResult(rows=rows, errors=[], reported=[], select_on=None, metric="AUROC", selected={},
                         seconds=0.0, n_variants=len(rows), workers=1, id="digits",
                         layer_order={"nac": ["avgpool", "layer1", "layer4"]})

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract.models import build_model
-from extract.objectives import objective_value
+from gradood.extract.models import build_model
+from gradood.extract.objectives import objective_value
 from helpers import extract_tensor, randomize_norms
-from store.reader import CacheReader
-from store.schema import stat_path
+from gradood.store.reader import CacheReader
+from gradood.store.schema import stat_path
 
 LAYERS = ["bn1", "layer2.0.shortcut.1", "layer3.1.bn2", "layer4"]
 OBJECTIVES = ["max_logit", "log_softmax_sum", "feature_sum"]
@@ -60,7 +60,7 @@ def test_batched_gradients_equal_batch_size_one(tmp_path):
 def test_backward_starts_at_earliest_hooked_block(tmp_path):
     """With only layer3/4 hooked, nothing below layer3.0 is differentiated, and the
     shortcut BN of layer3.0 still receives its gradient."""
-    from extract.hooks import graph_start
+    from gradood.extract.hooks import graph_start
     model = build_model("resnet18", 10)
     assert graph_start(model, ["layer3.0.bn1", "layer3.0.shortcut.1", "layer4"]) == "layer3.0"
     assert graph_start(model, ["bn1", "layer1.0.bn1"]) == "bn1"

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from extract.models import build_model
+from gradood.extract.models import build_model
 from helpers import extract_tensor, randomize_norms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

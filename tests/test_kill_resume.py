@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from helpers import compute_score
-from extract.demo_data import build_demo_data
-from extract.models import build_model
+from gradood.extract.demo_data import build_demo_data
+from gradood.extract.models import build_model
 from helpers import randomize_norms
-from store.reader import CacheReader
-from store.writer import list_parts, parts_dir
+from gradood.store.reader import CacheReader
+from gradood.store.writer import list_parts, parts_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,8 +61,8 @@ def test_disk_full_leaves_a_resumable_cache(tmp_path, monkeypatch):
     import pytest
 
     from helpers import extract_tensor
-    from store.schema import CacheError
-    import store.writer as W
+    from gradood.store.schema import CacheError
+    import gradood.store.writer as W
 
     torch.manual_seed(0)
     model = randomize_norms(build_model("resnet18", 10))

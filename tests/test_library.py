@@ -13,18 +13,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from analyze.registry import ScoreError, all_entries, default_grid, default_scores, entry, paper_variants
-from extract.models import build_model
+from gradood.analyze.registry import ScoreError, all_entries, default_grid, default_scores, entry, paper_variants
+from gradood.extract.models import build_model
 from helpers import demo_workspace, compute_score, extract_tensor, randomize_norms
-from pipeline import cli
-from store.reader import CacheReader
-from store.schema import stat_path
+from gradood.pipeline import cli
+from gradood.store.reader import CacheReader
+from gradood.store.schema import stat_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PLUGIN = textwrap.dedent('''
     import numpy as np
-    from analyze import register_score
+    from gradood.analyze import register_score
 
     @register_score("my_gaia_z_l1", title="GAIA-Z (L1)", needs=[("bn", "max_logit", "nonzero")])
     def my_gaia_z_l1(data, power=1.0):          # data: one block of rows of one cache
@@ -109,7 +109,7 @@ def test_plugin_parameters_are_sweepable_and_listed(demo):
 
 def test_map_reading_plugin_on_a_cache_without_maps_names_the_policy(demo, tmp_path):
     base, cache, plugin = demo
-    from analyze.registry import load_plugin
+    from gradood.analyze.registry import load_plugin
     load_plugin(plugin)
     torch.manual_seed(0)
     path = extract_tensor(randomize_norms(build_model("resnet18", 10)), "resnet18", torch.randn(4, 3, 32, 32),
@@ -120,14 +120,14 @@ def test_map_reading_plugin_on_a_cache_without_maps_names_the_policy(demo, tmp_p
 
 def test_statistics_recomputed_from_maps_equal_the_stored_ones(demo):
     """A raw cache: every built-in statistic recomputed from the maps, and the tolerance count."""
-    from analyze.data import CacheData
+    from gradood.analyze.data import CacheData
     _, cache, _ = demo
     with CacheReader(os.path.join(cache, "noise.h5")) as r:
         stored = CacheData(r)
         m = r.read_all(stat_path("layer4", "max_logit", "map"))
         for stat in ("nonzero", "mean", "abs_mean", "sq_mean", "abs_max"):
             want = r.read_all(stat_path("layer4", "max_logit", stat)).astype(np.float64)
-            from analyze.data import map_stat
+            from gradood.analyze.data import map_stat
             got = map_stat(m, stat)
             if stat == "nonzero":
                 np.testing.assert_array_equal(got, want)
@@ -184,7 +184,7 @@ def test_registry_derives_every_list_from_the_entries():
     labels = paper_variants()
     assert labels["GAIA-Z (paper)"] == ("gaia_z", {})
     assert all(entries[s].grid for s in default_grid())
-    from analyze import register_score
+    from gradood.analyze import register_score
     with pytest.raises(ValueError, match="already registered"):
         register_score("msp")(lambda data: data.logits[:, 0])     # built-ins are not replaced silently
     for name, e in entries.items():
@@ -196,7 +196,7 @@ def test_registry_derives_every_list_from_the_entries():
 def test_fit_and_score_parameters_are_kept_apart(demo):
     """A fit parameter refits (react percentile), a scoring parameter does not (knn k), an
     unknown or ill-typed one is refused."""
-    import analyze
+    from gradood import analyze
     _, cache, _ = demo
     a = analyze.score(cache, "noise", "react", fit_on="digits_train")
     b = analyze.score(cache, "noise", "react", fit_on="digits_train", percentile=50.0)
@@ -213,6 +213,12 @@ def test_imports_run_one_way():
     """extract never imports analyze or pipeline; analyze and store never import extract,
     pipeline or torch (checked on the source)."""
     import ast
+
+    def stage(module):
+        """The stage ("analyze", ...) of a gradood module, else the top-level name."""
+        parts = module.split(".")
+        return parts[1] if parts[0] == "gradood" and len(parts) > 1 else parts[0]
+
     def imported(folder):
         names = set()
         for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
@@ -221,9 +227,10 @@ def test_imports_run_one_way():
                     tree = ast.parse(open(os.path.join(dirpath, f)).read())
                     for node in ast.walk(tree):
                         if isinstance(node, ast.Import):
-                            names |= {a.name.split(".")[0] for a in node.names}
+                            names |= {stage(a.name) for a in node.names}
                         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                            names.add(node.module.split(".")[0])
+                            names |= ({stage(f"gradood.{a.name}") for a in node.names} if node.module == "gradood"
+                                      else {stage(node.module)})
         return names
     assert not imported("extract") & {"analyze", "pipeline"}
     assert not imported("analyze") & {"extract", "pipeline", "torch", "torchvision"}
@@ -234,7 +241,7 @@ def test_every_demo_table_cell_is_the_same_from_the_cli_and_the_api(demo):
     """`pipeline.py analyze --score all` and `analyze.evaluation(...)` on the same caches:
     the same scores left out, the same cells of summary.csv (and of the bootstrap
     intervals under --ci, same seed), the same LaTeX table from either result."""
-    import analyze.api as api
+    import gradood.analyze.api as api
     base, cache, _ = demo
     out = base / "res_all"
     res = CliRunner().invoke(cli, ["analyze", "--cache-dir", cache, "--id", "digits", "--ci", "90",
@@ -261,7 +268,7 @@ def test_latex_table_is_booktabs_with_the_best_of_each_column_in_bold(demo):
     every body row with as many cells as columns, and in each column exactly the best
     value(s) in bold (lowest FPR95, highest AUROC)."""
     import re
-    import analyze.api as api
+    import gradood.analyze.api as api
     _, cache, _ = demo
     ev = api.evaluation(cache, "digits", scores=["msp", "energy", "maxlogit", "gaia_z"])
     tex = ev.to_latex()

@@ -8,15 +8,15 @@ from sklearn.linear_model import LogisticRegressionCV
 import authors_reference as ref
 from types import SimpleNamespace
 
-from analyze.metrics import fpr_at_recall
-from extract.adapters import adapter_for
-from extract.cli_support import _maha_setup
+from gradood.analyze.metrics import fpr_at_recall
+from gradood.extract.adapters import adapter_for
+from gradood.extract.cli_support import _maha_setup
 from helpers import compute_score, fit_score
-from store.gaussian import fit_layer_gaussians
-from extract.models import build_model
+from gradood.store.gaussian import fit_layer_gaussians
+from gradood.extract.models import build_model
 from helpers import extract_tensor, randomize_norms, rel_err
-from store.reader import CacheReader
-from store.schema import CacheError
+from gradood.store.reader import CacheReader
+from gradood.store.schema import CacheError
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 LAYERS = ["block1", "block2", "block3"]

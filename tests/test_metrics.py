@@ -4,7 +4,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import authors_reference as ref
-from analyze.metrics import METRICS, ood_metrics
+from gradood.analyze.metrics import METRICS, ood_metrics
 
 
 @pytest.mark.parametrize("seed", range(6))

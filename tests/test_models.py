@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 
 import authors_reference as ref
-from analyze.registry import default_scores, requirements
-from extract.adapters import adapter_for
-from extract.adapters.serves import unserved
-from extract.models import build_model
+from gradood.analyze.registry import default_scores, requirements
+from gradood.extract.adapters import adapter_for
+from gradood.extract.adapters.serves import unserved
+from gradood.extract.models import build_model
 from helpers import compute_score, extract_tensor, rel_err
-from store.reader import CacheReader
-from store.schema import stat_path
+from gradood.store.reader import CacheReader
+from gradood.store.schema import stat_path
 
 timm = pytest.importorskip("timm")
 import torchvision  # noqa: E402
@@ -83,7 +83,7 @@ def small_swin():
 
 
 def tiny_bit():
-    from extract.models.bit_resnetv2 import ResNetV2
+    from gradood.extract.models.bit_resnetv2 import ResNetV2
     return ResNetV2([1, 1, 1, 1], 1, 5, groups=4, base=8)
 
 
@@ -216,9 +216,9 @@ def test_user_model_file(tmp_path):
     """--model-file: in-place ReLUs after the hooked BNs, Dropout + Linear head; the file's
     hash is recorded; tracking norms (grouped conv, BN, LayerNorm, Linear) equal a
     batch-size-1 loop."""
-    from extract.cli_support import ExtractRequest, extract_command
-    from extract.datasets import build_transform  # noqa: F401  (torchvision transforms)
-    from extract.tracking import per_sample_grad_norms, tracked_parameters
+    from gradood.extract.cli_support import ExtractRequest, extract_command
+    from gradood.extract.datasets import build_transform  # noqa: F401  (torchvision transforms)
+    from gradood.extract.tracking import per_sample_grad_norms, tracked_parameters
     source = tmp_path / "mymodel.py"
     source.write_text(USER_MODEL)
     model = build_model(None, 5, f"{source}:build")
@@ -302,7 +302,7 @@ def test_hook_set_override_by_glob():
 def test_bit_npz_in_big_transfer_layout(tmp_path):
     """A Big Transfer .npz (HWIO kernels, a/b/c unit names, proj shortcut) loads into the
     BiT layout: the same tensors and logits as the model it was written from."""
-    from extract.checkpoint import load_checkpoint
+    from gradood.extract.checkpoint import load_checkpoint
     model = randomize(tiny_bit())
     arrays = {}
     for key, value in model.state_dict().items():
@@ -339,8 +339,8 @@ def test_open_ood_pruned_checkpoint_and_masked_tracking(tmp_path):
     """gradient tracking's lottery-ticket checkpoint (``PrunedModel``: ``model.`` weights,
     ``mask_<name with ___>`` buffers): masks multiplied into the weights, and the tracked
     norms are of ``grad * mask`` as the release's extract_gradients takes them."""
-    from extract.checkpoint import load_checkpoint
-    from extract.tracking import per_sample_grad_norms, tracked_parameters
+    from gradood.extract.checkpoint import load_checkpoint
+    from gradood.extract.tracking import per_sample_grad_norms, tracked_parameters
     model = randomize(build_model("resnet20", 10))
     names = tracked_parameters(model)
     assert len(names) == 20 and names[0] == "conv1.weight" and names[-1] == "linear.weight"
@@ -380,7 +380,7 @@ def test_open_ood_pruned_checkpoint_and_masked_tracking(tmp_path):
 def test_gaia_z_on_bit_reads_the_imagenet_hook_set(tmp_path):
     """GAIA's ImageNet command runs GAIA-Z on -hook before_head: the block4 GroupNorms and
     the pooled before_head output (the imagenet preset sets gaia_z.hooks=before_head)."""
-    from store.benchmarks import preset_params
+    from gradood.store.benchmarks import preset_params
     model = randomize(tiny_bit())
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     params = preset_params({"benchmark": "imagenet"})
@@ -393,7 +393,7 @@ def test_gaia_z_on_bit_reads_the_imagenet_hook_set(tmp_path):
 
 
 def test_timm_data_config_preprocessing():
-    from extract.datasets import build_transform, probe_shape
+    from gradood.extract.datasets import build_transform, probe_shape
     model = build_model("timm:vit_tiny_patch16_224", 5)
     transform, description = build_transform("timm", model=model)
     cfg = timm.data.resolve_data_config({}, model=model)
@@ -407,7 +407,7 @@ def test_timm_data_config_preprocessing():
 def test_token_maps_and_count_above_on_a_vit(tmp_path):
     """A token sequence (N, T, C) is stored channels first as (N, C, T, 1): maps, statistics
     recomputed from them and count_above agree with the tokens themselves."""
-    from analyze.data import CacheData
+    from gradood.analyze.data import CacheData
     model = randomize(small_vit()).requires_grad_(False)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(6))
     layer = "encoder.layers.encoder_layer_1.ln_2"

@@ -14,13 +14,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract import ExtractConfig, ExtractionPlan
-from extract.models import build_model
+from gradood.extract import ExtractConfig, ExtractionPlan
+from gradood.extract.models import build_model
 from helpers import compute_score, demo_workspace, extract_tensor, fit_score, randomize_norms
-from pipeline import cli
-from store.reader import CacheReader
-from store.schema import CacheError, stat_path
-from store.writer import list_parts, parts_dir
+from gradood.pipeline import cli
+from gradood.store.reader import CacheReader
+from gradood.store.schema import CacheError, stat_path
+from gradood.store.writer import list_parts, parts_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,12 +171,12 @@ def test_keyboard_interrupt_inside_a_plugin_says_where(workspace, tmp_path):
     cache = str(base / "plug")
     run(extract(data, ckpt, cache, "--dataset", "digits", "--dataset", "noise", "--limit", "8", "--score", "msp"))
     plugin = tmp_path / "stops.py"
-    plugin.write_text("from analyze import register_score\n\n\n"
+    plugin.write_text("from gradood.analyze import register_score\n\n\n"
                       "@register_score('stops')\n"
                       "def stops(data):\n"
                       "    raise KeyboardInterrupt\n")
     out = str(tmp_path / "r")
-    from analyze.registry import SCORES
+    from gradood.analyze.registry import SCORES
     try:
         res = run(["analyze", "--cache-dir", cache, "--id", "digits", "--score", "stops", "--plugin", str(plugin),
                    "--results", out], ok=False)
@@ -204,7 +204,7 @@ def test_tables_and_figures_a_paper_can_use(workspace, capsys):
     res = run(["sweep", "--cache-dir", cache, "--id", "digits", "--grid", "energy:temperature=1,10",
                "--results", str(base / "paper_sweep"), "--no-plots"])
     assert "on the test sets themselves" in open(base / "paper_sweep" / "sweep.md").read()
-    from analyze.evaluation import run_evaluation
+    from gradood.analyze.evaluation import run_evaluation
     capsys.readouterr()
     run_evaluation(cache, "digits", ["noise"], ["msp"], progress=True)
     assert "analyze" in capsys.readouterr().err

@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from analyze.registry import SCORES, entry, load_plugin
-from extract.models import build_model
+from gradood.analyze.registry import SCORES, entry, load_plugin
+from gradood.extract.models import build_model
 from helpers import demo_workspace, randomize_norms
-from pipeline import cli
-from store.writer import parts_dir
+from gradood.pipeline import cli
+from gradood.store.writer import parts_dir
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_a_disk_space_refusal_leaves_nothing_and_its_advice_works(two_models, tm
     cache = str(tmp_path / "c")
     args = ["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess", "demo",
             "--cache-dir", cache, "--quiet", "--dataset", f"n={os.path.join(data, 'noise')}", "--limit", "8"]
-    import extract.runner as R
+    import gradood.extract.runner as R
     real = shutil.disk_usage
     monkeypatch.setattr(R.shutil, "disk_usage", lambda p: real(p)._replace(free=0))
     code, out = run(args + ["--policy", "raw"])
@@ -140,7 +140,7 @@ def test_overwrite_removes_an_unfinished_run(two_models, tmp_path):
 def test_plugins_reload_when_edited_and_never_collide(tmp_path):
     first = tmp_path / "a-b.py"
     second = tmp_path / "a_b.py"
-    body = "from analyze import register_score\n\n@register_score({name!r})\ndef f(data):\n    return {expr}\n"
+    body = "from gradood.analyze import register_score\n\n@register_score({name!r})\ndef f(data):\n    return {expr}\n"
     first.write_text(body.format(name="reload_me", expr="data.logits.max(axis=1)"))
     second.write_text(body.format(name="other_me", expr="-data.logits.max(axis=1)"))
     try:
@@ -164,7 +164,7 @@ def test_plugins_reload_when_edited_and_never_collide(tmp_path):
 
 
 def test_symlink_loops_and_named_pipes_neither_multiply_nor_hang(tmp_path):
-    from extract.datasets import build_transform, open_dataset
+    from gradood.extract.datasets import build_transform, open_dataset
     root = tmp_path / "set"
     (root / "a").mkdir(parents=True)
     for j in range(2):
@@ -195,7 +195,7 @@ def test_an_unfinished_ood_cache_never_drops_out_unseen(two_models, tmp_path):
     code, out = run(["analyze", "--cache-dir", str(folder), "--id", "mine", "--score", "msp", "--allow-partial",
                      "--results", str(tmp_path / "r2")])
     assert code == 0 and "PARTIAL" in out and "broken" in out
-    from store.inspect import summary
+    from gradood.store.inspect import summary
     assert "PARTIAL" in summary(str(folder / "broken.h5.parts"))     # the folder itself, no raw errno
 
 
@@ -205,7 +205,7 @@ def test_an_unfinished_ood_cache_never_drops_out_unseen(two_models, tmp_path):
     ("a.png 3.0", "label '3.0' is not an integer"),
 ])
 def test_malformed_image_lists_name_the_line(tmp_path, line, message):
-    from extract.datasets import ImageList
+    from gradood.extract.datasets import ImageList
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     listing = tmp_path / "list.txt"
     listing.write_text("a.png 1\n" + line + "\n")
@@ -215,8 +215,8 @@ def test_malformed_image_lists_name_the_line(tmp_path, line, message):
 
 
 def test_image_list_encodings(tmp_path):
-    from extract.cli_support import dataset_specs
-    from extract.datasets import ImageList
+    from gradood.extract.cli_support import dataset_specs
+    from gradood.extract.datasets import ImageList
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     bom = tmp_path / "bom.txt"
     bom.write_bytes(b"\xef\xbb\xbfa.png 2\n")
@@ -231,11 +231,11 @@ def test_image_list_encodings(tmp_path):
 
 def test_messages_name_the_file_the_attribute_and_sizes(tmp_path):
     import h5py
-    from analyze.registry import requirements
-    from extract.runner import _size
+    from gradood.analyze.registry import requirements
+    from gradood.extract.runner import _size
     from helpers import extract_tensor
-    from store.reader import CacheReader
-    from store.schema import CacheError
+    from gradood.store.reader import CacheReader
+    from gradood.store.schema import CacheError
     assert (_size(0), _size(3 * 2 ** 20), _size(1536)) == ("0 B", "3.00 MiB", "1.50 KiB")
     with pytest.raises(ValueError, match="tau must be >= 0"):
         requirements(["gaia_z"], {"gaia_z": {"tau": -1.0}})
@@ -262,7 +262,7 @@ def test_files_skipped_by_extension_are_counted(two_models, tmp_path):
 def test_a_plugin_crash_in_a_sweep_is_not_called_unservable(two_models, tmp_path):
     base, _, _, cache = two_models
     plugin = tmp_path / "buggy.py"
-    plugin.write_text("from analyze import register_score\n\n@register_score('buggy', grid=[{'k': [1, 2]}])\n"
+    plugin.write_text("from gradood.analyze import register_score\n\n@register_score('buggy', grid=[{'k': [1, 2]}])\n"
                       "def buggy(data, k=1):\n    return data.logits[:, 99]\n")
     try:
         code, out = run(["sweep", "--cache-dir", cache, "--id", "mine", "--ood", "near", "--plugin", str(plugin),
@@ -273,7 +273,7 @@ def test_a_plugin_crash_in_a_sweep_is_not_called_unservable(two_models, tmp_path
 
 
 def test_layer_charts_start_at_zero(tmp_path, monkeypatch):
-    import analyze.plots as P
+    import gradood.analyze.plots as P
     limits = []
     real = P._save
 
@@ -281,7 +281,7 @@ def test_layer_charts_start_at_zero(tmp_path, monkeypatch):
         limits.append(fig.axes[0].get_ylim())
         return real(plt, fig, out_dir, name)
     monkeypatch.setattr(P, "_save", keep)
-    from analyze.results import SweepResult
+    from gradood.analyze.results import SweepResult
     rows = [{"score": "gaia_z", "params": {"layers": [l]}, "average": {"AUROC": a}}
             for l, a in (("bn1", 0.91), ("layer1.0.bn1", 0.95))]
     sweep = SweepResult(rows=rows, errors=[], reported=[], select_on=None, metric="AUROC", selected={},
@@ -316,13 +316,13 @@ def test_an_unknown_nac_layer_is_named(two_models, tmp_path):
 def test_a_crashing_plugin_under_score_all_stops_the_run_naming_itself(tmp_path):
     """Under --score all only "this cache cannot serve it" becomes a note; a score that
     raises (a bug) stops the run with the score, the cache and the cause."""
-    from store.synthetic import write_synthetic
+    from gradood.store.synthetic import write_synthetic
     folder = tmp_path / "syn"
     write_synthetic(str(folder / "syn_train.h5"), 600, num_classes=5, dim=8, seed=1, split="train")
     write_synthetic(str(folder / "syn.h5"), 200, num_classes=5, dim=8, seed=2)
     write_synthetic(str(folder / "far.h5"), 100, num_classes=5, dim=8, seed=3, novel=1.0)
     plugin = tmp_path / "broken.py"
-    plugin.write_text("from analyze import register_score\n\n@register_score('broken')\n"
+    plugin.write_text("from gradood.analyze import register_score\n\n@register_score('broken')\n"
                       "def broken(data):\n    return data.logits[:, 99]\n")
     try:
         code, out = run(["analyze", "--cache-dir", str(folder), "--id", "syn", "--plugin", str(plugin),

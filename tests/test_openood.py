@@ -11,12 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract.demo_data import build_demo_data
-from extract.models import build_model
+from gradood.extract.demo_data import build_demo_data
+from gradood.extract.models import build_model
 from helpers import randomize_norms
-from pipeline import cli
-from store.benchmarks import BENCHMARKS
-from store.reader import CacheReader
+from gradood.pipeline import cli
+from gradood.store.benchmarks import BENCHMARKS
+from gradood.store.reader import CacheReader
 
 # which demo images stand in for each OpenOOD set, and how many
 STAND_INS = {"cifar10": ("digits/test", 24), "cifar10_train": ("digits/train", 40), "cifar10_val": ("digits/test", 12),
@@ -134,10 +134,10 @@ def test_tuning_uses_validation_caches_only(openood_root, extracted):
     assert res.exit_code == 0, res.output
     assert "tuned knn on cifar10_val vs tin_val: k=" in res.output and "tuned energy" in res.output
     assert "tuned msp" not in res.output                   # no grid, nothing to tune
-    from analyze.tuning import tune
+    from gradood.analyze.tuning import tune
     chosen = tune(cache, "cifar10", "cifar10_val", "tin_val", ["knn"])["knn"]
     # a direct check of the rule: the chosen k has the highest validation AUROC
-    import analyze
+    from gradood import analyze
     from sklearn.metrics import roc_auc_score
     aurocs = {}
     for k in (1, 5, 10):                   # the grid's k that 40 training rows allow

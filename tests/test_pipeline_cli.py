@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract.checkpoint import CheckpointMismatch, load_checkpoint
-from extract.models import build_model
+from gradood.extract.checkpoint import CheckpointMismatch, load_checkpoint
+from gradood.extract.models import build_model
 from helpers import demo_workspace
-from pipeline import cli
+from gradood.pipeline import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,7 +135,7 @@ def test_balanced_training_split(demo_slice):
                                    "--dataset", "digits", "--limit", "20", "--balanced",
                                    "--score", "msp", "--quiet"])
     assert res.exit_code == 0, res.output
-    from store.reader import CacheReader
+    from gradood.store.reader import CacheReader
     with CacheReader(os.path.join(cache, "digits_train.h5")) as r:
         labels = r.read_all("labels")
         assert r.attrs["split"] == "train" and r.attrs["objectives"] == []
@@ -199,7 +199,7 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path):
     assert res.exit_code == 2 and "broken.png" in res.output and "--skip-bad" in res.output
     res = CliRunner().invoke(cli, args + ["--skip-bad"])
     assert res.exit_code == 0, res.output
-    from store.reader import CacheReader
+    from gradood.store.reader import CacheReader
     with CacheReader(str(tmp_path / "c" / "odd.h5")) as r:
         skipped = r.read_all("skipped")
         reasons = r.read_all("skip_reasons")

@@ -13,9 +13,9 @@ from sklearn.metrics import pairwise_distances_argmin_min
 from sklearn.preprocessing import StandardScaler
 
 import authors_reference as ref
-from extract.models import build_model
+from gradood.extract.models import build_model
 from helpers import compute_score, extract_tensor, fit_score, randomize_norms, rel_err
-from store.reader import CacheReader
+from gradood.store.reader import CacheReader
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def wrn(tmp_path_factory):
 def ours(wrn, score, **params):
     _, _, (tr, te), _ = wrn
     with CacheReader(tr) as t, CacheReader(te) as r:
-        from analyze.registry import entry
+        from gradood.analyze.registry import entry
         fitted = fit_score(t, score, **params) if entry(score).fitted else None
         return compute_score(r, score, fitted, **params)
 
@@ -287,7 +287,7 @@ def test_rankfeat_removes_the_rank_one_part(wrn):
 
 
 def test_mls_is_maxlogit():
-    from analyze.registry import canonical
+    from gradood.analyze.registry import canonical
     assert canonical("mls") == "maxlogit"
 
 
@@ -309,7 +309,7 @@ def test_pnml_regret(tmp_path):
     """kobybibas/pnml_ood_detection: regret from the pseudo-inverse of the normalised
     training features' Gram matrix and the head's softmax of the normalised feature (on
     synthetic full-rank features: the random WRN's have dead channels, which pnml refuses)."""
-    from store.synthetic import write_synthetic, world
+    from gradood.store.synthetic import write_synthetic, world
     tr = write_synthetic(str(tmp_path / "t_train.h5"), 800, num_classes=7, dim=20, seed=1, split="train")
     te = write_synthetic(str(tmp_path / "t.h5"), 60, num_classes=7, dim=20, seed=2, novel=0.5)
     with CacheReader(tr) as r:
@@ -335,7 +335,7 @@ def test_pnml_regret(tmp_path):
 
 def test_pnml_refuses_a_singular_gram_matrix(wrn):
     _, _, (tr, _), _ = wrn
-    from store.schema import CacheError
+    from gradood.store.schema import CacheError
     with CacheReader(tr) as t, pytest.raises(CacheError, match="singular to float32 precision"):
         fit_score(t, "pnml")
 
@@ -597,7 +597,7 @@ def test_adascale_adaptive_scaling(wrn, tmp_path):
 def test_webo_weighted_energy(wrn, tmp_path):
     """pytorch-ood's WeightedEBO.score: -log sum relu(w) exp(z) (negated: the confidence);
     no weights file is a cache limit that names the parameter."""
-    from analyze.registry import entry
+    from gradood.analyze.registry import entry
     _, _, (_, te), (_, _, _, zq) = wrn
     w = np.linspace(-0.5, 2.0, 10)
     path = tmp_path / "w.npy"

@@ -19,10 +19,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from extract.demo_data import build_demo_data
-from extract.models import build_model
+from gradood.extract.demo_data import build_demo_data
+from gradood.extract.models import build_model
 from helpers import randomize_norms
-from pipeline import cli
+from gradood.pipeline import cli
 from test_openood import build_openood_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-import analyze.data as data_module
-from analyze.fitting import FitStore, fit_estimator, score_cache
-from analyze.registry import entry
-from analyze.streaming import exact_percentile, kth_nearest
-from store.gaussian import class_gaussian, sq_distances
-from store.reader import CacheReader
-from store.synthetic import write_synthetic
+import gradood.analyze.data as data_module
+from gradood.analyze.fitting import FitStore, fit_estimator, score_cache
+from gradood.analyze.registry import entry
+from gradood.analyze.streaming import exact_percentile, kth_nearest
+from gradood.store.gaussian import class_gaussian, sq_distances
+from gradood.store.reader import CacheReader
+from gradood.store.synthetic import write_synthetic
 
 FITTED = ("mahalanobis", "rmds", "vim", "residual", "react", "dice", "fdbd", "klm", "she", "nac",
           "knn", "gradorth", "neco", "nnguide")

@@ -5,11 +5,11 @@ import torch
 
 import authors_reference as ref
 from helpers import compute_score
-from extract.models import build_model
-from extract.models.bit_resnetv2 import ResNetV2
+from gradood.extract.models import build_model
+from gradood.extract.models.bit_resnetv2 import ResNetV2
 from helpers import extract_tensor, randomize_norms, rel_err
-from store.reader import CacheReader
-from store.schema import stat_path
+from gradood.store.reader import CacheReader
+from gradood.store.schema import stat_path
 
 
 def tiny_bit(num_classes=10):

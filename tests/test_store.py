@@ -5,9 +5,9 @@ import h5py
 import numpy as np
 import pytest
 
-from store.reader import CacheReader
-from store.schema import SCHEMA_VERSION, CacheError, fingerprint
-from store.writer import CacheWriter, parts_dir
+from gradood.store.reader import CacheReader
+from gradood.store.schema import SCHEMA_VERSION, CacheError, fingerprint
+from gradood.store.writer import CacheWriter, parts_dir
 
 
 def make_writer(path, n=10, arch="resnet18"):

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 from helpers import compute_score
-from extract.models import build_model
-from extract.tracking import per_sample_grad_norms, tracked_parameters
+from gradood.extract.models import build_model
+from gradood.extract.tracking import per_sample_grad_norms, tracked_parameters
 from helpers import extract_tensor, randomize_norms, rel_err
-from store.reader import CacheReader
+from gradood.store.reader import CacheReader
 
 
 def open_ood_norms(model, images):

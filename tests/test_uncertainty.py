@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import norm
 
-import analyze
-from analyze.metrics import ood_metrics
-from analyze.uncertainty import (_multiplicities, _resampled, auroc, bootstrap, delong, hanley_mcneil,
+from gradood import analyze
+from gradood.analyze.metrics import ood_metrics
+from gradood.analyze.uncertainty import (_multiplicities, _resampled, auroc, bootstrap, delong, hanley_mcneil,
                                  interval, resampled_metrics)
-from pipeline import cli
-from store.synthetic import write_synthetic
+from gradood.pipeline import cli
+from gradood.store.synthetic import write_synthetic
 
 
 def delong_direct(xa, ya, xb, yb):
@@ -149,9 +149,9 @@ def members(tmp_path_factory):
 
 
 def test_checkpoints_report_mean_std_and_a_deep_ensemble(members, tmp_path):
-    from analyze.evaluation import run_evaluation
-    from analyze.logits import log_softmax
-    from store.reader import CacheReader
+    from gradood.analyze.evaluation import run_evaluation
+    from gradood.analyze.logits import log_softmax
+    from gradood.store.reader import CacheReader
     out = str(tmp_path / "res")
     res = CliRunner().invoke(cli, ["analyze", "--checkpoint-dirs", ",".join(members), "--id", "syn",
                                    "--ood", "near", "--ood", "far", "--score", "msp,mahalanobis", "--results", out])

@@ -1,4 +1,4 @@
-"""The built-in scores. Each module registers its entries with ``analyze.register_score``,
+"""The built-in scores. Each module registers its entries with ``gradood.analyze.register_score``,
 the same public mechanism plugins use; importing this package loads them all, in table
 order (gradient scores first, then the logit and feature baselines)."""
 from . import gaia, gradnorm, nac, tracking, gradients  # noqa: F401

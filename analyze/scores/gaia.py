@@ -20,9 +20,9 @@ may have moved.
 """
 import numpy as np
 
-from analyze.aggregate import CHANNEL, SPATIAL, aggregate_channels, choose_layers, spatial_stat
-from analyze.registry import register_score
-from store.schema import OBJECTIVES
+from gradood.analyze.aggregate import CHANNEL, SPATIAL, aggregate_channels, choose_layers, spatial_stat
+from gradood.analyze.registry import register_score
+from gradood.store.schema import OBJECTIVES
 
 GAIA = "Chen et al., NeurIPS 2023 (GAIA); JGEthanChen/GAIA-OOD cal_method.py"
 

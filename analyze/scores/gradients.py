@@ -28,9 +28,9 @@ weight gradient of a loss of the logits is an outer product g x^T):
 """
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
-from analyze.streaming import gram
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import gram
 
 
 @register_score("gradnorm_kl", default=True, title="GradNorm (KL)", family="gradient",

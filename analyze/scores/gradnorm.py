@@ -13,8 +13,8 @@ only, another quantity; only its head-weight variant matches this, and divides L
 """
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
 
 
 @register_score("gradnorm", title="GradNorm", family="gradient", default=True,

@@ -35,9 +35,9 @@ set them for every chosen layer (the sweep's axes). Layers inside the network ne
 """
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
-from store.schema import CacheError
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
+from gradood.store.schema import CacheError
 
 AVGPOOL = "avgpool"
 # (M, O, alpha) of the authors' CIFAR-10 configuration, by role.

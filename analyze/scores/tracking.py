@@ -13,7 +13,7 @@ all of them together, sqrt(sum_p n_p^2).
 """
 import numpy as np
 
-from analyze.registry import register_score
+from gradood.analyze.registry import register_score
 
 REDUCTIONS = ("min", "max", "mean")
 

@@ -36,7 +36,7 @@ import fnmatch
 
 import torch.nn as nn
 
-from store.recipes import HOOK_SETS  # the names are data, shared with the torch-free CLI
+from gradood.store.recipes import HOOK_SETS  # the names are data, shared with the torch-free CLI
 
 from .trace import canonical_shape, trace
 

@@ -1,6 +1,6 @@
 """Whether a model can serve a score: its hook sets and extra passes resolved on the
 model's adapter, before anything is extracted (``pipeline.py scores --arch``)."""
-from store.recipes import SELECTORS, split_selector
+from gradood.store.recipes import SELECTORS, split_selector
 
 from .generic import HookSetError
 

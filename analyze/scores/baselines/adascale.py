@@ -17,9 +17,9 @@ W x + b times r^2.
 """
 import numpy as np
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
-from analyze.streaming import gather
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import gather
 
 REFERENCE = "Regmi et al., 2025; sudarshanregmi/adascale; OpenOOD adascale_postprocessor.py"
 # OpenOOD sweeps 36 (low, high) pairs with low < high; the product below is the valid part

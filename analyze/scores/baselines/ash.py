@@ -18,9 +18,9 @@ stored as a map): a different method, kept as an ablation.
 """
 import numpy as np
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
-from store.schema import CacheError
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
+from gradood.store.schema import CacheError
 
 ASH_VARIANTS = ("ash_s", "ash_b", "ash_p")
 REFERENCE = "Djurisic et al., ICLR 2023; andrijazz/ash"

@@ -23,8 +23,8 @@ in chunks of rows. Scoring is O(n x 230) per sample. Costs nothing at extraction
 """
 import numpy as np
 
-from analyze.registry import register_score
-from analyze.streaming import gather
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import gather
 
 CHUNK = 512         # rows of the n x n distance matrix (fit) or queries (scoring) at a time
 

@@ -7,9 +7,9 @@ setting and OpenOOD's for every benchmark; the release uses 70 for ImageNet, whi
 ImageNet preset sets)."""
 import numpy as np
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
-from analyze.streaming import feature_mean
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import feature_mean
 
 
 @register_score("dice", default=True, fit_memory="D", title="DICE", family="features", fit_params=(),

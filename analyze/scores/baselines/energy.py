@@ -1,7 +1,7 @@
 """Energy score (Liu et al., NeurIPS 2020): the negative free energy T * logsumexp(z / T)
 (T = 1 in the paper and in OpenOOD's ``ebo``)."""
-from analyze.logits import energy as free_energy
-from analyze.registry import register_score
+from gradood.analyze.logits import energy as free_energy
+from gradood.analyze.registry import register_score
 
 
 @register_score("energy", title="Energy", family="logits", default=True,

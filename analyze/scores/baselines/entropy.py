@@ -5,8 +5,8 @@ needed (pytorch-ood clips p at 1e-7; the ranking only differs where p underflows
 OpenOOD v1.5 has no entropy postprocessor."""
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
 
 
 @register_score("entropy", default=True, title="Entropy", family="logits", reference="Shannon entropy of the softmax",

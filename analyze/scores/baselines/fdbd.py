@@ -7,8 +7,8 @@ search use ||x|| instead (``distance_as_normalizer=False``, followed here); pyto
 has no such option."""
 import numpy as np
 
-from analyze.registry import register_score
-from analyze.streaming import feature_mean
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import feature_mean
 
 
 @register_score("fdbd", default=True, fit_memory="D", title="fDBD", family="features", fit_params=(),

@@ -5,8 +5,8 @@ epsilon, a sum (pytorch-ood takes the mean and clips p at 1e-7: same ranking exc
 p underflows). Sweep: OpenOOD's gamma and M lists."""
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
 
 
 @register_score("gen", default=True, title="GEN", family="logits", reference="Liu et al., CVPR 2023; XixiLiu95/GEN",

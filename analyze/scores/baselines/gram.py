@@ -29,10 +29,10 @@ import random
 
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
-from analyze.streaming import gather
-from store.schema import GRAM_POWERS, CacheError
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import gather
+from gradood.store.schema import GRAM_POWERS, CacheError
 
 HOOK_SET = "gram"
 

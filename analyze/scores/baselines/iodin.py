@@ -11,8 +11,8 @@ and one forward. Unfitted.
 """
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
 
 
 def _describe(params, attrs):

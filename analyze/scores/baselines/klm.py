@@ -8,9 +8,9 @@ also does. A class no fitting row is predicted as gets a one-hot
 template, as OpenOOD does."""
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
-from analyze.streaming import group_means
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import group_means
 
 
 @register_score("klm", default=True, fit_memory="K^2", title="KLM", family="logits", reference="Hendrycks et al., ICML 2022 (KL matching)",

@@ -19,10 +19,10 @@ import os
 
 import numpy as np
 
-from analyze.registry import register_score
-from analyze.streaming import kth_nearest
-from store.reader import CacheReader
-from store.schema import CacheError
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import kth_nearest
+from gradood.store.reader import CacheReader
+from gradood.store.schema import CacheError
 
 BANK_ROWS = 8192
 

@@ -8,8 +8,8 @@ an earlier pytorch-ood version divided the logits by the factor instead, which i
 followed. Unfitted; reads logits and features."""
 import numpy as np
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
 
 from .ash import kept_entries
 

@@ -10,10 +10,10 @@ Fit streamed (``store.gaussian.ClassMoments``, block by block): peak memory O(K 
 float64 beside one block, whatever the number of training rows. Scoring by two GEMMs
 (``store.gaussian.sq_distances``).
 """
-from analyze.registry import register_score
-from store.schema import CacheError
-from analyze.streaming import class_moments
-from store.gaussian import sq_distances
+from gradood.analyze.registry import register_score
+from gradood.store.schema import CacheError
+from gradood.analyze.streaming import class_moments
+from gradood.store.gaussian import sq_distances
 
 
 @register_score("mahalanobis", title="Mahalanobis", family="features", default=True, fit_memory="K D + D^2",

@@ -22,9 +22,9 @@ import warnings
 
 import numpy as np
 
-from analyze.metrics import fpr_at_recall
-from analyze.registry import register_score
-from store.schema import CacheError
+from gradood.analyze.metrics import fpr_at_recall
+from gradood.analyze.registry import register_score
+from gradood.store.schema import CacheError
 
 
 def recipe_key(attrs):

@@ -1,6 +1,6 @@
 """MaxLogit (Hendrycks et al., ICML 2022, "Scaling out-of-distribution detection for
 real-world settings"): max_k z_k. OpenOOD calls it MLS."""
-from analyze.registry import register_score
+from gradood.analyze.registry import register_score
 
 
 @register_score("maxlogit", title="MaxLogit", family="logits", default=True, aliases=("mls",),

@@ -14,8 +14,8 @@ forwards at extraction; it is not this score. Unfitted; reads features and the h
 """
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
 
 CHUNK = 1024       # rows whose T masks are held at a time
 

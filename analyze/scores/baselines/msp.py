@@ -1,8 +1,8 @@
 """MSP, maximum softmax probability (Hendrycks & Gimpel, ICLR 2017): max_k softmax(z)_k."""
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
 
 
 @register_score("msp", title="MSP", family="logits", default=True, paper={"MSP": {}},

@@ -12,10 +12,10 @@ exists for this combination; Lee et al.'s own ensemble with input preprocessing 
 logistic regression is ``mahalanobis_ens``. Fit streamed: per layer O(K C + C^2)."""
 import numpy as np
 
-from analyze.registry import register_score
-from analyze.streaming import class_moments
-from store.gaussian import sq_distances
-from store.schema import CacheError
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import class_moments
+from gradood.store.gaussian import sq_distances
+from gradood.store.schema import CacheError
 
 FEATURES = "features"
 RIDGE = 1e-6

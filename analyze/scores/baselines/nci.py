@@ -8,8 +8,8 @@ bias is not used, no epsilon. alpha = 1e-4 (``nci.yml``), OpenOOD's sweep
 no NCI. Fit streamed: the mean only (memory D)."""
 import numpy as np
 
-from analyze.registry import register_score
-from analyze.streaming import feature_mean
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import feature_mean
 
 
 @register_score("nci", default=True, title="NCI", family="features", fit_params=(), fit_memory="D",

@@ -13,8 +13,8 @@ scikit-learn's SVD-based ``PCA`` up to sign, which the norm ignores (scores agre
 relative)."""
 import numpy as np
 
-from analyze.registry import register_score
-from analyze.streaming import block_sum, gram
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import block_sum, gram
 
 RESNET_FAMILIES = ("cifar_resnet", "wrn", "bit")
 

@@ -8,9 +8,9 @@ the first ~1% of its training loader and k = 100. Here the bank is a seeded rand
 the bank, fraction x n x D)."""
 import numpy as np
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
-from analyze.streaming import gather
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import gather
 
 
 def _unit(x):

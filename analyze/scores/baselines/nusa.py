@@ -4,7 +4,7 @@ lies in the row space of the head's weight W, sqrt(||x||^2 - ||x_null||^2) / ||x
 x_null the projection of x on the null space of W. Needs only the head."""
 import numpy as np
 
-from analyze.registry import register_score
+from gradood.analyze.registry import register_score
 
 
 @register_score("nusa", title="NuSA", family="features", default=True,

@@ -17,9 +17,9 @@ left out, the first recorded pass that fits the given ones.
 """
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
-from store.schema import CacheError, odin_label, odin_pairs
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
+from gradood.store.schema import CacheError, odin_label, odin_pairs
 
 
 def choose_pass(passes, temperature=None, epsilon=None, std=None, where="cache"):

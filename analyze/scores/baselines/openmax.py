@@ -15,10 +15,10 @@ merged block by block (memory K^2 + 20 K)."""
 import numpy as np
 from scipy.stats import weibull_min
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
-from analyze.streaming import group_means
-from store.schema import CacheError
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import group_means
+from gradood.store.schema import CacheError
 
 TAIL = 20
 ALPHA_RANK = 3

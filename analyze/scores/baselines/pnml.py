@@ -15,10 +15,10 @@ limit 0 to the sum (the release's formula gives 0/0 there). Not in OpenOOD or
 pytorch-ood 0.4. Fit streamed: the Gram matrix of the normalised rows (memory 2 D^2)."""
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
-from analyze.streaming import gram
-from store.schema import CacheError
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import gram
+from gradood.store.schema import CacheError
 
 
 SINGULAR = 1e-6     # eigenvalue ratio below which float32 cannot resolve the direction

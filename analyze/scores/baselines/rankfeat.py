@@ -6,9 +6,9 @@ reads (``penultimate``, stored for this score), so this is the paper's block-4 v
 Needs the stored map: an opt-in, as ``ash_map``."""
 import numpy as np
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
-from analyze.scores.baselines.ash import pooled_map_defined
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
+from gradood.analyze.scores.baselines.ash import pooled_map_defined
 
 
 @register_score("rankfeat", title="RankFeat (block 4)", family="features",

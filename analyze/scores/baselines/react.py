@@ -7,9 +7,9 @@ exact and streamed (``analyze.streaming.exact_percentile``: two passes over the 
 """
 import numpy as np
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
-from analyze.streaming import exact_percentile
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import exact_percentile
 
 
 @register_score("react", title="ReAct", family="features", default=True, fit_memory="65,536 counts",

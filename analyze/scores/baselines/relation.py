@@ -6,8 +6,8 @@ L2-normalised features and p the softmax; score = sum over j with r_j > 0.03 of 
 training cache; the kernel is computed in chunks."""
 import numpy as np
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
 
 CHUNK = 1024
 

@@ -11,9 +11,9 @@ Fit streamed: the class moments and the background moments (all rows as one clas
 Scoring by GEMMs (``store.gaussian.sq_distances``)."""
 import numpy as np
 
-from analyze.registry import register_score
-from store.gaussian import ClassMoments, sq_distances
-from store.schema import CacheError
+from gradood.analyze.registry import register_score
+from gradood.store.gaussian import ClassMoments, sq_distances
+from gradood.store.schema import CacheError
 
 
 @register_score("rmds", default=True, fit_memory="K D + 2 D^2", title="RMDS", family="features", reference="Ren et al., 2021 (relative Mahalanobis)",

@@ -6,8 +6,8 @@ OpenOOD's ``scale.yml``); OpenOOD searches 65..95. pytorch-ood states the percen
 fraction (0.65 by default)."""
 import numpy as np
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
 
 from .ash import kept_entries
 

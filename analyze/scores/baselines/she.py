@@ -6,9 +6,9 @@ inner_product, the default of the release and of OpenOOD; ``euclidean``: minus t
 distance; ``cosine``: the cosine similarity)."""
 import numpy as np
 
-from analyze.registry import register_score
-from analyze.streaming import group_means
-from store.schema import CacheError
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import group_means
+from gradood.store.schema import CacheError
 
 METRICS = ("inner_product", "euclidean", "cosine")
 

@@ -8,9 +8,9 @@ finds T = 0.49 (NLL 0.012), so the two tools' TempScale scores differ."""
 import numpy as np
 from scipy.optimize import minimize_scalar
 
-from analyze.logits import log_softmax
-from analyze.registry import register_score
-from store.schema import CacheError
+from gradood.analyze.logits import log_softmax
+from gradood.analyze.registry import register_score
+from gradood.store.schema import CacheError
 
 
 @register_score("tempscale", title="TempScale", family="logits", default=True, fit_memory="n K",

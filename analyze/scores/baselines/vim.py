@@ -9,10 +9,10 @@ O(D^2) float64 beside one block.
 """
 import numpy as np
 
-from analyze.logits import energy
-from analyze.registry import register_score
-from analyze.streaming import block_sum, gram
-from store.schema import CacheError
+from gradood.analyze.logits import energy
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import block_sum, gram
+from gradood.store.schema import CacheError
 
 
 def vim_default_dim(feature_dim):

@@ -13,9 +13,9 @@ every entry. Reads features and the head; costs nothing at extraction.
 """
 import numpy as np
 
-from analyze.logits import logsumexp
-from analyze.registry import register_score
-from analyze.streaming import exact_percentile
+from gradood.analyze.logits import logsumexp
+from gradood.analyze.registry import register_score
+from gradood.analyze.streaming import exact_percentile
 
 
 @register_score("vra", title="VRA", family="features", fit_memory="65,536 counts",

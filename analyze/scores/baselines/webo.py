@@ -8,8 +8,8 @@ score is the energy. Unfitted; reads logits.
 """
 import numpy as np
 
-from analyze.registry import register_score
-from store.schema import CacheError
+from gradood.analyze.registry import register_score
+from gradood.store.schema import CacheError
 
 
 def load_weights(path, k):
