@@ -29,7 +29,15 @@ if __name__ == "__main__" and not __package__:
 
 import click
 
+from gradood.analyze.api import checkpoint_evaluation, evaluation, resolve_caches, score_names
+from gradood.analyze.grids import load_grid_file, parse_grid_text
 from gradood.analyze.metrics import CONVENTIONS
+from gradood.analyze.output import (default_results_dir, write_checkpoints_report, write_report, write_scores_csv,
+                                    write_sweep)
+from gradood.analyze.plots import layer_contribution, method_comparison, roc_curves, score_histograms
+from gradood.analyze.request import AnalysisRequest
+from gradood.analyze.sweep import run_sweep
+from gradood.analyze.tables import plain, sweep_table
 from gradood.analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from gradood.store.benchmarks import BENCHMARKS, preset_params
 from gradood.store.recipes import BATCH_SIZE, HOOK_SETS, split_selector
@@ -94,7 +102,6 @@ def _load_plugins(plugins):
 def _parse_scores(items, all_means):
     """Score names from repeatable, comma-separated --score values (``analyze.api.score_names``);
     ``all`` = ``all_means``."""
-    from gradood.analyze.api import score_names
     try:
         return score_names(items, every=all_means)[0] if items else []
     except ScoreError as err:
@@ -237,7 +244,6 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
 # ----------------------------------------------------------------------------- analyze
 def _caches(bench, arch, cache_dir, id_name, ood_names):
     """(cache_dir, id_name, ood_names) from a preset and/or explicit options."""
-    from gradood.analyze.api import resolve_caches
     try:
         return resolve_caches(cache_dir, id_name, ood_names, bench, arch)
     except ScoreError as err:
@@ -276,8 +282,6 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     treat ID as the positive class. Fitted scores are fitted once on their fitting cache;
     the fitted attributes are kept in RESULTS/fitted/ and reused.
     """
-    from gradood.analyze.api import checkpoint_evaluation, evaluation, resolve_caches, score_names
-    from gradood.analyze.report import default_results_dir, write_checkpoints_report, write_report, write_scores_csv
     _load_plugins(plugins)
     scores = scores or ("all",)
     try:
@@ -285,34 +289,33 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     except ScoreError as err:
         _fail(err)
     params = _parse_params(param_items, None if "all" in ",".join(scores) else names)
-    members = [d.strip() for d in (checkpoint_dirs or "").split(",") if d.strip()]
+    members = tuple(d.strip() for d in (checkpoint_dirs or "").split(",") if d.strip())
     try:
+        if members and (plots or scores_out):
+            _fail("--checkpoint-dirs reports mean ± std over checkpoints; --plots and --scores-out apply "
+                  "to one checkpoint's folder (--cache-dir)")
+        if not members:
+            cache_dir, _, _ = resolve_caches(cache_dir, id_name, ood_names, bench, arch)
+        out = results_dir or default_results_dir(list(members) or [cache_dir])
+        _check_writable(out, "--results")
+        if scores_out:
+            _check_writable(scores_out, "--scores-out")
+        request = AnalysisRequest(cache_dir=cache_dir, checkpoint_dirs=members, id=id_name, scores=scores,
+                                  ood=ood_names, convention=convention, fit_on=fit_on, params=params,
+                                  tune_on=tune_on, tune_id=tune_id, benchmark=bench, arch=arch,
+                                  allow_partial=allow_partial, fitted_dir=os.path.join(out, "fitted"),
+                                  allow_overlap=allow_overlap, ci=ci, resamples=resamples, seed=ci_seed,
+                                  compare=compare, progress=sys.stderr.isatty())
+        start = time.time()
         if members:
-            if cache_dir:
-                _fail("give --checkpoint-dirs or --cache-dir, not both")
-            if ci or compare or tune_on or plots or scores_out:
-                _fail("--checkpoint-dirs reports mean ± std over checkpoints; --ci, --compare, --tune-on, "
-                      "--plots and --scores-out apply to one checkpoint's folder (--cache-dir)")
-            out = results_dir or default_results_dir(members)
-            _check_writable(out, "--results")
-            start = time.time()
-            ce = checkpoint_evaluation(members, id_name, scores, ood_names, convention, fit_on, params, bench,
-                                       os.path.join(out, "fitted"), allow_overlap)
+            ce = checkpoint_evaluation(request)
             for line in ce.notes:
                 click.echo(f"note: {line}", err=True)
             click.echo(write_checkpoints_report(ce, out))
             click.echo(f"\n{len(ce.results)} row(s) over {len(members)} checkpoints in "
                        f"{time.time() - start:.2f} s; tables in {out}/")
             return
-        cache_dir, _, _ = resolve_caches(cache_dir, id_name, ood_names, bench, arch)
-        out = results_dir or default_results_dir([cache_dir])
-        _check_writable(out, "--results")
-        if scores_out:
-            _check_writable(scores_out, "--scores-out")
-        start = time.time()
-        ev = evaluation(cache_dir, id_name, scores, ood_names, convention, fit_on, params, tune_on, tune_id,
-                        bench, arch, allow_partial, os.path.join(out, "fitted"), allow_overlap, ci, resamples,
-                        ci_seed, compare, progress=sys.stderr.isatty())
+        ev = evaluation(request)
         for line in ev.notes:
             click.echo(("" if line.startswith("tuned") else "note: ") + line, err=True)
         elapsed = time.time() - start
@@ -321,7 +324,6 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
             write_scores_csv(ev, scores_out)
         figures = []
         if plots:
-            from gradood.analyze.plots import method_comparison, roc_curves, score_histograms
             figures = (score_histograms(ev, os.path.join(out, "plots")) + roc_curves(ev, os.path.join(out, "plots"))
                        + method_comparison(ev, os.path.join(out, "plots")))
     except KeyboardInterrupt as err:
@@ -361,8 +363,6 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
     keyword parameters. The published configurations are always included and marked.
     Writes sweep.md / .csv / .json.
     """
-    from gradood.analyze.report import default_results_dir, plain
-    from gradood.analyze.sweep import load_grid_file, parse_grid_text, run_sweep, sweep_table, write_sweep
     _load_plugins(plugins)
     try:
         cache_dir, id_name, ood_names = _caches(bench, arch, cache_dir, id_name, ood_names)
@@ -376,10 +376,7 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
         result = run_sweep(cache_dir, id_name, ood_names, grid or None, fit_on, workers, select_on,
                            rank_by, plugins, allow_partial, progress=sys.stderr.isatty())
         path = write_sweep(result, out)
-        figures = []
-        if plots:
-            from gradood.analyze.plots import layer_contribution
-            figures = layer_contribution(result, out)
+        figures = layer_contribution(result, out) if plots else []
     except KeyboardInterrupt as err:
         _interrupted(err)
     except ERRORS as err:
@@ -432,7 +429,6 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
       pipeline.py scores --arch torchvision:vit_b_16
     """
     _load_plugins(plugins)
-    from gradood.analyze.report import plain
     names = list(all_entries())
     if arch or model_file:
         stage = _extract_stage()

@@ -1,6 +1,7 @@
 """The public Python API of the analysis stage (torch-free), and the library functions the
-command line calls: ``pipeline.py analyze`` is ``evaluation`` (or
-``checkpoint_evaluation``) plus printing and writing files.
+command line calls: ``pipeline.py analyze`` builds an ``AnalysisRequest`` and runs
+``evaluation`` (or ``checkpoint_evaluation``) on it, then prints and writes files
+(``analyze.output``).
 
     from gradood import analyze
     with analyze.open_cache("caches/demo-resnet18/digits.h5") as c:   # c.attrs, c.n_samples
@@ -8,8 +9,8 @@ command line calls: ``pipeline.py analyze`` is ``evaluation`` (or
     s = analyze.score("caches/demo-resnet18", "digits", "gaia_z")       # (N,) float64
     s = analyze.score(cache_dir, "noise", "knn", id="digits", k=10)
     df = analyze.evaluate("caches/demo-resnet18", id="digits", scores=["gaia_z", "msp"])
-    ev = analyze.api.evaluation("caches/demo-resnet18", id="digits")  # an Evaluation
-    print(ev.to_latex())
+    ev = analyze.evaluation(cache_dir="caches/demo-resnet18", id="digits")  # an Evaluation
+    print(analyze.to_latex(ev))
 
 Scores are oriented higher = more in-distribution; rows are in dataset order and include
 skipped (unreadable) images, whose ``skipped`` flag is in the cache. Fitted scores are
@@ -21,11 +22,13 @@ from gradood.store.benchmarks import benchmark as preset_of
 from gradood.store.benchmarks import is_fitting_or_validation, ood_sets, preset_params, val_cache_name
 from gradood.store.reader import CacheReader, cache_path, default_cache_dir
 
+from .checkpoints import evaluate_checkpoints as run_checkpoints
 from .engine import Engine
-from .evaluation import check_ood_sets, run_evaluation
-from .fitting import score_cache
-from .metrics import column_name
+from .evaluator import run_evaluation
 from .registry import ScoreError, all_entries, canonical
+from .request import AnalysisRequest, check_ood_sets, compare_pairs
+from .results import column_name
+from .tuning import tune
 
 
 def open_cache(path, allow_partial=False):
@@ -46,16 +49,19 @@ def score(cache_dir, dataset, name, fit_on=None, allow_partial=False, fitted_dir
     id: the ID test set of the analysis (default: the preset's ID set recorded in the
     cache, else ``dataset``); a training-fitted score is fitted on ``fit_on``, else on
     ``<id>_train``; a validation-fitted one on its ``validation`` parameter, else ``id``.
-    fitted_dir: keep fitted attributes there and reuse them.
+    fitted_dir: keep fitted attributes there and reuse them. Refuses (ScoreError) a
+    non-finite value on a usable row, naming it, and a score constant over the whole cache,
+    as every analysis does (``analyze.engine``).
     """
     path = cache_path(cache_dir, dataset)
     with CacheReader(path, allow_partial=allow_partial) as reader:
-        params = preset_params(reader.attrs, {name: params})[name]
-        if id is None:
-            bench = reader.attrs.get("benchmark")
-            id = preset_of(bench).id if bench else dataset
-        engine = Engine(cache_dir, id, fit_on, fitted_dir, allow_partial)
-        return score_cache(reader, name, engine.estimator(name, params, against=reader.attrs), params)
+        attrs = reader.attrs
+    params = preset_params(attrs, {name: params})[name]
+    if id is None:
+        bench = attrs.get("benchmark")
+        id = preset_of(bench).id if bench else dataset
+    with Engine(cache_dir, id, fit_on, fitted_dir, allow_partial) as engine:
+        return engine.score_sets(name, params, [dataset], against=attrs)[dataset].values
 
 
 def score_names(scores, every=None):
@@ -114,22 +120,28 @@ def default_ood_sets(cache_dir, id_name, exclude=()):
     return [n for n in present if n != id_name and not is_fitting_or_validation(n) and n not in exclude]
 
 
-def _request(cache_dirs, id, scores, ood, benchmark, arch, fit_on, params, compare):
-    """The parts every evaluation shares: ``(cache_dir, id, ood, names, explicit, params,
-    notes)`` with the presets' parameters merged and the scores the caches cannot serve
-    split off (an explicit one raises; the others come back as notes)."""
-    names, explicit = score_names(scores)
-    for pair in compare:        # compared scores must be computed (run_evaluation refuses otherwise)
+def _prepared(request):
+    """The parts every evaluation of ``request`` shares: ``(cache_dir, id, ood, names,
+    explicit, params, pairs, notes)`` with the presets' parameters merged and the scores
+    the caches cannot serve split off (an explicit one raises; the others come back as
+    notes)."""
+    pairs = compare_pairs(request.compare, canonical)
+    names, explicit = score_names(request.scores)
+    for pair in pairs:        # compared scores must be computed (run_evaluation refuses otherwise)
         names += [n for n in pair if n not in names]
-    params = {s: dict(p) for s, p in (params or {}).items()}
-    first = cache_dirs[0] if cache_dirs else None
-    probe = Engine(first, id or (preset_of(benchmark).id if benchmark else ""), fit_on)
-    cache_dir, id, ood = resolve_caches(first, id, ood, benchmark, arch, probe.fit_caches(names, params))
+    params = {s: dict(p) for s, p in request.params.items()}
+    folders = list(request.checkpoint_dirs) or ([request.cache_dir] if request.cache_dir else [])
+    first = folders[0] if folders else None
+    id = request.id or (preset_of(request.benchmark).id if request.benchmark else "")
+    probe = Engine(first, id, request.fit_on)
+    cache_dir, id, ood = resolve_caches(first, request.id, request.ood, request.benchmark, request.arch,
+                                        probe.fit_caches(names, params))
     with CacheReader(cache_path(cache_dir, id), allow_partial=True) as reader:
         params = preset_params(reader.attrs, params)
     notes, missing = [], {}
-    for folder in cache_dirs or [cache_dir]:
-        names, reasons = Engine(folder, id, fit_on).servable(names, params, ood)
+    for folder in folders or [cache_dir]:
+        with Engine(folder, id, request.fit_on) as engine:
+            names, reasons = engine.servable(names, params, ood)
         missing.update(reasons)
     bad = [s for s in explicit if s in missing]
     if bad:
@@ -138,15 +150,27 @@ def _request(cache_dirs, id, scores, ood, benchmark, arch, fit_on, params, compa
     if not names:
         raise ScoreError("none of the requested scores can be computed from these caches"
                          + ("" if not missing else ": " + "; ".join(f"{n}: {r}" for n, r in missing.items())))
-    return cache_dir, id, ood, names, explicit, params, notes
+    return cache_dir, id, ood, names, explicit, params, pairs, notes
 
 
-def evaluation(cache_dir=None, id=None, scores="all", ood=None, convention="sklearn", fit_on=None, params=None,
-               tune_on=None, tune_id=None, benchmark=None, arch=None, allow_partial=False, fitted_dir=None,
-               allow_overlap=False, ci=None, resamples=1000, seed=0, compare=(), compare_level=95,
-               progress=False):
-    """An ``analyze.results.Evaluation``: what ``pipeline.py analyze`` computes, with the
-    same defaults (its options are these arguments).
+def _as_request(request, options):
+    """``request`` itself, or an ``AnalysisRequest`` of the keyword ``options``."""
+    if request is None:
+        return AnalysisRequest(**options)
+    if options:
+        raise TypeError("give an AnalysisRequest or keyword options, not both")
+    if not isinstance(request, AnalysisRequest):
+        raise TypeError(f"expected an AnalysisRequest, got {type(request).__name__} (use keywords: "
+                        "evaluation(cache_dir=..., id=...))")
+    return request
+
+
+def evaluation(request=None, **options):
+    """An ``analyze.results.Evaluation``: what ``pipeline.py analyze`` computes.
+
+    request: an ``AnalysisRequest``, or its fields as keywords (``cache_dir``, ``id``,
+    ``scores``, ``ood``, ...; the options of ``pipeline.py analyze``, with the same
+    defaults and the same argument rules, ``analyze.request``).
 
     scores: names (comma-separated allowed) or ``"all"``; a score named explicitly must be
     computable, one that comes with ``all`` is left out with a note (``.notes``) when the
@@ -157,18 +181,17 @@ def evaluation(cache_dir=None, id=None, scores="all", ood=None, convention="skle
     (``tune_id``, default the preset's, else ``<id>_val``) against it, as OpenOOD's
     parameter search (``analyze.tuning``), before the test sets are scored; the choice is
     in ``.tuned``, ``.settings`` and ``.notes``. compare: ``[(a, b)]`` or ``["a,b"]``.
-    Other arguments as ``run_evaluation``.
+    Other fields as ``run_evaluation``.
     """
-    pairs = [tuple(canonical(n.strip()) for n in (c.split(",") if isinstance(c, str) else c)) for c in compare or ()]
-    for pair in pairs:
-        if len(pair) != 2 or pair[0] == pair[1]:
-            raise ScoreError(f"compare {','.join(pair)}: give two different scores, A,B")
-    cache_dir, id, ood, names, explicit, params, notes = _request(
-        [cache_dir] if cache_dir else [], id, scores, ood, benchmark, arch, fit_on, params, pairs)
+    request = _as_request(request, options)
+    if request.checkpoint_dirs:
+        raise ValueError("checkpoint_dirs: several checkpoints are evaluated by checkpoint_evaluation")
+    cache_dir, id, ood, names, explicit, params, pairs, notes = _prepared(request)
     tuned = {}
-    if tune_on:
-        from .tuning import tune
-        val_id = tune_id or (preset_of(benchmark).val_id if benchmark else None) or val_cache_name(id)
+    if request.tune_on:
+        tune_on = request.tune_on
+        val_id = request.tune_id or (preset_of(request.benchmark).val_id if request.benchmark else None) \
+            or val_cache_name(id)
         for name in (val_id, tune_on):
             if not os.path.exists(cache_path(cache_dir, name)):
                 raise ScoreError(f"--tune-on: validation cache {cache_path(cache_dir, name)} not found; extract it "
@@ -176,14 +199,16 @@ def evaluation(cache_dir=None, id=None, scores="all", ood=None, convention="skle
         if tune_on in ood or val_id in ood:
             raise ScoreError(f"--tune-on: {tune_on} / {val_id} are validation caches, not OOD test sets; leave "
                              "them out of --ood")
-        tuned = tune(cache_dir, id, val_id, tune_on, names, params, fit_on)
+        tuned = tune(cache_dir, id, val_id, tune_on, names, params, request.fit_on)
         for name, t in tuned.items():
             params[name] = t["params"]
             notes.append(f"tuned {name} on {val_id} vs {tune_on}: " + _setting(t["params"])
                          + f" (validation AUROC {100 * t['auroc']:.2f}, {t['tried']} candidates)")
-    ev = run_evaluation(cache_dir, id, ood, names, convention, allow_partial, params, fit_on, fitted_dir,
-                        lenient=not explicit, allow_overlap=allow_overlap, progress=progress, ci=ci,
-                        resamples=resamples, seed=seed, compare=pairs, compare_level=compare_level)
+    ev = run_evaluation(cache_dir, id, ood, names, request.convention, request.allow_partial, params,
+                        request.fit_on, request.fitted_dir, lenient=not explicit,
+                        allow_overlap=request.allow_overlap, progress=request.progress, ci=request.ci,
+                        resamples=request.resamples, seed=request.seed, compare=pairs,
+                        compare_level=request.compare_level)
     ev.tuned = tuned
     for name, t in tuned.items():
         if name in ev.results:
@@ -216,9 +241,10 @@ def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None,
     choose each score's parameters on validation caches first (``analyze --tune-on``,
     ``evaluation``). The ``Evaluation`` object itself comes from ``evaluation``.
     """
-    return evaluation(cache_dir, id, scores, ood, convention, fit_on, params, tune_on=tune_on, tune_id=tune_id,
-                      allow_partial=allow_partial, fitted_dir=fitted_dir, allow_overlap=allow_overlap, ci=ci,
-                      resamples=resamples, seed=seed).frame()
+    return evaluation(cache_dir=cache_dir, id=id, scores=scores, ood=ood, convention=convention, fit_on=fit_on,
+                      params=params, tune_on=tune_on, tune_id=tune_id, allow_partial=allow_partial,
+                      fitted_dir=fitted_dir, allow_overlap=allow_overlap, ci=ci, resamples=resamples,
+                      seed=seed).frame()
 
 
 def compare(cache_dir, id, a, b, ood=None, convention="sklearn", fit_on=None, params=None, level=95,
@@ -231,9 +257,9 @@ def compare(cache_dir, id, a, b, ood=None, convention="sklearn", fit_on=None, pa
     difference, per set only). Other arguments as ``evaluate``."""
     import pandas as pd
     pair = (canonical(a), canonical(b))
-    ev = evaluation(cache_dir, id, list(pair), ood, convention, fit_on, params, allow_partial=allow_partial,
-                    fitted_dir=fitted_dir, allow_overlap=allow_overlap, resamples=resamples, seed=seed,
-                    compare=[pair], compare_level=level)
+    ev = evaluation(cache_dir=cache_dir, id=id, scores=list(pair), ood=ood, convention=convention, fit_on=fit_on,
+                    params=params, allow_partial=allow_partial, fitted_dir=fitted_dir, allow_overlap=allow_overlap,
+                    resamples=resamples, seed=seed, compare=[pair], compare_level=level)
     rows = []
     for dataset, row in ev.comparisons[",".join(pair)].items():
         rows.append({"ood": dataset, "AUROC_diff": row["difference"]["AUROC"], "AUROC_low": row["AUROC"][0],
@@ -243,19 +269,27 @@ def compare(cache_dir, id, a, b, ood=None, convention="sklearn", fit_on=None, pa
     return pd.DataFrame(rows)
 
 
-def checkpoint_evaluation(cache_dirs, id=None, scores="all", ood=None, convention="sklearn", fit_on=None,
-                          params=None, benchmark=None, fitted_dir=None, allow_overlap=False, ensemble=True):
+def checkpoint_evaluation(request=None, **options):
     """An ``analyze.results.CheckpointsEvaluation`` (``pipeline.py analyze
     --checkpoint-dirs``): the scores every checkpoint's folder can serve, each cell as mean
-    ± std over the checkpoints, and the deep ensemble. ood: default the OOD sets of the
-    first folder. fitted_dir: fits go to ``fitted_dir/<folder name>``. Scores left out
-    are in ``.notes``."""
-    from .checkpoints import evaluate_checkpoints as run
-    cache_dirs = list(cache_dirs)
-    _, id, ood, names, explicit, params, notes = _request(cache_dirs, id, scores, ood, benchmark, None, fit_on,
-                                                          params, ())
-    ce = run(cache_dirs, id, list(ood), names, convention, params, fit_on, fitted_dir, lenient=not explicit,
-             allow_overlap=allow_overlap, ensemble=ensemble)
+    ± std over the checkpoints, and the deep ensemble.
+
+    request: an ``AnalysisRequest`` with ``checkpoint_dirs``, or its fields as keywords.
+    ood: default the OOD sets of the first folder. fitted_dir: fits go to
+    ``fitted_dir/<folder name>``. Scores left out are in ``.notes``. Intervals,
+    comparisons, tuning and plots apply to one checkpoint's folder and are refused here.
+    """
+    request = _as_request(request, options)
+    if not request.checkpoint_dirs:
+        raise ValueError("checkpoint_dirs: give the cache folders of the checkpoints (at least two)")
+    used = [o for o, v in (("ci", request.ci), ("compare", request.compare), ("tune_on", request.tune_on)) if v]
+    if used:
+        raise ValueError(f"{used[0]}: several checkpoints are reported as mean ± std over checkpoints; "
+                         "--ci, --compare and --tune-on apply to one checkpoint's folder (--cache-dir)")
+    _, id, ood, names, explicit, params, _, notes = _prepared(request)
+    ce = run_checkpoints(list(request.checkpoint_dirs), id, list(ood), names, request.convention, params,
+                         request.fit_on, request.fitted_dir, lenient=not explicit,
+                         allow_overlap=request.allow_overlap, ensemble=request.ensemble)
     ce.notes = notes + [f"{name} left out: {why}" for name, why in ce.failed.items()]
     return ce
 
@@ -268,8 +302,9 @@ def evaluate_checkpoints(cache_dirs, id, scores, ood=None, convention="sklearn",
     std over checkpoints, ddof 0); the deep ensemble is the score "ensemble". ood: default
     the OOD sets of the first folder. fitted_dir: fits go to ``fitted_dir/<folder name>``."""
     import pandas as pd
-    ce = checkpoint_evaluation(cache_dirs, id, scores, ood, convention, fit_on, params, fitted_dir=fitted_dir,
-                               allow_overlap=allow_overlap, ensemble=ensemble)
+    ce = checkpoint_evaluation(checkpoint_dirs=cache_dirs, id=id, scores=scores, ood=ood, convention=convention,
+                               fit_on=fit_on, params=params, fitted_dir=fitted_dir, allow_overlap=allow_overlap,
+                               ensemble=ensemble)
     rows = []
     for name, per_set in ce.results.items():
         for dataset, metrics in per_set.items():

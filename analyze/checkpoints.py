@@ -20,12 +20,11 @@ import numpy as np
 from gradood.store.reader import CacheReader, cache_path
 from gradood.store.schema import CacheError
 
-from .evaluation import run_evaluation
-from .results import CheckpointsEvaluation
+from .engine import Scored, metric_summary
+from .evaluator import run_evaluation
 from .logits import log_softmax
-from .metrics import METRICS, ood_metrics
-
-ENSEMBLE = "ensemble"
+from .metrics import METRICS
+from .results import ENSEMBLE, CheckpointsEvaluation
 
 
 def check_members(cache_dirs, datasets):
@@ -104,15 +103,9 @@ def evaluate_checkpoints(cache_dirs, id_name, ood_names, names, convention="skle
                 rows[dataset][m] = {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
         results[name] = rows
     if ensemble:
-        known, keep = ensemble_scores(cache_dirs, id_name)
-        known = known[keep]
-        rows = {}
-        for dataset in ood_names:
-            novel, keep = ensemble_scores(cache_dirs, dataset)
-            rows[dataset] = {m: {"mean": v, "std": 0.0, "values": [v]}
-                             for m, v in ood_metrics(known, novel[keep], convention).items()}
-        average = {m: float(np.mean([rows[d][m]["mean"] for d in ood_names])) for m in METRICS}
-        rows["Average"] = {m: {"mean": v, "std": 0.0, "values": [v]} for m, v in average.items()}
-        results[ENSEMBLE] = rows
+        scored = {d: Scored(*ensemble_scores(cache_dirs, d)) for d in [id_name, *ood_names]}
+        summary = metric_summary(scored, id_name, list(ood_names), convention)
+        results[ENSEMBLE] = {d: {m: {"mean": v, "std": 0.0, "values": [v]} for m, v in row.items()}
+                             for d, row in summary.items()}
     return CheckpointsEvaluation(runs=runs, cache_dirs=cache_dirs, id=id_name, ood=list(ood_names),
                                  convention=convention, results=results, failed=failed)

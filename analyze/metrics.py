@@ -22,11 +22,6 @@ CONVENTIONS = ("sklearn", "gaia", "openood")
 METRICS = ("FPR95", "AUROC", "AUPR-In", "AUPR-Out", "DetErr")
 
 
-def column_name(metric):
-    """The DataFrame column of ``metric`` (a METRICS name without its hyphen: AUPR_IN)."""
-    return metric.replace("-", "_").upper() if metric.startswith("AUPR") else metric
-
-
 def _tp_fp_curve(known, novel):
     """TP and FP counts (length n+1) above each cut of the merged ascending order.
 

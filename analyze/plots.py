@@ -11,7 +11,7 @@ import os
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from .report import title
+from .tables import title
 
 
 def _pyplot():

@@ -60,7 +60,11 @@ class ScoreEntry(NamedTuple):
     "features"). describe: optional ``describe(params, attrs) -> str`` naming the setting
     that ran (printed under tables). defined_on: optional ``defined_on(params, attrs) ->
     str``, the reason the score is not defined on the model a cache (or a model's
-    description, ``pipeline.py scores --arch``) comes from, empty where it is. plugin: the file that registered it (None for built-ins).
+    description, ``pipeline.py scores --arch``) comes from, empty where it is.
+    fit_requires: optional ``fit_requires(attrs) -> str``, the reason a fitting cache (its
+    root ``attrs``) cannot fit the score although it holds what ``needs`` names, empty
+    where it can. fit_memory: what a fit holds in memory (``pipeline.py scores``).
+    plugin: the file that registered it (None for built-ins).
     """
     name: str
     title: str
@@ -81,6 +85,7 @@ class ScoreEntry(NamedTuple):
     plugin: Optional[str]
     defined_on: Optional[Callable] = None
     fit_memory: str = ""
+    fit_requires: Optional[Callable] = None
 
     @property
     def fitted(self):
@@ -176,7 +181,7 @@ def _parameters(impl):
 def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_on=None,
                    fit_params=None, choices=None, grid=None, paper=None, default=False,
                    layer_set=None, family="custom", describe=None, aliases=(), replace=False,
-                   defined_on=None, fit_memory=None):
+                   defined_on=None, fit_memory=None, fit_requires=None):
     """Decorator registering a score function or class under ``name``; returns it unchanged.
 
     See ``ScoreEntry`` for the fields. A function's first argument (a class's ``fit`` and
@@ -221,7 +226,7 @@ def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_o
             fit_on=source, fit_params=tuple(params if fit_params is None else fit_params) if is_class else (),
             params=params, choices=dict(choices or {}), grid=list(grid or []), paper=dict(paper or {}),
             default=default, layer_set=layer_set, family=family, describe=describe,
-            plugin=None if builtin else plugin, defined_on=defined_on,
+            plugin=None if builtin else plugin, defined_on=defined_on, fit_requires=fit_requires,
             fit_memory=(fit_memory or "n D") if is_class else "")
         for alias in aliases:
             ALIASES[alias] = name

@@ -1,70 +1,21 @@
-"""Typed results of the analysis: an ``Evaluation`` (``run_evaluation``, ``pipeline.py
-analyze``, ``analyze.evaluation``) and a ``SweepResult`` (``run_sweep``), each with its
-caption facts as attributes and the paper's table as a pandas DataFrame (``.table``),
-Markdown, CSV and LaTeX (booktabs, the best value of each column in bold).
+"""Typed results of the analysis, plain data: an ``Evaluation`` (``run_evaluation``,
+``pipeline.py analyze``, ``analyze.evaluation``), a ``SweepResult`` (``run_sweep``) and a
+``CheckpointsEvaluation`` (``analyze.checkpoints``).
 
-Metrics are fractions in [0, 1] in the attributes and percent in the tables.
+Metrics are fractions in [0, 1]. Nothing here renders: tables and captions are
+``analyze.tables`` (text), files are ``analyze.output``. The only views here are the
+DataFrame of ``Evaluation.frame`` and ``to_json``.
 """
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-LOWER_IS_BETTER = ("FPR95", "DetErr")
+#: The deep-ensemble row of a ``CheckpointsEvaluation``.
+ENSEMBLE = "ensemble"
 
 
-def _escape(text):
-    """``text`` with LaTeX's special characters escaped."""
-    out = str(text)
-    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                       ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
-        out = out.replace(char, repl)
-    return out.replace(r"\textbackslash\{\}", r"\textbackslash{}")
-
-
-def csv_text(header, rows, path=None):
-    """CSV text of a table (header, rows); also written to ``path`` when given."""
-    import csv
-    import io
-    buf = io.StringIO()
-    csv.writer(buf).writerows([header, *rows])
-    if path:
-        with open(path, "w", newline="") as f:
-            f.write(buf.getvalue())
-    return buf.getvalue()
-
-
-def latex_table(frame, caption="", label=""):
-    """A booktabs ``table`` of ``frame`` (rows = methods, columns = a two-level
-    (group, metric) MultiIndex of numbers in percent): the groups as spanning headers
-    with ``\\cmidrule``s, two decimals, the best value of each column in bold (lowest for
-    FPR95 / DetErr, highest otherwise; every tie bold)."""
-    groups = list(dict.fromkeys(g for g, _ in frame.columns))
-    spans = [[m for g2, m in frame.columns if g2 == g] for g in groups]
-    lines = [r"\begin{table}[t]", r"\centering", r"\small",
-             r"\begin{tabular}{l" + "".join("r" * len(s) for s in spans) + "}", r"\toprule"]
-    head, rules, at = ["Method"], [], 2
-    for g, s in zip(groups, spans):
-        head.append(rf"\multicolumn{{{len(s)}}}{{c}}{{{_escape(g)}}}")
-        rules.append(rf"\cmidrule(lr){{{at}-{at + len(s) - 1}}}")
-        at += len(s)
-    lines += [" & ".join([""] + head[1:]) + r" \\", " ".join(rules)]
-    arrows = {m: (r"$\downarrow$" if m in LOWER_IS_BETTER else r"$\uparrow$") for _, m in frame.columns}
-    lines.append(" & ".join(["Method", *[_escape(m) + arrows[m] for _, m in frame.columns]]) + r" \\")
-    lines.append(r"\midrule")
-    rounded = frame.round(2)
-    best = {c: (rounded[c].min() if c[1] in LOWER_IS_BETTER else rounded[c].max()) for c in frame.columns}
-    for method, row in rounded.iterrows():
-        cells = [_escape(method)]
-        for c in frame.columns:
-            text = f"{row[c]:.2f}"
-            cells.append(rf"\textbf{{{text}}}" if row[c] == best[c] else text)
-        lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    if caption:
-        lines.append(rf"\caption{{{_escape(caption)}}}")
-    if label:
-        lines.append(rf"\label{{{label}}}")
-    lines.append(r"\end{table}")
-    return "\n".join(lines) + "\n"
+def column_name(metric):
+    """The DataFrame column of ``metric`` (a metric name without its hyphen: AUPR_IN)."""
+    return metric.replace("-", "_").upper() if metric.startswith("AUPR") else metric
 
 
 @dataclass
@@ -105,55 +56,23 @@ class Evaluation:
     tuned: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
-    @property
-    def caption(self):
-        """The text under every table: sets, sample counts, convention, settings, skips."""
-        from .report import caption
-        return caption(self)
-
-    @property
-    def table(self):
-        """The summary in the paper layout: a DataFrame indexed by method title, columns
-        (OOD set, FPR95 / AUROC) for every set, then ("Average", each metric); percent."""
-        import pandas as pd
-        from .metrics import METRICS
-        from .report import title
-        columns = [(d, m) for d in self.ood for m in ("FPR95", "AUROC")] + [("Average", m) for m in METRICS]
-        data = [[100 * res[d][m] for d, m in columns] for res in self.results.values()]
-        return pd.DataFrame(data, index=pd.Index([title(n) for n in self.results], name="Method"),
-                            columns=pd.MultiIndex.from_tuples(columns, names=["set", "metric"]))
-
     def frame(self):
         """One row per (score, set), columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT,
         DetErr`` (fractions), with ``<metric>_low`` / ``_high`` under ``--ci``: the layout
         ``analyze.evaluate`` returns."""
         import pandas as pd
-        from .metrics import METRICS, column_name
-        rows = []
+        rows, metrics = [], []
         for name, per_set in self.results.items():
-            for dataset, metrics in per_set.items():
-                row = {"score": name, "ood": dataset, **{column_name(m): v for m, v in metrics.items()}}
+            for dataset, values in per_set.items():
+                metrics = metrics or list(values)
+                row = {"score": name, "ood": dataset, **{column_name(m): v for m, v in values.items()}}
                 for m, (lo, hi) in self.intervals.get(name, {}).get(dataset, {}).items():
                     row[f"{m}_low"], row[f"{m}_high"] = lo, hi
                 rows.append(row)
-        columns = ["score", "ood", *[column_name(m) for m in METRICS]]
+        columns = ["score", "ood", *[column_name(m) for m in metrics]]
         if self.ci and self.intervals:
             columns += ["FPR95_low", "FPR95_high", "AUROC_low", "AUROC_high"]
         return pd.DataFrame(rows, columns=columns)
-
-    def to_markdown(self):
-        """The caption and the summary table (bootstrap intervals in brackets under ``--ci``)."""
-        from .report import markdown, summary_table
-        return f"{self.caption}\n\n{markdown(*summary_table(self))}\n"
-
-    def to_csv(self, path=None):
-        """``summary.csv``'s text (one number per cell, percent); written to ``path`` when given."""
-        from .report import summary_csv_table
-        return csv_text(*summary_csv_table(self), path)
-
-    def to_latex(self, label="tab:ood"):
-        """The summary as a booktabs LaTeX table, best per column in bold, the caption under it."""
-        return latex_table(self.table, self.caption, label)
 
     def to_json(self):
         """The JSON-able part: everything but the per-row scores and paths."""
@@ -188,33 +107,6 @@ class SweepResult:
     layer_order: dict = field(default_factory=dict)
     not_stored: dict = field(default_factory=dict)
 
-    @property
-    def table(self):
-        """DataFrame indexed by variant label (``*``: a published configuration), columns
-        (set, FPR95 / AUROC) per reported set and ("Average", ...); percent, best first."""
-        import pandas as pd
-        columns = [(d, m) for d in self.reported for m in ("FPR95", "AUROC")] + [("Average", "FPR95"), ("Average", "AUROC")]
-        data = [[100 * (r["average"] if d == "Average" else r["per_set"][d])[m] for d, m in columns] for r in self.rows]
-        return pd.DataFrame(data, index=pd.Index([r["label"] + (" *" if r["paper"] else "") for r in self.rows],
-                                                 name="Variant"),
-                            columns=pd.MultiIndex.from_tuples(columns, names=["set", "metric"]))
-
-    def to_markdown(self):
-        """The sweep table as ``sweep.md`` prints it (without its caption)."""
-        from .report import markdown
-        from .sweep import sweep_table
-        return markdown(*sweep_table(self)) + "\n"
-
-    def to_csv(self, path=None):
-        """``sweep.csv``'s text; written to ``path`` when given."""
-        from .sweep import sweep_table
-        return csv_text(*sweep_table(self), path)
-
-    def to_latex(self, label="tab:sweep", top=None):
-        """The ``top`` best variants as a booktabs LaTeX table, best per column in bold."""
-        table = self.table if top is None else self.table.iloc[:top]
-        return latex_table(table, f"Sweep on {self.id}; {self.n_variants} variants, ranked by {self.metric}.", label)
-
     def to_json(self):
         """Everything, JSON-able."""
         return asdict(self)
@@ -225,7 +117,7 @@ class CheckpointsEvaluation:
     """The same evaluation over several checkpoints (``analyze.checkpoints``).
 
     runs: one ``Evaluation`` per checkpoint folder (``cache_dirs``, in order); id, ood,
-    convention as there; results: ``{score | "ensemble": {set | "Average": {metric:
+    convention as there; results: ``{score | ENSEMBLE: {set | "Average": {metric:
     {"mean", "std", "values"}}}}`` (std over checkpoints, ddof 0); failed: ``{score:
     reason}`` left out on any checkpoint; notes: lines for the user.
     """
@@ -238,18 +130,7 @@ class CheckpointsEvaluation:
     failed: dict
     notes: list = field(default_factory=list)
 
-    @property
-    def table(self):
-        """DataFrame indexed by method, columns (set, metric, "mean" / "std") for FPR95 and
-        AUROC per OOD set and the Average; percent."""
-        import pandas as pd
-        from .report import title
-        columns = [(d, m, k) for d in [*self.ood, "Average"] for m in ("FPR95", "AUROC") for k in ("mean", "std")]
-        data = [[100 * res[d][m][k] for d, m, k in columns] for res in self.results.values()]
-        return pd.DataFrame(data, index=pd.Index([title(n) for n in self.results], name="Method"),
-                            columns=pd.MultiIndex.from_tuples(columns, names=["set", "metric", "stat"]))
-
-    def to_markdown(self):
-        """The caption and the mean ± std table."""
-        from .report import checkpoints_caption, checkpoints_table, markdown
-        return f"{checkpoints_caption(self)}\n\n{markdown(*checkpoints_table(self))}\n"
+    def to_json(self):
+        """The JSON-able summary (``results.json`` of a several-checkpoint run)."""
+        return {"id": self.id, "ood": self.ood, "convention": self.convention, "cache_dirs": self.cache_dirs,
+                "results": self.results, "failed": self.failed}

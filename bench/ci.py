@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 def main():
     from gradood.analyze.api import default_ood_sets
     from gradood.analyze.engine import Engine
-    from gradood.analyze.evaluation import run_evaluation
+    from gradood.analyze.evaluator import run_evaluation
     from gradood.analyze.registry import all_entries
     cache_dir = os.path.join(ROOT, "caches", "demo-resnet18")
     if not os.path.exists(os.path.join(cache_dir, "digits.h5")):

@@ -452,7 +452,7 @@ def test_sweep_options_match_analyze(setup, tmp_path):
 
 
 def test_wide_tables_are_split_to_fit_120_columns():
-    from gradood.analyze.report import plain
+    from gradood.analyze.tables import plain
     header = ["Method", *[f"set{i} FPR95/AUROC" for i in range(8)], "Avg"]
     rows = [["GAIA-Z", *["12.34 / 56.78"] * 8, "1.00"]]
     text = plain(header, rows)

@@ -148,7 +148,8 @@ def test_python_api_equals_the_cli_without_torch(demo):
                                    "--results", str(base / "res_api"), "--scores-out", str(base / "api_scores")])
     assert res.exit_code == 0, res.output
     code = textwrap.dedent(f'''
-        import json, numpy as np, analyze
+        import json, numpy as np
+        from gradood import analyze
         with analyze.open_cache({os.path.join(cache, "noise.h5")!r}) as c:
             n = c.n_samples
             assert c.attrs["dataset"] == "noise"
@@ -241,49 +242,50 @@ def test_every_demo_table_cell_is_the_same_from_the_cli_and_the_api(demo):
     """`pipeline.py analyze --score all` and `analyze.evaluation(...)` on the same caches:
     the same scores left out, the same cells of summary.csv (and of the bootstrap
     intervals under --ci, same seed), the same LaTeX table from either result."""
-    import gradood.analyze.api as api
+    from gradood import analyze
     base, cache, _ = demo
     out = base / "res_all"
     res = CliRunner().invoke(cli, ["analyze", "--cache-dir", cache, "--id", "digits", "--ci", "90",
                                    "--resamples", "50", "--results", str(out)])
     assert res.exit_code == 0, res.output
-    ev = api.evaluation(cache, "digits", ci=90, resamples=50)
+    ev = analyze.evaluation(cache_dir=cache, id="digits", ci=90, resamples=50)
     assert len(ev.results) >= 20
     assert all(f"note: {line}" in res.output for line in ev.notes if "left out" in line)
     with open(out / "summary.csv") as f:
         cli_rows = list(csv.reader(f))
-    api_rows = list(csv.reader(io.StringIO(ev.to_csv())))
+    api_rows = list(csv.reader(io.StringIO(analyze.to_csv(ev))))
     assert cli_rows[0] == api_rows[0] and len(cli_rows) == len(api_rows) == len(ev.results) + 1
     for a, b in zip(cli_rows, api_rows):
         assert a == b
     saved = json.loads((out / "results.json").read_text())
     assert saved["results"] == json.loads(json.dumps(ev.results))
-    table = ev.table
+    table = analyze.paper_table(ev)
     assert list(table.index) == [r[0] for r in api_rows[1:]]
     assert table[("noise", "AUROC")].tolist() == [100 * ev.results[n]["noise"]["AUROC"] for n in ev.results]
 
 
 def test_latex_table_is_booktabs_with_the_best_of_each_column_in_bold(demo):
-    """Evaluation.to_latex(): one tabular in booktabs rules, a header spanning each OOD set,
+    """analyze.to_latex(evaluation): one tabular in booktabs rules, a header spanning each OOD set,
     every body row with as many cells as columns, and in each column exactly the best
     value(s) in bold (lowest FPR95, highest AUROC)."""
     import re
-    import gradood.analyze.api as api
+    from gradood import analyze
     _, cache, _ = demo
-    ev = api.evaluation(cache, "digits", scores=["msp", "energy", "maxlogit", "gaia_z"])
-    tex = ev.to_latex()
+    ev = analyze.evaluation(cache_dir=cache, id="digits", scores=["msp", "energy", "maxlogit", "gaia_z"])
+    tex = analyze.to_latex(ev)
+    table = analyze.paper_table(ev)
     lines = tex.splitlines()
     assert lines.count(r"\toprule") == lines.count(r"\midrule") == lines.count(r"\bottomrule") == 1
     assert tex.index(r"\toprule") < tex.index(r"\midrule") < tex.index(r"\bottomrule") < tex.index(r"\end{tabular}")
     spec = re.search(r"\\begin\{tabular\}\{(\w+)\}", tex).group(1)
     n_cols = len(spec)
-    assert spec == "l" + "r" * (n_cols - 1) == "l" + "r" * len(ev.table.columns)
+    assert spec == "l" + "r" * (n_cols - 1) == "l" + "r" * len(table.columns)
     assert tex.count(r"\multicolumn{2}{c}") == len(ev.ood)
     body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
     assert len(body) == len(ev.results)
     cells = [line.removesuffix(r" \\").split(" & ") for line in body]
     assert all(len(c) == n_cols for c in cells)
-    for j, (dataset, metric) in enumerate(ev.table.columns, start=1):
+    for j, (dataset, metric) in enumerate(table.columns, start=1):
         values = [float(re.sub(r"\\textbf\{(.*)\}", r"\1", c[j])) for c in cells]
         bold = [c[j].startswith(r"\textbf") for c in cells]
         best = min(values) if metric in ("FPR95", "DetErr") else max(values)

@@ -204,7 +204,7 @@ def test_tables_and_figures_a_paper_can_use(workspace, capsys):
     res = run(["sweep", "--cache-dir", cache, "--id", "digits", "--grid", "energy:temperature=1,10",
                "--results", str(base / "paper_sweep"), "--no-plots"])
     assert "on the test sets themselves" in open(base / "paper_sweep" / "sweep.md").read()
-    from gradood.analyze.evaluation import run_evaluation
+    from gradood.analyze.evaluator import run_evaluation
     capsys.readouterr()
     run_evaluation(cache, "digits", ["noise"], ["msp"], progress=True)
     assert "analyze" in capsys.readouterr().err

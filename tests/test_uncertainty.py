@@ -149,7 +149,7 @@ def members(tmp_path_factory):
 
 
 def test_checkpoints_report_mean_std_and_a_deep_ensemble(members, tmp_path):
-    from gradood.analyze.evaluation import run_evaluation
+    from gradood.analyze.evaluator import run_evaluation
     from gradood.analyze.logits import log_softmax
     from gradood.store.reader import CacheReader
     out = str(tmp_path / "res")

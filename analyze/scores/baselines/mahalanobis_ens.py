@@ -33,7 +33,16 @@ def recipe_key(attrs):
     return json.dumps(recipe, sort_keys=True)
 
 
+def has_adversarial(attrs):
+    """Empty when a validation cache (its root ``attrs``) holds the pseudo-OOD copies the
+    regression is fitted on, else what to extract."""
+    if (attrs.get("mahalanobis") or {}).get("adversarial"):
+        return ""
+    return "it has no pseudo-OOD copies (extract it with --maha-fit TRAIN_CACHE --maha-adversarial)"
+
+
 @register_score("mahalanobis_ens", title="Mahalanobis-LR", family="features", passes=("mahalanobis",), fit_memory="n M L",
+                fit_requires=has_adversarial,
                 fit_on="validation", fit_params=("m",),
                 reference="Lee et al., NeurIPS 2018; GradNorm release tune_mahalanobis_hyperparameter.py")
 class MahalanobisEnsemble:

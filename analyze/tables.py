@@ -1,29 +1,22 @@
-"""Paper-style tables of an evaluation (``analyze.evaluation.run_evaluation``), printed
-and written as CSV, JSON and Markdown.
+"""Text of the analysis: paper-style tables and captions of an ``Evaluation``, a
+``SweepResult`` and a ``CheckpointsEvaluation`` (``analyze.results``), as Markdown, plain
+text, CSV text and booktabs LaTeX, and the paper layout as a pandas DataFrame.
 
 Tables: one per score (rows = OOD sets + Average, columns = METRICS in percent) and a
 summary (rows = scores, columns = FPR95/AUROC per OOD set and the averages). Every table
-names its ID set, its OOD sets, its fitting caches and its metric convention. A results
-folder holds one consistent set: files of an earlier run (listed in ``results.json``)
-that this run does not write are removed, except fitted attributes (``fitted/``).
+names its ID set, its OOD sets, its fitting caches and its metric convention. Nothing
+here writes a file (``analyze.output`` does).
 """
 import csv
-import json
-import os
-import shutil
-import time
+import io
 
 from .metrics import METRICS
 from .registry import entry
+from .results import ENSEMBLE, CheckpointsEvaluation, Evaluation, SweepResult
+from .uncertainty import excludes_zero
 
 WIDTH = 120
-
-
-def default_results_dir(cache_dirs):
-    """Where an analysis of the cache folders ``cache_dirs`` writes by default:
-    ``results/<folder name>``, or ``results/checkpoints-<name>-<name>...`` for several."""
-    names = [os.path.basename(os.path.normpath(d)) for d in cache_dirs]
-    return os.path.join("results", names[0] if len(names) == 1 else "checkpoints-" + "-".join(names))
+LOWER_IS_BETTER = ("FPR95", "DetErr")
 
 
 def title(name):
@@ -32,21 +25,6 @@ def title(name):
         return entry(name).title
     except ValueError:
         return name
-
-
-def write_scores_csv(evaluation, out_dir):
-    """``out_dir/<score>/<dataset>.csv`` with header ``index,path,score,skipped`` in dataset
-    order; skipped (unreadable) rows have score ``nan`` and ``skipped`` 1."""
-    for dataset, by_score in evaluation.scores.items():
-        skipped = set(evaluation.skip_reasons.get(dataset, {}))
-        for name, values in by_score.items():
-            os.makedirs(os.path.join(out_dir, name), exist_ok=True)
-            with open(os.path.join(out_dir, name, f"{dataset}.csv"), "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["index", "path", "score", "skipped"])
-                for i, (p, v) in enumerate(zip(evaluation.paths[dataset], values)):
-                    flag = str(p) in skipped
-                    w.writerow([i, p, "nan" if flag else repr(float(v)), int(flag)])
 
 
 def _pct(v):
@@ -88,7 +66,6 @@ def comparison_table(evaluation, pair):
     """(header, rows) of the paired comparison ``pair`` ("A,B"): per OOD set (and Average,
     group means) the differences A - B of AUROC and FPR95 in points, their bootstrap
     intervals and DeLong's p for AUROC; "*" marks an interval that excludes zero."""
-    from .uncertainty import excludes_zero
     a, b = pair.split(",")
     level = evaluation.ci["level"]
     header = ["OOD set", f"ΔAUROC ({title(a)} − {title(b)})", f"{level:g}% CI", "DeLong p",
@@ -254,7 +231,6 @@ def checkpoints_table(ce):
     """(header, rows) of a several-checkpoint evaluation (``analyze.checkpoints``): per
     score (and the deep ensemble) FPR95 / AUROC per OOD set and the averages, as
     mean ± std over the checkpoints, in percent."""
-    from .checkpoints import ENSEMBLE
     header = ["Method", *[f"{d} FPR95 / AUROC" for d in ce.ood], "Avg FPR95 ↓", "Avg AUROC ↑"]
     rows = []
     for name, res in ce.results.items():
@@ -278,111 +254,173 @@ def checkpoints_caption(ce):
     return text
 
 
-def write_checkpoints_report(ce, out_dir):
-    """Write ``summary.md``, ``summary.csv`` (mean and std columns) and ``results.json`` of a
-    several-checkpoint evaluation into ``out_dir`` (an earlier run's files are moved to
-    ``previous/``); returns the text to print."""
-    os.makedirs(out_dir, exist_ok=True)
-    moved, kept = _keep_previous(out_dir)
-    cap = checkpoints_caption(ce)
-    header, rows = checkpoints_table(ce)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(f"{cap}\n\n{markdown(header, rows)}\n")
+def _escape(text):
+    """``text`` with LaTeX's special characters escaped."""
+    out = str(text)
+    for char, repl in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                       ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("~", r"\textasciitilde{}"), ("^", r"\^{}")):
+        out = out.replace(char, repl)
+    return out.replace(r"\textbackslash\{\}", r"\textbackslash{}")
+
+
+def csv_text(header, rows):
+    """CSV text of a table (header, rows)."""
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    return buf.getvalue()
+
+
+def latex_table(frame, caption="", label=""):
+    """A booktabs ``table`` of ``frame`` (rows = methods, columns = a two-level
+    (group, metric) MultiIndex of numbers in percent): the groups as spanning headers
+    with ``\\cmidrule``s, two decimals, the best value of each column in bold (lowest for
+    FPR95 / DetErr, highest otherwise; every tie bold)."""
+    groups = list(dict.fromkeys(g for g, _ in frame.columns))
+    spans = [[m for g2, m in frame.columns if g2 == g] for g in groups]
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{l" + "".join("r" * len(s) for s in spans) + "}", r"\toprule"]
+    head, rules, at = ["Method"], [], 2
+    for g, s in zip(groups, spans):
+        head.append(rf"\multicolumn{{{len(s)}}}{{c}}{{{_escape(g)}}}")
+        rules.append(rf"\cmidrule(lr){{{at}-{at + len(s) - 1}}}")
+        at += len(s)
+    lines += [" & ".join([""] + head[1:]) + r" \\", " ".join(rules)]
+    arrows = {m: (r"$\downarrow$" if m in LOWER_IS_BETTER else r"$\uparrow$") for _, m in frame.columns}
+    lines.append(" & ".join(["Method", *[_escape(m) + arrows[m] for _, m in frame.columns]]) + r" \\")
+    lines.append(r"\midrule")
+    rounded = frame.round(2)
+    best = {c: (rounded[c].min() if c[1] in LOWER_IS_BETTER else rounded[c].max()) for c in frame.columns}
+    for method, row in rounded.iterrows():
+        cells = [_escape(method)]
+        for c in frame.columns:
+            text = f"{row[c]:.2f}"
+            cells.append(rf"\textbf{{{text}}}" if row[c] == best[c] else text)
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(rf"\caption{{{_escape(caption)}}}")
+    if label:
+        lines.append(rf"\label{{{label}}}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(sweep, top=None):
+    """(header, rows) of the sweep, best first; values in percent."""
+    header = ["Rank", "Variant", *[f"{n} FPR95/AUROC" for n in sweep.reported],
+              "Avg FPR95 ↓", "Avg AUROC ↑"]
+    if sweep.select_on:
+        header.insert(2, f"{sweep.select_on} {sweep.metric} (selection)")
+    out = []
+    for i, r in enumerate(sweep.rows[:top] if top else sweep.rows, 1):
+        cells = [str(i), r["label"] + (" *" if r["paper"] else ""),
+                 *[f"{100 * r['per_set'][n]['FPR95']:.2f} / {100 * r['per_set'][n]['AUROC']:.2f}"
+                   for n in sweep.reported],
+                 f"{100 * r['average']['FPR95']:.2f}", f"{100 * r['average']['AUROC']:.2f}"]
+        if sweep.select_on:
+            cells.insert(2, f"{100 * r['rank_value']:.2f}")
+        out.append(cells)
+    return header, out
+
+
+def sweep_caption(sweep):
+    """The text above a sweep's table: sets, variant count, ranking, selections, what was left out."""
+    cap = (f"ID = {sweep.id}; OOD sets: {', '.join(sweep.reported)}. {sweep.n_variants} variants in "
+           f"{sweep.seconds:.1f} s on {sweep.workers} processes, from the caches only. Sorted by "
+           + (f"{sweep.metric} on the validation set {sweep.select_on} (left out of the "
+              "averages)" if sweep.select_on else
+              f"average {sweep.metric} on the test sets themselves (no validation set: a variant "
+              "chosen from this ranking is tuned on its test data; --select-on SET ranks on a held-out "
+              "OOD set instead)")
+           + "; * marks the published configurations. Metrics in %, scikit-learn convention.")
+    if sweep.selected:
+        cap += " Selected per score: " + "; ".join(f"{entry(s).title}: {l}" for s, l in sweep.selected.items()) + "."
+    if sweep.not_stored:
+        cap += (" Not swept (the default grid's variants that need statistics these caches do not "
+                "store; extract with --policy stats to sweep them): "
+                + "; ".join(f"{entry(s).title} {v['count']} ({v['example']})" for s, v in sweep.not_stored.items())
+                + ".")
+    return cap
+
+
+def paper_table(result):
+    """The paper layout as a DataFrame, in percent.
+
+    Evaluation: indexed by method title, columns (OOD set, FPR95 / AUROC) for every set,
+    then ("Average", each metric). SweepResult: indexed by variant label (``*``: a
+    published configuration), columns (set, FPR95 / AUROC) per reported set and
+    ("Average", ...), best first. CheckpointsEvaluation: indexed by method, columns (set,
+    metric, "mean" / "std") for FPR95 and AUROC per OOD set and the Average.
+    """
+    import pandas as pd
+    if isinstance(result, Evaluation):
+        columns = [(d, m) for d in result.ood for m in ("FPR95", "AUROC")] + [("Average", m) for m in METRICS]
+        data = [[100 * res[d][m] for d, m in columns] for res in result.results.values()]
+        index = pd.Index([title(n) for n in result.results], name="Method")
+        names = ["set", "metric"]
+    elif isinstance(result, SweepResult):
+        columns = [(d, m) for d in result.reported for m in ("FPR95", "AUROC")] + [("Average", "FPR95"),
+                                                                                   ("Average", "AUROC")]
+        data = [[100 * (r["average"] if d == "Average" else r["per_set"][d])[m] for d, m in columns]
+                for r in result.rows]
+        index = pd.Index([r["label"] + (" *" if r["paper"] else "") for r in result.rows], name="Variant")
+        names = ["set", "metric"]
+    elif isinstance(result, CheckpointsEvaluation):
+        columns = [(d, m, k) for d in [*result.ood, "Average"] for m in ("FPR95", "AUROC") for k in ("mean", "std")]
+        data = [[100 * res[d][m][k] for d, m, k in columns] for res in result.results.values()]
+        index = pd.Index([title(n) for n in result.results], name="Method")
+        names = ["set", "metric", "stat"]
+    else:
+        raise TypeError(f"no paper table for a {type(result).__name__}")
+    return pd.DataFrame(data, index=index, columns=pd.MultiIndex.from_tuples(columns, names=names))
+
+
+def table_rows(result):
+    """(header, rows) of the main table of ``result`` (what ``summary.csv`` / ``sweep.csv``
+    hold: one number per cell for an evaluation, the printed cells otherwise)."""
+    if isinstance(result, Evaluation):
+        return summary_csv_table(result)
+    if isinstance(result, SweepResult):
+        return sweep_table(result)
+    if isinstance(result, CheckpointsEvaluation):
+        return checkpoints_csv_table(result)
+    raise TypeError(f"no table for a {type(result).__name__}")
+
+
+def to_markdown(result):
+    """The caption and the main table of ``result`` as Markdown (bootstrap intervals in
+    brackets under ``--ci``); a sweep's table without its caption."""
+    if isinstance(result, Evaluation):
+        return f"{caption(result)}\n\n{markdown(*summary_table(result))}\n"
+    if isinstance(result, SweepResult):
+        return markdown(*sweep_table(result)) + "\n"
+    if isinstance(result, CheckpointsEvaluation):
+        return f"{checkpoints_caption(result)}\n\n{markdown(*checkpoints_table(result))}\n"
+    raise TypeError(f"no Markdown for a {type(result).__name__}")
+
+
+def to_csv_text(result):
+    """CSV text of ``result``'s main table (``table_rows``)."""
+    return csv_text(*table_rows(result))
+
+
+def to_latex(result, label=None, top=None):
+    """``result`` as a booktabs LaTeX table, the best value of each column in bold, the
+    caption under it (a sweep: its ``top`` best variants)."""
+    if isinstance(result, SweepResult):
+        table = paper_table(result) if top is None else paper_table(result).iloc[:top]
+        return latex_table(table, f"Sweep on {result.id}; {result.n_variants} variants, ranked by {result.metric}.",
+                           label or "tab:sweep")
+    if isinstance(result, Evaluation):
+        return latex_table(paper_table(result), caption(result), label or "tab:ood")
+    raise TypeError(f"no LaTeX table for a {type(result).__name__}")
+
+
+def checkpoints_csv_table(ce):
+    """(header, rows) of a several-checkpoint ``summary.csv``: mean and std columns per
+    (set, metric), percent."""
     spans = [*ce.ood, "Average"]
-    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", *[f"{d} {m} {k}" for d in spans for m in ("FPR95", "AUROC") for k in ("mean", "std")]])
-        for name, res in ce.results.items():
-            w.writerow([name, *[f"{100 * res[d][m][k]:.2f}" for d in spans for m in ("FPR95", "AUROC")
-                                for k in ("mean", "std")]])
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"id": ce.id, "ood": ce.ood, "convention": ce.convention, "cache_dirs": ce.cache_dirs,
-                   "results": ce.results, "failed": ce.failed,
-                   "files": ["summary.md", "summary.csv"]}, f, indent=2)
-    note = f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
-    return cap + "\n\n" + plain(header, rows) + note
-
-
-def _keep_previous(out_dir):
-    """Move the files an earlier run listed in ``results.json`` (and that manifest) into
-    ``out_dir/previous/<time of that run>/``, so a new run's set is consistent and nothing
-    is lost (fitted attributes stay). Returns ``(number of files moved, folder)`` or
-    ``(0, None)``."""
-    manifest = os.path.join(out_dir, "results.json")
-    if not os.path.exists(manifest):
-        return 0, None
-    try:
-        with open(manifest) as f:
-            files = json.load(f).get("files", [])
-    except (OSError, ValueError):
-        files = []
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(manifest)))
-    dest = os.path.join(out_dir, "previous", stamp)
-    suffix = 1
-    while os.path.exists(dest):
-        suffix += 1
-        dest = os.path.join(out_dir, "previous", f"{stamp}-{suffix}")
-    moved = 0
-    for rel in [*files, "results.json"]:
-        path = os.path.join(out_dir, rel)
-        if rel in ("fitted", "previous", "") or not os.path.exists(path):
-            continue
-        os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
-        moved += sum(len(f) for _, _, f in os.walk(path)) if os.path.isdir(path) else 1
-        shutil.move(path, os.path.join(dest, rel))
-    return moved, dest
-
-
-def write_report(evaluation, out_dir, extra_files=()):
-    """Write per-score and summary tables (CSV, JSON, Markdown) into ``out_dir`` after
-    moving an earlier run's files to ``previous/<its time>/`` (``_keep_previous``); returns
-    the text to print. extra_files: paths (relative to out_dir) written besides, e.g.
-    plots, listed in the manifest."""
-    os.makedirs(out_dir, exist_ok=True)
-    moved, kept = _keep_previous(out_dir)
-    cap = caption(evaluation)
-    files = []
-    for name in evaluation.results:
-        header, rows = score_table(evaluation, name)
-        with open(os.path.join(out_dir, f"{name}.csv"), "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
-        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-            f.write(f"### {title(name)}\n\n{cap}\n\n{markdown(header, rows)}\n")
-        files += [f"{name}.csv", f"{name}.md"]
-    os.makedirs(os.path.join(out_dir, "ood"), exist_ok=True)
-    for name in evaluation.results:
-        with open(os.path.join(out_dir, "ood", f"{name}.csv"), "w", newline="") as f:
-            csv.writer(f).writerows(openood_csv_rows(evaluation, name))
-    header, rows = summary_table(evaluation)
-    text = plain(header, rows)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(f"{cap}\n\n{markdown(header, rows)}\n")
-        if evaluation.groups:
-            gh, gr = grouped_table(evaluation)
-            f.write(f"\nNear-OOD and far-OOD (OpenOOD's grouping; averages are unweighted means over "
-                    f"each group's sets):\n\n{markdown(gh, gr)}\n")
-            text = plain(gh, gr) + "\n\n" + text
-    for pair in evaluation.comparisons:
-        ch, cr = comparison_table(evaluation, pair)
-        stem = "compare_" + pair.replace(",", "_vs_")
-        with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-            f.write(f"### {title(pair.split(',')[0])} vs {title(pair.split(',')[1])}\n\n{cap}\n\n{markdown(ch, cr)}\n")
-        with open(os.path.join(out_dir, f"{stem}.csv"), "w", newline="") as f:
-            csv.writer(f).writerows([ch, *cr])
-        files += [f"{stem}.md", f"{stem}.csv"]
-        text += "\n\n" + plain(ch, cr)
-    csv_header, csv_rows = summary_csv_table(evaluation)
-    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([csv_header, *csv_rows])
-    files += ["summary.md", "summary.csv", "ood", *extra_files]
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"id": evaluation.id, "ood": evaluation.ood, "convention": evaluation.convention,
-                   "fit_caches": evaluation.fit_caches, "settings": evaluation.settings,
-                   "skipped": evaluation.skipped, "partial": evaluation.partial,
-                   "skipped_files": evaluation.skip_reasons,
-                   "groups": evaluation.groups, "id_accuracy": evaluation.id_accuracy,
-                   "results": evaluation.results, "ci": evaluation.ci,
-                   "intervals": evaluation.intervals, "comparisons": evaluation.comparisons,
-                   "files": files}, f, indent=2)
-    note = f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
-    return cap + "\n\n" + text + note
+    header = ["method", *[f"{d} {m} {k}" for d in spans for m in ("FPR95", "AUROC") for k in ("mean", "std")]]
+    rows = [[name, *[f"{100 * res[d][m][k]:.2f}" for d in spans for m in ("FPR95", "AUROC") for k in ("mean", "std")]]
+            for name, res in ce.results.items()]
+    return header, rows
