@@ -41,7 +41,7 @@ demo: install
 	$(PY) pipeline.py demo
 
 # Three seeds of the demo classifier, each in its own checkpoint and cache folder, then
-# one table of mean ± std over them with a deep-ensemble row (18.7 minutes on 2 cores).
+# one table of mean ± std over them with a deep-ensemble row (its measured time: docs/metrics.md).
 SEEDS ?= 0 1 2
 demo-seeds: install
 	for s in $(SEEDS); do $(PY) pipeline.py demo --seed $$s --extract-only \

@@ -5,7 +5,7 @@ Inside it, imports run one way: compute (registry, scores, fitting, engine, eval
 sweep, tuning, checkpoints) -> data (``results``) -> text (``tables``) -> files
 (``output``, ``plots``); ``api`` is the door that joins them.
 
-Public API (``from gradood import analyze``; see the README, "From Python"):
+Public API (``from gradood import analyze``; see the README, "Python"):
     open_cache(path)                          a cache, read-only (context manager)
     score(cache_dir, dataset, name, **params) (N,) scores, higher = more in-distribution
     evaluation(cache_dir=..., id=..., ...)    an Evaluation (or evaluation(AnalysisRequest(...)))

@@ -7,6 +7,7 @@ that cannot serve a score or cannot be combined. Library code: raises, never pri
 """
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -143,7 +144,7 @@ def fitted_state(estimator):
         if isinstance(value, dict):
             out.update({f"{key}/{k}": np.asarray(v) for k, v in value.items()})
         else:
-            out[key] = np.asarray(value)
+            out[key] = value if isinstance(value, np.memmap) else np.asarray(value)
     return out
 
 
@@ -209,16 +210,25 @@ def _load_fit(where, key):
     return state
 
 
+def _npy_file(value):
+    """True when ``value`` is a writable memory map of a whole ``.npy`` file."""
+    return (isinstance(value, np.memmap) and value.mode == "w+" and str(value.filename or "").endswith(".npy")
+            and value.offset == os.path.getsize(value.filename) - value.nbytes)
+
+
 def _save_fit(where, key, state):
     """Write ``state`` ({attribute: array}) and ``key`` to folder ``where``, replacing what
     was there only once the new fit is whole (written to ``<where>.tmp`` first)."""
-    import shutil
     tmp = where + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for name, value in state.items():
         path = os.path.join(tmp, *name.split("/")) + ".npy"
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.save(path, np.asarray(value), allow_pickle=False)
+        if _npy_file(value):            # an array on disk (streaming.disk_array): copy its file
+            value.flush()
+            shutil.copyfile(value.filename, path)
+        else:
+            np.save(path, np.asarray(value), allow_pickle=False)
     os.makedirs(tmp, exist_ok=True)
     with open(os.path.join(tmp, "key.json"), "w") as f:
         f.write(key)

@@ -21,6 +21,8 @@ variants (``layer_set``), the tables' titles.
 import importlib.util
 import inspect
 import os
+import pkgutil
+import re
 import sys
 from typing import Callable, NamedTuple, Optional
 
@@ -86,6 +88,12 @@ class ScoreEntry(NamedTuple):
     defined_on: Optional[Callable] = None
     fit_memory: str = ""
     fit_requires: Optional[Callable] = None
+
+    @property
+    def fit_grows(self):
+        """True when what a fit holds grows with the fitting set: its ``fit_memory`` names
+        ``n``, the number of fitting rows."""
+        return bool(re.search(r"\bn\b", self.fit_memory))
 
     @property
     def fitted(self):
@@ -327,7 +335,22 @@ def load_plugin(path):
 _BUILTINS_LOADED = []
 
 
+def builtin_modules(package=None):
+    """Names of the built-in score modules, discovered (never listed): the modules of
+    ``gradood.analyze.scores`` in alphabetical order (the gradient scores), then those of
+    each subpackage (``baselines``), each in alphabetical order. That is the order of the
+    registry, of ``--score all`` and of the tables. Adding a detector is adding a module."""
+    package = package or _BUILTIN_PREFIX + "scores"
+    root = importlib.import_module(package)
+    found = sorted(pkgutil.iter_modules(root.__path__), key=lambda m: m.name)
+    modules = [f"{package}.{m.name}" for m in found if not m.ispkg]
+    for sub in (m for m in found if m.ispkg):
+        modules += builtin_modules(f"{package}.{sub.name}")
+    return modules
+
+
 def _load_builtins():
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED.append(True)
-        importlib.import_module(_BUILTIN_PREFIX + "scores")
+        for module in builtin_modules():
+            importlib.import_module(module)

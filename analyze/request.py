@@ -29,10 +29,11 @@ def check_ood_sets(id_name, ood_names):
         raise ValueError("no OOD set to evaluate against")
 
 
-def as_items(value, option, split=False):
+def as_items(value, option, split=False, pairs=False):
     """A tuple of the items of ``value``: None and "" give (); one string is one item (or,
     with ``split``, its comma-separated parts); any other iterable is taken item by item.
-    Items must be strings (or, with ``split``, pairs), named by ``option`` in errors."""
+    Items must be strings, or, with ``pairs``, also pairs of strings (kept as tuples);
+    ``option`` names the argument in errors."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -45,7 +46,7 @@ def as_items(value, option, split=False):
     for item in items:
         if isinstance(item, str):
             out += [p.strip() for p in item.split(",") if p.strip()] if split else [item]
-        elif split and isinstance(item, (tuple, list)):
+        elif pairs and isinstance(item, (tuple, list)) and all(isinstance(n, str) for n in item):
             out.append(tuple(item))
         else:
             raise ValueError(f"{option}: expected names (strings), got {item!r}")
@@ -129,7 +130,7 @@ class AnalysisRequest:
             object.__setattr__(self, name, value)
         put("scores", as_items(self.scores, "scores", split=True) or ("all",))
         put("ood", as_items(self.ood, "ood"))
-        put("compare", as_items(self.compare, "compare"))
+        put("compare", as_items(self.compare, "compare", pairs=True))
         put("checkpoint_dirs", as_items(self.checkpoint_dirs, "checkpoint_dirs", split=True))
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention {self.convention!r}: choose one of {', '.join(CONVENTIONS)}")

@@ -8,6 +8,11 @@ in one block the results are exactly those of the in-memory formula (the same nu
 operations on the same array); over several blocks they differ only by the order of
 floating-point sums (documented per function).
 """
+import os
+import shutil
+import tempfile
+import weakref
+
 import numpy as np
 
 _HIGH = 1 << 16
@@ -197,3 +202,14 @@ def gather(data, rows, get):
             parts.append(get(block)[mine])
         at += block.n
     return np.concatenate(parts)
+
+
+def disk_array(shape, dtype):
+    """A zero-filled ``np.memmap`` of ``shape`` and ``dtype`` backed by a ``.npy`` file in a
+    temporary folder that is removed with the array: an array as large as the disk allows,
+    filled block by block, of which only the touched pages stay in memory. A fit that keeps
+    one (KNN's bank) is saved by copying that file (``analyze.fitting.FitStore``)."""
+    folder = tempfile.mkdtemp(prefix="gradood-")
+    array = np.lib.format.open_memmap(os.path.join(folder, "array.npy"), mode="w+", dtype=dtype, shape=shape)
+    weakref.finalize(array, shutil.rmtree, folder, True)
+    return array

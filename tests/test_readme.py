@@ -1,15 +1,20 @@
-"""Every command of the README runs as written, in order, in a fresh working folder.
+"""Every command of the README and of the pages under docs/ runs as written, in order
+(the README, then the pages in ``PAGES`` order), in one fresh working folder.
 
-``bash`` blocks: ``pipeline.py`` commands run (through click, in a folder holding the
-demo data and a demo-layout checkpoint), with the README's placeholders bound to small
-real files (CKPT, DIR_ID, DIR_TRAIN, DIR_OOD, ROOT, CACHE, CACHE_OPENOOD, OUT); extractions get
-``--limit 60`` appended (training caches ``--limit 600``, enough rows for the
-covariance fits) so the whole README runs in about a minute. ``make`` lines are
-expanded with ``make -n`` (the recipes run in the other tests). ``pip install`` lines are
-what ``tests/test_install.py`` runs. ``python`` blocks run as Python; a block whose first
-line is ``# NAME.py`` is written to that file. The ``sh`` block (a SLURM job script) needs
-a cluster and is not run. The examples of ``extract --help`` are run the same way.
+``bash`` blocks: ``pipeline.py`` commands (also written ``gradood ...`` or ``python -m
+gradood ...``) run through click, in a folder holding the demo data and a demo-layout
+checkpoint, with the pages' placeholders bound to small real files (CKPT, DIR_ID,
+DIR_TRAIN, DIR_OOD, ROOT, CACHE, CACHE_OPENOOD, OUT); extractions get ``--limit 60``
+appended (training caches ``--limit 600``, enough rows for the covariance fits) so every
+page runs in a few minutes. ``make`` lines are expanded with ``make -n`` (the recipes run
+in the other tests). ``pip install`` lines are what ``tests/test_install.py`` runs.
+``python`` blocks run as Python; a block whose first line is ``# NAME.py`` is written to
+that file. ``sh`` blocks (a SLURM job script) and ``text`` blocks are shown, not run; a
+block of any other language, or of none, fails the test. Relative links between the pages
+must name an existing file and heading. The examples of ``extract --help`` are run the
+same way.
 """
+import glob
 import os
 import re
 import shlex
@@ -27,10 +32,26 @@ from test_openood import build_openood_root
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The order the pages run in: later pages use the caches the README's commands extract.
+PAGES = ["README.md", "docs/README.md", "docs/data.md", "docs/models.md", "docs/scores.md", "docs/metrics.md",
+         "docs/sweeps.md", "docs/openood.md", "docs/cache.md", "docs/clusters.md", "docs/benchmarks.md"]
+RUN, SHOWN = ("bash", "python"), ("sh", "text")
+
 
 def blocks(text):
-    """``[(language, body)]`` of the fenced code blocks of a Markdown text."""
-    return re.findall(r"```(\w+)\n(.*?)```", text, flags=re.S)
+    """``[(language, body)]`` of the fenced code blocks of a Markdown text ("" when none is named)."""
+    return re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def read(page):
+    with open(os.path.join(ROOT, page)) as f:
+        return f.read()
+
+
+def slug(heading):
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
 
 
 def commands(body):
@@ -84,42 +105,69 @@ def run_line(line, names, cwd):
     words = shlex.split(line)
     if words[0] == "make":
         p = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True)
-        assert p.returncode == 0 and "pipeline.py" in p.stdout or "pytest" in p.stdout or "bench/run.py" in p.stdout, \
+        assert p.returncode == 0 and any(s in p.stdout for s in ("pipeline.py", "pytest", "bench/")), \
             f"{line}\n{p.stdout}{p.stderr}"
         return "make"
     if words[0] == "pip":
         return "pip"
-    if words[:2] in (([".venv/bin/python", "pipeline.py"]), (["python", "pipeline.py"])):
-        run_pipeline(words[2:], names, cwd)
-        return "pipeline"
+    for prefix in (["gradood"], [".venv/bin/gradood"], ["python", "-m", "gradood"], [".venv/bin/python", "-m", "gradood"],
+                   ["python", "pipeline.py"], [".venv/bin/python", "pipeline.py"]):
+        if words[:len(prefix)] == prefix:
+            run_pipeline(words[len(prefix):], names, cwd)
+            return "pipeline"
     if words[0] == ".venv/bin/python" and words[1] == "bench/devices.py":
         return "devices"
-    raise AssertionError(f"a README command the test does not know how to run: {line}")
+    raise AssertionError(f"a command the test does not know how to run: {line}")
 
 
-def test_every_readme_command_runs(workdir):
-    base, names = workdir
-    text = open(os.path.join(ROOT, "README.md")).read()
-    ran = {"pipeline": 0, "python": 0, "make": 0}
-    for lang, body in blocks(text):
-        if lang == "python":
-            first = body.splitlines()[0]
-            m = re.match(r"# (\w+\.py)$", first)
-            if m:
-                (base / m.group(1)).write_text(body)
+def test_pages_are_listed_and_linked():
+    """Every docs page runs here, the index links every page, every block is of a known
+    language, and every relative link names an existing file (and heading)."""
+    assert sorted(PAGES[1:]) == sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    index = read("docs/README.md")
+    for page in PAGES[2:]:
+        assert f"]({os.path.basename(page)})" in index, f"docs/README.md does not link {page}"
+    for page in PAGES:
+        text = read(page)
+        for lang, _ in blocks(text):
+            assert lang in RUN + SHOWN, f"{page}: a ```{lang} block (give it one of {RUN + SHOWN})"
+        prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"\w+://", target):
                 continue
-            old = os.getcwd()
-            os.chdir(base)
-            try:
-                exec(compile(body, "README.md", "exec"), {})
-            finally:
-                os.chdir(old)
-            ran["python"] += 1
-        elif lang == "bash":
-            for line in commands(body):
-                kind = run_line(line, names, base)
-                ran[kind] = ran.get(kind, 0) + 1
-    assert ran["pipeline"] >= 15 and ran["python"] == 3 and ran["make"] >= 7, ran
+            file, _, anchor = target.partition("#")
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(page), file)) if file else \
+                os.path.join(ROOT, page)
+            assert os.path.exists(path), f"{page}: link {target}: no {path}"
+            if anchor and path.endswith(".md"):
+                headings = [slug(h) for h in re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", read(path),
+                                                                             flags=re.S | re.M), flags=re.M)]
+                assert anchor in headings, f"{page}: link {target}: no heading #{anchor} in {file or page}"
+
+
+def test_every_command_of_the_pages_runs(workdir):
+    base, names = workdir
+    ran = {"pipeline": 0, "python": 0, "make": 0}
+    for page in PAGES:
+        for lang, body in blocks(read(page)):
+            if lang == "python":
+                first = body.splitlines()[0]
+                m = re.match(r"# (\w+\.py)$", first)
+                if m:
+                    (base / m.group(1)).write_text(body)
+                    continue
+                old = os.getcwd()
+                os.chdir(base)
+                try:
+                    exec(compile(body, page, "exec"), {})
+                finally:
+                    os.chdir(old)
+                ran["python"] += 1
+            elif lang == "bash":
+                for line in commands(body):
+                    kind = run_line(line, names, base)
+                    ran[kind] = ran.get(kind, 0) + 1
+    assert ran["pipeline"] >= 20 and ran["python"] == 3 and ran["make"] >= 15, ran
     assert os.path.exists(base / "caches" / "python" / "random.h5")
     assert os.path.exists(os.path.join(names["OUT"], "margin", "noise.csv")) is False  # OUT holds the OpenOOD run
     assert os.path.exists(os.path.join(names["OUT"], "gaia_z"))

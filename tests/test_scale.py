@@ -10,14 +10,23 @@ from sklearn.neighbors import NearestNeighbors
 
 import gradood.analyze.data as data_module
 from gradood.analyze.fitting import FitStore, fit_estimator, score_cache
-from gradood.analyze.registry import entry
+from gradood.analyze.registry import all_entries, entry
 from gradood.analyze.streaming import exact_percentile, kth_nearest
 from gradood.store.gaussian import class_gaussian, sq_distances
 from gradood.store.reader import CacheReader
 from gradood.store.synthetic import write_synthetic
 
-FITTED = ("mahalanobis", "rmds", "vim", "residual", "react", "dice", "fdbd", "klm", "she", "nac",
-          "knn", "gradorth", "neco", "nnguide")
+
+def _synthetic_attrs():
+    import tempfile
+    with CacheReader(write_synthetic(tempfile.mkdtemp() + "/probe.h5", 12, num_classes=3, dim=4)) as r:
+        return r.attrs
+
+
+# every fitted score a synthetic cache serves (logits, features, head), from the registry
+FITTED = [n for n, e in all_entries().items() if e.fitted and not e.problems(_synthetic_attrs())]
+# ... and of those, the fits whose memory does not grow with the fitting set (fit_memory)
+BOUNDED = [n for n in FITTED if not entry(n).fit_grows]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +57,7 @@ def test_streamed_fit_equals_one_block(caches, name, monkeypatch):
     one, a = fit_and_score(train, (test, ood), name, 1 << 30, monkeypatch)
     many, b = fit_and_score(train, (test, ood), name, 150 * 8 * (24 + 12), monkeypatch)
     assert data_module.fit_block_rows(type("D", (), {"attrs": {"feature_dim": 24, "num_classes": 12}, "_needs": None})()) == 150
-    if name in ("react", "dice", "fdbd", "nac", "nnguide", "knn", "she"):
-        np.testing.assert_array_equal(a, b)
-    else:
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.abs(a).max())
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * np.abs(a).max())
     assert np.ptp(a) > 0
 
 
@@ -113,7 +119,8 @@ def test_fit_memory_does_not_grow_with_the_training_set(tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "FIT_BLOCK_BYTES", 500 * 8 * (64 + 20))
     small = write_synthetic(str(tmp_path / "a_train.h5"), 4000, num_classes=20, dim=64, seed=1, split="train")
     large = write_synthetic(str(tmp_path / "b_train.h5"), 16000, num_classes=20, dim=64, seed=1, split="train")
-    for name in ("mahalanobis", "rmds", "vim", "react", "nac", "knn", "klm"):
+    assert "knn" in BOUNDED and "relation" not in BOUNDED
+    for name in BOUNDED:
         peaks = []
         for path in (small, large):
             with CacheReader(path) as r:
@@ -125,7 +132,7 @@ def test_fit_memory_does_not_grow_with_the_training_set(tmp_path, monkeypatch):
         assert peaks[1] <= 1.3 * peaks[0] + 9 * 16000 * 2, (name, peaks)
 
 
-def test_knn_bank_is_read_from_the_training_cache_and_alpha_subsamples(caches):
+def test_knn_bank_is_held_on_disk_and_alpha_subsamples(caches):
     train, test, _ = caches
     with CacheReader(train) as r:
         full = fit_estimator(r, "knn")
@@ -134,6 +141,7 @@ def test_knn_bank_is_read_from_the_training_cache_and_alpha_subsamples(caches):
         other = fit_estimator(r, "knn", {"alpha": 0.1, "seed": 4})
         x = r.read_all("features").astype(np.float64)
     assert len(full.bank_rows_) == 3000 and len(sub.bank_rows_) == 300
+    assert isinstance(full.bank_, np.memmap) and full.bank_.shape == (3000, 24)
     np.testing.assert_array_equal(sub.bank_rows_, again.bank_rows_)
     assert not np.array_equal(sub.bank_rows_, other.bank_rows_)
     assert "alpha" in entry("knn").fit_params
