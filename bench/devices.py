@@ -17,8 +17,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, ROOT)         # the package bench (helpers shared with the tests)
 
 SCORES = ("gaia_z", "gaia_a", "gradnorm", "msp", "maxlogit", "energy", "odin")
 BAR_RELATIVE = 1e-5
@@ -32,7 +31,7 @@ def compare_caches(cpu_path, gpu_path, scores=SCORES):
     """
     import h5py
 
-    from helpers import compute_score
+    from bench.helpers import compute_score
     from gradood.store.reader import CacheReader
     out = {"scores": {}, "counts": {"entries": 0, "differing": 0, "max_abs": 0, "by_layer": {}}}
     with CacheReader(cpu_path) as a, CacheReader(gpu_path) as b:
@@ -66,7 +65,7 @@ def main(argv=None):
 
     import torch
 
-    from run import _device_description, _extract, _load_images, _load_model
+    from bench.run import _device_description, _extract, _load_images, _load_model
     if not torch.cuda.is_available():
         print("bench/devices.py: no CUDA device on this machine; run it where `nvidia-smi` "
               "lists a GPU", file=sys.stderr)

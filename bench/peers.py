@@ -26,7 +26,7 @@ import tempfile
 import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)         # the package bench (helpers shared with the tests)
 
 OPENOOD_FILES = ("postprocessors/base_postprocessor.py", "postprocessors/info.py", "postprocessors/vra_postprocessor.py",
                  "postprocessors/gram_postprocessor.py", "postprocessors/cfood_postprocessor.py",
@@ -61,7 +61,7 @@ def main():
     from gradood.extract import datasets as D
     from gradood.extract.checkpoint import load_checkpoint
     from gradood.extract.models import build_model
-    from helpers import compute_score, extract_tensor, fit_score
+    from bench.helpers import compute_score, extract_tensor, fit_score
     from gradood.store.reader import CacheReader
     torch.Tensor.cuda = lambda self, *a, **k: self          # the releases call .cuda(); this machine has none
     work = tempfile.mkdtemp()

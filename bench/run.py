@@ -2,7 +2,7 @@
 extraction plus analysis from the cache, on the same model and the same images.
 
 (a) the authors' way: a GAIA-Z pass and a GAIA-A pass over batches, GradNorm at batch
-    size 1, each computing its score directly (``tests/authors_reference.py``, the
+    size 1, each computing its score directly (``bench/authors_reference.py``, the
     re-implementations the test suite pins our scores to), and one plain forward pass for
     the logit baselines (MSP, energy);
 (b) ours: one extraction serving gaia_a, gaia_z, gradnorm, msp and energy, then every
@@ -135,7 +135,7 @@ def _load_model(torch):
     """(model in eval mode, description): the demo checkpoint when present."""
     from gradood.extract.checkpoint import load_checkpoint
     from gradood.extract.models import build_model
-    from helpers import randomize_norms
+    from bench.helpers import randomize_norms
     model = build_model(ARCH, 10)
     ckpt = os.path.join(ROOT, "checkpoints", "demo_resnet18.pt")
     if os.path.exists(ckpt):
@@ -151,7 +151,7 @@ def _extract(model, images, cache_file, scores, policies, batch_size, device, sh
     """Our extraction of ``images`` into ``cache_file`` (``extract.extract_to_cache``, on ``device``)."""
     from gradood.analyze import requirements
     from gradood.extract import ExtractConfig, Provenance, ExtractionPlan, extract_to_cache
-    from helpers import image_set
+    from bench.helpers import image_set
     needs, passes = requirements(scores, params)
     policies = dict(policies)
     config = ExtractConfig(arch=ARCH, needs=needs, passes=passes, policy=policies.pop("*", "scores"),
@@ -432,13 +432,12 @@ def main(argv=None):
         return child_analyse(args.child_analyse)
 
     wall0 = time.perf_counter()
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     import torch
 
-    import authors_reference as ref
+    from bench import authors_reference as ref
     from gradood.analyze.registry import default_scores
     from gradood.extract.runner import select_device
-    from helpers import compute_score, rel_err
+    from bench.helpers import compute_score, rel_err
     from gradood.store.benchmarks import benchmark
     from gradood.store.reader import CacheReader
 

@@ -12,10 +12,10 @@ cache's root attributes.
 from dataclasses import dataclass, field
 from typing import Optional
 
-from gradood.store.recipes import BATCH_SIZE, PASSES, check_needs
+from gradood.store.recipes import BATCH_SIZE, ODIN_DEFAULT as ODIN_PAIR, PASSES, check_needs
 from gradood.store.schema import POLICIES, odin_pass
 
-ODIN_DEFAULT = ((1000.0, 0.0014, False),)
+ODIN_DEFAULT = ((*ODIN_PAIR, False),)
 
 
 @dataclass

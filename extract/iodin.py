@@ -12,7 +12,9 @@ ODIN pass of the same T) and one forward per batch.
 """
 import torch
 
-RECIPE = {"temperature": 1000.0, "epsilon": 0.0014}
+from gradood.store.recipes import ODIN_DEFAULT
+
+RECIPE = {"temperature": ODIN_DEFAULT[0], "epsilon": ODIN_DEFAULT[1]}
 
 
 def perturbed(x, grad, std, epsilon=RECIPE["epsilon"]):

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Optional
 
+from .recipes import ODIN_DEFAULT
+
 
 def _frozen(value):
     """``value`` with every dict a read-only mapping and every list a tuple."""
@@ -71,7 +73,7 @@ class Benchmark:
 
 # ODIN (temperature, epsilon): the ODIN paper's CIFAR setting; for ImageNet the GradNorm /
 # MOS releases run ODIN with T=1000 and no input perturbation (epsilon 0).
-ODIN_CIFAR = [(1000.0, 0.0014)]
+ODIN_CIFAR = [ODIN_DEFAULT]
 ODIN_IMAGENET = [(1000.0, 0.0)]
 
 # Score parameters that differ by benchmark, as the releases set them: ASH-S at
@@ -105,7 +107,7 @@ def _openood(bench, num_classes, arch, preprocess, near, far, val_ood, id_dir, s
         sets[name] = entry(f"test_{name}.txt", folder)
     sets[val_cache_name(val_ood[0])] = entry(f"val_{val_ood[0]}.txt", val_ood[1])
     return Benchmark(id=bench, preprocess=preprocess, arch=arch, num_classes=num_classes,
-                     odin=[(1000.0, 0.0014, True)], score_params=score_params or {}, sets=sets,
+                     odin=[(*ODIN_DEFAULT, True)], score_params=score_params or {}, sets=sets,
                      groups={"near": [n for n, _ in near], "far": [n for n, _ in far]},
                      val_id=val_cache_name(bench), val_ood=val_cache_name(val_ood[0]), openood=True)
 

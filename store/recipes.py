@@ -37,6 +37,9 @@ _PASS_HOW = {
 
 # Images per extraction batch when none is given (CLI, Python config, Makefile).
 BATCH_SIZE = 64
+# The ODIN pass (temperature, epsilon) of the ODIN paper's CIFAR setting: the default of the
+# extraction, the CIFAR presets and the iODIN pass.
+ODIN_DEFAULT = (1000.0, 0.0014)
 
 # The named hook sets every model adapter defines (``extract.adapters.generic``).
 HOOK_SETS = ("bn", "before_head", "before_head_gn", "nac", "penultimate", "gram")

@@ -1,4 +1,4 @@
-"""Cache schema, version 2: the one place that defines what a cache file holds.
+"""Cache schema (``SCHEMA_VERSION``): the one place that defines what a cache file holds.
 
 The schema is data (``ROOT_ATTRS``, ``DATASETS``): the writer's layout is built from it
 (``layout``), the reader validates every file against it (``validate``), and two caches

@@ -1,3 +1,4 @@
 """Shared test configuration. The package under test is ``gradood`` as installed
-(``make install``: an editable install of this checkout); ``helpers`` and
-``authors_reference`` sit beside the tests (pytest puts this folder on ``sys.path``)."""
+(``make install``: an editable install of this checkout). What the tests share with the
+benchmarks (small models, in-memory extraction, the authors' passes re-implemented) is
+the package ``bench`` of this checkout (``pythonpath = .`` in setup.cfg)."""

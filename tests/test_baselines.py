@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import EmpiricalCovariance
 
-import authors_reference as ref
-from helpers import compute_score, fit_score
+from bench import authors_reference as ref
+from bench.helpers import compute_score, fit_score
 from gradood.extract.models import build_model
-from helpers import extract_tensor, randomize_norms, rel_err
+from bench.helpers import extract_tensor, randomize_norms, rel_err
 from gradood.store.reader import CacheReader
 
 

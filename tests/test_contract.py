@@ -38,7 +38,7 @@ from gradood.extract.cli_support import _maha_setup
 from gradood.extract.models import build_model
 from gradood.store.reader import CacheReader
 from gradood.store.synthetic import write_synthetic
-from helpers import extract_tensor, randomize_norms
+from bench.helpers import extract_tensor, randomize_norms
 
 SCORES = list(all_entries())
 

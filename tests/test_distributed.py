@@ -13,7 +13,7 @@ import torch
 from gradood.extract.demo_data import build_demo_data
 from gradood.extract.distributed import Shard, grid_batches
 from gradood.extract.models import build_model
-from helpers import randomize_norms
+from bench.helpers import randomize_norms
 from gradood.store.writer import list_parts, missing_intervals, parts_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gradood.extract.models import build_model
-from helpers import demo_workspace, randomize_norms
+from bench.helpers import demo_workspace, randomize_norms
 from gradood.pipeline import cli
 from gradood.store.reader import CacheReader
 from gradood.store.writer import CacheLock, list_parts, parts_dir

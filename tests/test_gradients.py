@@ -5,7 +5,7 @@ import torch
 
 from gradood.extract.models import build_model
 from gradood.extract.objectives import objective_value
-from helpers import extract_tensor, randomize_norms
+from bench.helpers import extract_tensor, randomize_norms
 from gradood.store.reader import CacheReader
 from gradood.store.schema import stat_path
 

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import torch
 
-from helpers import compute_score
+from bench.helpers import compute_score
 from gradood.extract.demo_data import build_demo_data
 from gradood.extract.models import build_model
-from helpers import randomize_norms
+from bench.helpers import randomize_norms
 from gradood.store.reader import CacheReader
 from gradood.store.writer import list_parts, parts_dir
 
@@ -60,7 +60,7 @@ def test_disk_full_leaves_a_resumable_cache(tmp_path, monkeypatch):
 
     import pytest
 
-    from helpers import extract_tensor
+    from bench.helpers import extract_tensor
     from gradood.store.schema import CacheError
     import gradood.store.writer as W
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from gradood.analyze.registry import ScoreError, all_entries, default_grid, default_scores, entry, paper_variants
 from gradood.extract.models import build_model
-from helpers import demo_workspace, compute_score, extract_tensor, randomize_norms
+from bench.helpers import demo_workspace, compute_score, extract_tensor, randomize_norms
 from gradood.pipeline import cli
 from gradood.store.reader import CacheReader
 from gradood.store.schema import stat_path
@@ -291,3 +291,45 @@ def test_latex_table_is_booktabs_with_the_best_of_each_column_in_bold(demo):
         best = min(values) if metric in ("FPR95", "DetErr") else max(values)
         assert bold == [v == best for v in values], (dataset, metric)
     assert r"\caption{" in tex and "ID = digits" in tex
+
+
+NAN_AND_CONSTANT = '''
+import numpy as np
+from gradood.analyze import register_score
+
+
+@register_score("bar_nan")
+def bar_nan(data):
+    v = data.logits.max(axis=1)
+    v[data.rows == 0] = np.nan
+    return v
+
+
+@register_score("bar_const")
+def bar_const(data):
+    return np.ones(data.n)
+'''
+
+
+@pytest.mark.parametrize("name, message", [("bar_nan", "non-finite value.*row 0"), ("bar_const", "same value")])
+def test_every_door_refuses_non_finite_and_constant_scores(demo, tmp_path, name, message):
+    """The CLI, ``analyze.score`` and ``analyze.evaluate`` refuse a score that is NaN on one
+    usable row (naming the row) or constant, with the same words."""
+    import re
+    from gradood import analyze
+    from gradood.analyze.registry import SCORES
+    base, cache, _ = demo
+    plugin = tmp_path / "bad_scores.py"
+    plugin.write_text(NAN_AND_CONSTANT)
+    try:
+        res = CliRunner().invoke(cli, ["analyze", "--cache-dir", cache, "--id", "digits", "--score", name,
+                                       "--plugin", str(plugin), "--results", str(tmp_path / "r")])
+        assert res.exit_code == 2 and re.search(message, res.output), res.output
+        analyze.load_plugin(str(plugin))
+        with pytest.raises(analyze.ScoreError, match=message):
+            analyze.score(cache, "digits", name)
+        with pytest.raises(analyze.ScoreError, match=message):
+            analyze.evaluate(cache, id="digits", scores=[name])
+    finally:
+        SCORES.pop("bar_nan", None)
+        SCORES.pop("bar_const", None)

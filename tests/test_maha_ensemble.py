@@ -5,16 +5,16 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegressionCV
 
-import authors_reference as ref
+from bench import authors_reference as ref
 from types import SimpleNamespace
 
 from gradood.analyze.metrics import fpr_at_recall
 from gradood.extract.adapters import adapter_for
 from gradood.extract.cli_support import _maha_setup
-from helpers import compute_score, fit_score
+from bench.helpers import compute_score, fit_score
 from gradood.store.gaussian import fit_layer_gaussians
 from gradood.extract.models import build_model
-from helpers import extract_tensor, randomize_norms, rel_err
+from bench.helpers import extract_tensor, randomize_norms, rel_err
 from gradood.store.reader import CacheReader
 from gradood.store.schema import CacheError
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import authors_reference as ref
+from bench import authors_reference as ref
 from gradood.analyze.metrics import METRICS, ood_metrics
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import authors_reference as ref
+from bench import authors_reference as ref
 from gradood.analyze.registry import default_scores, requirements
 from gradood.extract.adapters import adapter_for
 from gradood.extract.adapters.serves import unserved
 from gradood.extract.models import build_model
-from helpers import compute_score, extract_tensor, rel_err
+from bench.helpers import compute_score, extract_tensor, rel_err
 from gradood.store.reader import CacheReader
 from gradood.store.schema import stat_path
 

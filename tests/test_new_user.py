@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from gradood.extract import ExtractConfig, ExtractionPlan
 from gradood.extract.models import build_model
-from helpers import compute_score, demo_workspace, extract_tensor, fit_score, randomize_norms
+from bench.helpers import compute_score, demo_workspace, extract_tensor, fit_score, randomize_norms
 from gradood.pipeline import cli
 from gradood.store.reader import CacheReader
 from gradood.store.schema import CacheError, stat_path

@@ -13,7 +13,7 @@ from PIL import Image
 
 from gradood.analyze.registry import SCORES, entry, load_plugin
 from gradood.extract.models import build_model
-from helpers import demo_workspace, randomize_norms
+from bench.helpers import demo_workspace, randomize_norms
 from gradood.pipeline import cli
 from gradood.store.writer import parts_dir
 
@@ -233,7 +233,7 @@ def test_messages_name_the_file_the_attribute_and_sizes(tmp_path):
     import h5py
     from gradood.analyze.registry import requirements
     from gradood.extract.runner import _size
-    from helpers import extract_tensor
+    from bench.helpers import extract_tensor
     from gradood.store.reader import CacheReader
     from gradood.store.schema import CacheError
     assert (_size(0), _size(3 * 2 ** 20), _size(1536)) == ("0 B", "3.00 MiB", "1.50 KiB")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from gradood.extract.demo_data import build_demo_data
 from gradood.extract.models import build_model
-from helpers import randomize_norms
+from bench.helpers import randomize_norms
 from gradood.pipeline import cli
 from gradood.store.benchmarks import BENCHMARKS
 from gradood.store.reader import CacheReader

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from gradood.extract.checkpoint import CheckpointMismatch, load_checkpoint
 from gradood.extract.models import build_model
-from helpers import demo_workspace
+from bench.helpers import demo_workspace
 from gradood.pipeline import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

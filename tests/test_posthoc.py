@@ -12,9 +12,9 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import pairwise_distances_argmin_min
 from sklearn.preprocessing import StandardScaler
 
-import authors_reference as ref
+from bench import authors_reference as ref
 from gradood.extract.models import build_model
-from helpers import compute_score, extract_tensor, fit_score, randomize_norms, rel_err
+from bench.helpers import compute_score, extract_tensor, fit_score, randomize_norms, rel_err
 from gradood.store.reader import CacheReader
 
 

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from gradood.extract.demo_data import build_demo_data
 from gradood.extract.models import build_model
-from helpers import randomize_norms
+from bench.helpers import randomize_norms
 from gradood.pipeline import cli
 from test_openood import build_openood_root
 

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-import authors_reference as ref
-from helpers import compute_score
+from bench import authors_reference as ref
+from bench.helpers import compute_score
 from gradood.extract.models import build_model
 from gradood.extract.models.bit_resnetv2 import ResNetV2
-from helpers import extract_tensor, randomize_norms, rel_err
+from bench.helpers import extract_tensor, randomize_norms, rel_err
 from gradood.store.reader import CacheReader
 from gradood.store.schema import stat_path
 

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from helpers import compute_score
+from bench.helpers import compute_score
 from gradood.extract.models import build_model
 from gradood.extract.tracking import per_sample_grad_norms, tracked_parameters
-from helpers import extract_tensor, randomize_norms, rel_err
+from bench.helpers import extract_tensor, randomize_norms, rel_err
 from gradood.store.reader import CacheReader
 
 

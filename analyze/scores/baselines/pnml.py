@@ -11,8 +11,8 @@ Differences from the release, written down: the release runs in float32 with
 feature dimensions, or dead feature channels, X^T X is singular and the release's float32
 pseudo-inverse keeps directions that are float32 noise (its cutoff is below float32
 resolution): fits whose eigenvalues span more than 1e6 are refused rather than matched. A class whose float64 softmax underflows to 0 adds its
-limit 0 to the sum (the release's formula gives 0/0 there). Not in OpenOOD or
-pytorch-ood 0.4. Fit streamed: the Gram matrix of the normalised rows (memory 2 D^2)."""
+limit 0 to the sum (the release's formula gives 0/0 there). Not in OpenOOD;
+pytorch-ood 0.4.0 ships a pNML detector. Fit streamed: the Gram matrix of the normalised rows (memory 2 D^2)."""
 import numpy as np
 
 from gradood.analyze.logits import log_softmax
