@@ -38,6 +38,7 @@ from gradood.analyze.plots import layer_contribution, method_comparison, roc_cur
 from gradood.analyze.request import AnalysisRequest
 from gradood.analyze.sweep import run_sweep
 from gradood.analyze.tables import plain, sweep_table
+from gradood.extract.config import ExtractConfig, parse_hook_sets
 from gradood.analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from gradood.store.benchmarks import BENCHMARKS, preset_params
 from gradood.store.recipes import BATCH_SIZE, HOOK_SETS, split_selector
@@ -227,14 +228,15 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
     _terminate_as_interrupt()
     try:
         needs, passes = requirements(names, params)
-        stage.extract_command(stage.ExtractRequest(
-            needs=needs, passes=passes, bench=bench, datasets=datasets, data_root=data_root, arch=arch,
-            model_file=model_file, head=head, hook_sets=hook_sets,
-            checkpoint=checkpoint, num_classes=num_classes, preprocess=preprocess, image_size=image_size,
-            cache_dir=cache_dir, hooks=hooks, policy=policy, store=store_overrides, odin=odin_pairs,
-            maha_fit=maha_fit, maha_magnitudes=maha_magnitudes, maha_adversarial=maha_adversarial,
-            split=split, limit=limit, balanced=balanced, batch_size=batch_size, device=device, scores=tuple(names),
-            skip_bad=skip_bad, dry_run=dry_run, quiet=quiet, overwrite=overwrite, log=click.echo))
+        config = ExtractConfig(
+            needs=needs, passes=passes, benchmark=bench, datasets=datasets, data_root=data_root, arch=arch,
+            model_file=model_file, head=head, hook_sets=hook_sets, checkpoint=checkpoint, num_classes=num_classes,
+            preprocess=preprocess, image_size=image_size, cache_dir=cache_dir, hooks=hooks, policy=policy,
+            store=store_overrides, odin=odin_pairs, maha_fit=maha_fit, maha_magnitudes=maha_magnitudes,
+            maha_adversarial=maha_adversarial, split=split, limit=limit, balanced=balanced, batch_size=batch_size,
+            device=device, scores=tuple(names), skip_bad=skip_bad, dry_run=dry_run, progress=not quiet,
+            overwrite=overwrite)
+        stage.extract_command(config, click.echo)
     except KeyboardInterrupt as err:
         _interrupted(err)
     except ERRORS as err:
@@ -463,7 +465,7 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
     from gradood.extract.adapters import adapter_for
     from gradood.extract.adapters.serves import model_attrs, unserved
     model = stage.build_model(arch, num_classes, model_file)
-    adapter = adapter_for(model, (3, image_size, image_size), head, stage.parse_hook_sets(hook_sets))
+    adapter = adapter_for(model, (3, image_size, image_size), head, parse_hook_sets(hook_sets))
     rows = []
     for name in names:
         e = entry(name)

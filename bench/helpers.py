@@ -6,7 +6,8 @@ import torch
 
 from gradood.analyze.fitting import fit_estimator, fitted_state, restore, score_cache
 from gradood.analyze.registry import entry, requirements
-from gradood.extract import ExtractConfig, Provenance, extract_to_cache
+from gradood.extract import ExtractConfig, Provenance
+from gradood.extract.runner import extract_to_cache
 from gradood.extract.datasets import ImageSet
 from gradood.store.reader import CacheReader
 

@@ -25,7 +25,8 @@ def measure(arch, n_images, batch_size, side, device):
     import torch
 
     from gradood.analyze.registry import default_scores, requirements
-    from gradood.extract import ExtractConfig, Provenance, extract_to_cache
+    from gradood.extract import ExtractConfig, Provenance
+    from gradood.extract.runner import extract_to_cache
     from gradood.extract.adapters import adapter_for
     from gradood.extract.adapters.serves import unserved
     from gradood.extract.models import build_model

@@ -150,7 +150,8 @@ def _extract(model, images, cache_file, scores, policies, batch_size, device, sh
              params=None):
     """Our extraction of ``images`` into ``cache_file`` (``extract.extract_to_cache``, on ``device``)."""
     from gradood.analyze import requirements
-    from gradood.extract import ExtractConfig, Provenance, ExtractionPlan, extract_to_cache
+    from gradood.extract import ExtractConfig, Provenance
+    from gradood.extract.runner import ExtractionPlan, extract_to_cache
     from bench.helpers import image_set
     needs, passes = requirements(scores, params)
     policies = dict(policies)
@@ -170,7 +171,8 @@ def _extract(model, images, cache_file, scores, policies, batch_size, device, sh
 def _recipe_estimate(torch, arch, num_classes, image_shape, odin, device):
     """Uncompressed bytes per image of ``extract`` with the default scores and policy ``scores``."""
     from gradood.analyze.registry import default_scores, requirements
-    from gradood.extract import ExtractConfig, ExtractionPlan
+    from gradood.extract import ExtractConfig
+    from gradood.extract.runner import ExtractionPlan
     from gradood.extract.models import build_model
     model = build_model(arch, num_classes).to(device).eval().requires_grad_(False)
     scores = default_scores()

@@ -1,111 +1,36 @@
 """The ``extract`` and ``demo`` commands' work, kept apart from the click declarations.
 
-``pipeline.py`` parses options and turns score names into needs and passes
-(``analyze.requirements``); everything here takes those as data and raises on bad input.
-Messages for the user go through ``log``.
+``pipeline.py`` builds an ``ExtractConfig`` from its options, with score names turned
+into needs and passes (``analyze.requirements``); ``extract_command`` resolves the
+preset's defaults, the model, the datasets (``dataset_specs``) and the extra passes'
+settings and extracts each dataset, reusing caches by ``store.reuse``. It raises on bad
+input; messages for the user go through ``log``.
 """
 import os
 import re
-import shutil
 import time
-from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
 from gradood.store.benchmarks import TRAIN_SUFFIX, benchmark, train_cache_name
-from gradood.store.reader import cache_path, default_cache_dir
-from gradood.store.recipes import BATCH_SIZE, comparable, layers_of, missing
-from gradood.store.schema import POLICIES, CacheError, differing, odin_name, odin_pairs, odin_pass
-from gradood.store.writer import parts_dir, run_identity
+from gradood.store.gaussian import fit_layer_gaussians
+from gradood.store.reader import CacheReader, cache_path, default_cache_dir
+from gradood.store.reuse import check_existing
+from gradood.store.schema import differing, identity, odin_pass
+from gradood.store.writer import parts_dir
 
 from . import datasets as D
 from .checkpoint import load_checkpoint
 from .config import ODIN_DEFAULT, ExtractConfig, Provenance
+from .demo_data import build_demo_data
 from .distributed import init_shard
+from .mahalanobis import ADV_NOISE, RELEASE_MAGNITUDES, LayerGaussians
 from .adapters import adapter_for
 from .models import build_model, canonical_arch, model_file_provenance  # noqa: F401 (pipeline scores --arch)
 from .runner import ExtractionPlan, cache_attrs, extract_to_cache, select_device
-
-
-@dataclass
-class ExtractRequest:
-    """The extract command's options (``pipeline.py extract --help`` explains each)."""
-    needs: list
-    passes: tuple
-    bench: Optional[str] = None
-    datasets: tuple = ()
-    data_root: Optional[str] = None
-    arch: Optional[str] = None
-    model_file: Optional[str] = None
-    head: Optional[str] = None
-    hook_sets: tuple = ()
-    checkpoint: Optional[str] = None
-    num_classes: Optional[int] = None
-    preprocess: Optional[str] = None
-    image_size: Optional[int] = None
-    cache_dir: Optional[str] = None
-    hooks: tuple = ()
-    policy: str = "scores"
-    store: tuple = ()
-    odin: tuple = ()
-    maha_fit: Optional[str] = None
-    maha_magnitudes: tuple = ()
-    maha_adversarial: bool = False
-    split: str = "test"
-    limit: Optional[int] = None
-    balanced: bool = False
-    batch_size: int = BATCH_SIZE
-    device: str = "auto"
-    skip_bad: bool = False
-    dry_run: bool = False
-    quiet: bool = False
-    overwrite: bool = False
-    scores: tuple = ()
-    log: object = field(default=print, repr=False)
-
-
-def parse_policies(items):
-    """``{layer: policy}`` from ``LAYER=POLICY`` items."""
-    out = {}
-    for item in items:
-        layer, sep, value = item.partition("=")
-        if not sep or value not in POLICIES:
-            raise ValueError(f"--store {item!r}: expected LAYER=POLICY with POLICY one of {', '.join(POLICIES)}")
-        out[layer] = value
-    return out
-
-
-def parse_hook_sets(items):
-    """``{set name: [module name or glob, ...]}`` from ``NAME=PATTERN[,PATTERN...]`` items."""
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        patterns = [p.strip() for p in value.split(",") if p.strip()]
-        if not sep or not name or not patterns:
-            raise ValueError(f"--hook-set {item!r}: expected NAME=MODULE[,MODULE...] with module "
-                             "names or globs, e.g. bn='features.*.norm*'")
-        out[name] = patterns
-    return out
-
-
-def parse_odin(items):
-    """``[(T, epsilon, std_divided)]`` from ``T,EPS`` or ``T,EPS,std`` items."""
-    passes = []
-    for item in items:
-        parts = [p.strip() for p in item.split(",")]
-        try:
-            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "std"):
-                raise ValueError
-            t, eps = float(parts[0]), float(parts[1])
-        except ValueError:
-            raise ValueError(f"--odin {item!r}: expected T,EPS or T,EPS,std, e.g. 1000,0.0014 or "
-                             "1000,0.0014,std (std: divide the sign gradient by the normalisation "
-                             "std, as the original ODIN code and OpenOOD)") from None
-        if t <= 0 or eps < 0:
-            raise ValueError(f"--odin {item!r}: the temperature must be > 0 and epsilon >= 0")
-        passes.append((t, eps, len(parts) == 3))
-    return passes
+from .train import accuracy, train_classifier
 
 
 class DatasetSpec(NamedTuple):
@@ -177,138 +102,67 @@ def _odin_std(description):
     return None
 
 
-def _source(attrs, needs, passes, sets):
-    """What a cache must share with a run to stand in for it: the model parts the needs
-    read (``store.recipes.comparable``) among the hook sets ``sets`` (those the cache
-    holds; the others are what it lacks) and the rows (data, split, subset, count)."""
-    needs = [n for n in needs if layers_of(sets, n[0])]
-    return {"model": comparable(attrs, needs, passes),
-            **{k: attrs.get(k) for k in ("dataset", "dataset_root", "split", "subset", "n_samples")}}
-
-
-def _lacks(old, needs, passes, odin):
-    """What the complete cache ``old`` lacks for ``needs``, ``passes`` and the ODIN passes."""
-    lacks = missing(needs, passes, old)
-    if "odin" in passes:
-        have = {tuple(p) for p in odin_pairs(old)}
-        absent = [p for p in odin if tuple(p) not in have]
-        if absent:
-            lacks.append("ODIN passes " + ", ".join(odin_name(*p) for p in absent))
-    return lacks
-
-
-def check_existing(target, attrs, overwrite, log, needs=(), passes=(), scores=()):
-    """Decide what to do with an existing cache file ``target`` for a run writing ``attrs``:
-    True = skip it (it is complete and equal, or it comes from the same model and rows and
-    holds everything ``needs`` and ``passes`` read, whatever else it holds); False =
-    extract (after removing it with ``overwrite``); raises CacheError naming what it lacks
-    or where it differs otherwise."""
-    if not os.path.exists(target):
-        if overwrite and os.path.isdir(parts_dir(target)):
-            shutil.rmtree(parts_dir(target))
-            log(f"{attrs['dataset']}: --overwrite: removed the unfinished run {parts_dir(target)}")
-        return False
-    if overwrite:
-        os.remove(target)
-        log(f"{attrs['dataset']}: --overwrite: removed {target}")
-        return False
-    from gradood.store.reader import CacheReader
-    try:
-        with CacheReader(target) as r:
-            old = r.attrs
-    except CacheError as err:
-        raise CacheError(f"{target} exists but cannot be used ({err}); pass --overwrite to "
-                         "re-extract it") from None
-    diff = differing(run_identity(old), run_identity(attrs))
-    if not diff:
-        log(f"{attrs['dataset']}: {target} is complete and up to date (same model, data and plan); skipped")
-        return True
-    sets = old.get("hook_sets") or {}
-    source = differing(_source(old, needs, passes, sets), _source(attrs, needs, passes, sets))
-    lacks = [] if source else _lacks(old, needs, passes, odin_pairs(attrs))
-    if not source and not lacks:
-        log(f"{attrs['dataset']}: {target} already serves {', '.join(scores) or 'the requested scores'} "
-            "(same model and images); skipped")
-        return True
-    why = (f"it comes from another model or other images (differing: {', '.join(source)})" if source
-           else f"it lacks {'; '.join(lacks)}")
-    raise CacheError(f"{target} exists and cannot serve {', '.join(scores) or 'this run'}: {why}; pass "
-                     "--overwrite (make: OVERWRITE=1) to replace it, or choose another --cache-dir or "
-                     "dataset name")
-
-
-def extract_command(req):
-    """Extract every requested dataset to the cache folder; see ``pipeline.py extract --help``."""
-    preset = benchmark(req.bench) if req.bench else None
-    arch = req.arch or (None if req.model_file or not preset else preset.arch)
-    num_classes = req.num_classes or (preset.num_classes if preset else None)
-    preprocess = req.preprocess or (preset.preprocess if preset else None)
-    data_root = req.data_root or (os.path.join("data", req.bench) if req.bench else "")
-    checkpoint = req.checkpoint or (preset.checkpoint if preset else None)
-    missing = [n for n, v in (("--arch", arch or req.model_file), ("--num-classes", num_classes),
+def extract_command(config, log=print):
+    """Extract every dataset of ``config`` (an ``ExtractConfig``) to its cache folder; see
+    ``pipeline.py extract --help``. Messages for the user go through ``log``."""
+    preset = benchmark(config.benchmark) if config.benchmark else None
+    arch = config.arch or (None if config.model_file or not preset else preset.arch)
+    num_classes = config.num_classes or (preset.num_classes if preset else None)
+    preprocess = config.preprocess or (preset.preprocess if preset else None)
+    data_root = config.data_root or (os.path.join("data", config.benchmark) if config.benchmark else "")
+    checkpoint = config.checkpoint or (preset.checkpoint if preset else None)
+    missing = [n for n, v in (("--arch", arch or config.model_file), ("--num-classes", num_classes),
                               ("--preprocess", preprocess)) if not v]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (or give --benchmark)")
-    if req.limit is not None and req.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {req.limit}")
-    cache_dir = req.cache_dir or default_cache_dir(req.bench, arch or canonical_arch(None, req.model_file))
-    arch = canonical_arch(arch, req.model_file)
-    if req.maha_adversarial or req.maha_magnitudes:
-        if not req.maha_fit:
-            raise ValueError("--maha-magnitude and --maha-adversarial need --maha-fit TRAIN_CACHE")
-    specs = dataset_specs(req.bench, req.datasets, data_root, req.split)
-    shard, device = init_shard(req.device)
+    cache_dir = config.cache_dir or default_cache_dir(config.benchmark, arch or canonical_arch(None, config.model_file))
+    arch = canonical_arch(arch, config.model_file)
+    specs = dataset_specs(config.benchmark, config.datasets, data_root, config.split)
+    shard, device = init_shard(config.device)
     dev = select_device(device)
-    model = build_model(arch, num_classes, req.model_file)
-    if checkpoint and (os.path.exists(checkpoint) or not req.dry_run):
+    model = build_model(arch, num_classes, config.model_file)
+    if checkpoint and (os.path.exists(checkpoint) or not config.dry_run):
         sha, weights = load_checkpoint(model, checkpoint)
-    elif req.dry_run:
+    elif config.dry_run:
         sha, weights = "random-init", "random-init"
     else:
         raise ValueError("--checkpoint is required (a randomly initialised model is only allowed with --dry-run)")
     model.to(dev).eval().requires_grad_(False)
-    transform, description = D.build_transform(preprocess, req.image_size, model)
+    transform, description = D.build_transform(preprocess, config.image_size, model)
     image_shape = D.probe_shape(transform)
-    hook_sets = parse_hook_sets(req.hook_sets)
-    adapter = adapter_for(model, image_shape, req.head, hook_sets)
-    passes = tuple(req.passes) + (("mahalanobis",) if req.maha_fit and "mahalanobis" not in req.passes else ())
-    maha = _maha_setup(adapter, weights, description, dev, req) if req.maha_fit else None
-    config = ExtractConfig(arch=arch, head=req.head, hook_sets=hook_sets, needs=req.needs, passes=passes, hooks=tuple(req.hooks),
-                           policy=req.policy, store=parse_policies(req.store),
-                           odin=tuple(parse_odin(req.odin)) or tuple(
-                               odin_pass(p) for p in (preset.odin if preset else ()))
-                           or ODIN_DEFAULT,
-                           odin_std=_odin_std(description), maha=maha, batch_size=req.batch_size,
-                           device=str(dev), progress=not req.quiet)
+    adapter = adapter_for(model, image_shape, config.head, config.hook_sets)
+    maha = _maha_setup(adapter, weights, description, dev, config) if config.maha_fit else None
+    config = replace(config, arch=arch, num_classes=num_classes, preprocess=preprocess, data_root=data_root,
+                     checkpoint=checkpoint, cache_dir=cache_dir,
+                     odin=config.odin or tuple(odin_pass(p) for p in (preset.odin if preset else ())) or ODIN_DEFAULT,
+                     odin_std=_odin_std(description), maha=maha, device=str(dev))
     plan = ExtractionPlan(model, config, image_shape, dev, adapter)
-    model_source = model_file_provenance(req.model_file) if req.model_file else {}
+    model_source = model_file_provenance(config.model_file) if config.model_file else {}
     for spec in specs:
-        _extract_one(req, shard, model, plan, config, spec, transform, description,
-                     checkpoint, sha, weights, cache_dir, dev, model_source)
+        _extract_one(config, log, shard, model, plan, spec, transform, description, sha, weights, dev, model_source)
     shard.close()
 
 
-def _extract_one(req, shard, model, plan, config, spec, transform, description,
-                 checkpoint, sha, weights, cache_dir, dev, model_source):
-    log, name = req.log, spec.name
-    if req.dry_run and spec.kind in ("folder", "list") and not os.path.exists(os.path.join(spec.root, spec.rel)):
-        ds, n_images = None, req.limit or 0
+def _extract_one(config, log, shard, model, plan, spec, transform, description, sha, weights, dev, model_source):
+    name, checkpoint, cache_dir = spec.name, config.checkpoint, config.cache_dir
+    if config.dry_run and spec.kind in ("folder", "list") and not os.path.exists(os.path.join(spec.root, spec.rel)):
+        ds, n_images = None, config.limit or 0
     else:
-        ds = D.open_dataset(spec.root, spec.kind, spec.rel, transform, name, req.skip_bad, spec.images)
+        ds = D.open_dataset(spec.root, spec.kind, spec.rel, transform, name, config.skip_bad, spec.images)
         n_images = len(ds)
         if ds.ignored and shard.is_main:
             log(f"{name}: {sum(ds.ignored.values())} file(s) ignored, not image files: "
                 + ", ".join(f"{n} {ext}" for ext, n in sorted(ds.ignored.items()))
                 + f" (read: {', '.join(D.IMAGE_EXTENSIONS)})")
     indices = None
-    if req.limit is not None and ds is not None:
-        indices = (D.balanced_subset(D.dataset_labels(ds), req.limit) if req.balanced
-                   else list(range(min(req.limit, len(ds)))))
+    if config.limit is not None and ds is not None:
+        indices = (D.balanced_subset(D.dataset_labels(ds), config.limit) if config.balanced
+                   else list(range(min(config.limit, len(ds)))))
         n_images = len(indices)
-        if req.limit > len(ds) and shard.is_main:
-            log(f"{name}: --limit {req.limit}, but the set has {len(ds)} images: taking all {len(ds)}")
+        if config.limit > len(ds) and shard.is_main:
+            log(f"{name}: --limit {config.limit}, but the set has {len(ds)} images: taking all {len(ds)}")
     target = cache_path(cache_dir, name)
-    if req.dry_run:
+    if config.dry_run:
         if shard.is_main:
             log(f"{name}: {n_images} images -> {target}")
             log("\n".join("  " + line for line in plan.describe(n_images)))
@@ -317,12 +171,12 @@ def _extract_one(req, shard, model, plan, config, spec, transform, description,
     provenance = Provenance(dataset=name, checkpoint=os.path.abspath(checkpoint), checkpoint_sha256=sha,
                             weights_sha256=weights, preprocess=description,
                             dataset_root=os.path.abspath(source),
-                            split="train" if name.endswith(TRAIN_SUFFIX) else req.split,
-                            subset={"limit": req.limit, "balanced": req.balanced}, benchmark=req.bench or "",
+                            split="train" if name.endswith(TRAIN_SUFFIX) else config.split,
+                            subset={"limit": config.limit, "balanced": config.balanced}, benchmark=config.benchmark or "",
                             **model_source)
     attrs = cache_attrs(plan, provenance, n_images, dev, shard.world_size)
-    if check_existing(target, attrs, req.overwrite and shard.is_main, log if shard.is_main else (lambda m: None),
-                      config.needs, config.passes, req.scores):
+    if check_existing(target, attrs, config.overwrite and shard.is_main, log if shard.is_main else (lambda m: None),
+                      config.needs, config.passes, config.scores):
         return
     if plan.maha and shard.is_main:
         log(f"{name}: the multi-layer Mahalanobis pass costs about {plan.maha_cost():.0f} forward-pass "
@@ -343,34 +197,28 @@ def _extract_one(req, shard, model, plan, config, spec, transform, description,
 
 
 def _count_skipped(path):
-    from gradood.store.reader import CacheReader
     with CacheReader(path) as r:
         return int(r.attrs.get("n_skipped", 0))
 
 
-def _maha_setup(adapter, weights, preprocess, device, req):
+def _maha_setup(adapter, weights, preprocess, device, config):
     """``{"gaussians", "recipe"}`` for the multi-layer Mahalanobis pass (extract.mahalanobis).
 
     The class means and precisions of the ``nac`` stage outputs (the adapter's, or the
     modules of ``--hook-set nac=...``) are fitted on the ``--maha-fit`` cache, which must
     come from the same weights and preprocessing.
     """
-    from gradood.store.gaussian import fit_layer_gaussians
-    from gradood.store.reader import CacheReader
-    from gradood.store.schema import differing, identity
-
-    from .mahalanobis import ADV_NOISE, RELEASE_MAGNITUDES, LayerGaussians
     layers = adapter.hook_set("nac")
-    with CacheReader(req.maha_fit) as reader:
+    with CacheReader(config.maha_fit) as reader:
         diff = differing(identity(reader.attrs), {"weights": weights, "preprocess": preprocess},
                          ("weights", "preprocess"))
         if diff and weights != "random-init":
-            raise ValueError(f"--maha-fit {req.maha_fit}: made with other {' and '.join(diff)} than "
+            raise ValueError(f"--maha-fit {config.maha_fit}: made with other {' and '.join(diff)} than "
                              "this extraction; use the training cache of the same model")
         fitted = fit_layer_gaussians(reader, layers)
-        recipe = {"layers": layers, "magnitudes": [float(m) for m in req.maha_magnitudes or RELEASE_MAGNITUDES],
-                  "fit_cache": os.path.abspath(req.maha_fit), "fit_fingerprint": reader.attrs["fingerprint"],
-                  "fit_n": int(reader.n_samples), "adversarial": bool(req.maha_adversarial), "adv_noise": ADV_NOISE}
+        recipe = {"layers": layers, "magnitudes": [float(m) for m in config.maha_magnitudes or RELEASE_MAGNITUDES],
+                  "fit_cache": os.path.abspath(config.maha_fit), "fit_fingerprint": reader.attrs["fingerprint"],
+                  "fit_n": int(reader.n_samples), "adversarial": bool(config.maha_adversarial), "adv_noise": ADV_NOISE}
     return {"gaussians": LayerGaussians(fitted, device), "recipe": recipe}
 
 
@@ -382,8 +230,6 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size, test_read
     ``{"data", "train", "extract"}``. seed: the classifier's training seed (initialisation
     and data order) when it is trained here.
     """
-    from .demo_data import build_demo_data
-    from .train import accuracy, train_classifier
     times = {}
     t0 = time.time()
     build_demo_data(data_root)
@@ -407,9 +253,10 @@ def demo_command(data_root, checkpoint, cache_dir, device, batch_size, test_read
     times["train"] = time.time() - t0
     t0 = time.time()
     sets = [n for n in benchmark("demo").sets if not n.endswith(TRAIN_SUFFIX)]
-    common = dict(bench="demo", data_root=data_root, checkpoint=checkpoint, cache_dir=cache_dir,
-                  batch_size=batch_size, device=device, log=log)
-    extract_command(ExtractRequest(*test_reads, datasets=tuple(sets), **common))
-    extract_command(ExtractRequest(*train_reads, datasets=("digits_train",), limit=1000, balanced=True, **common))
+    common = dict(benchmark="demo", data_root=data_root, checkpoint=checkpoint, cache_dir=cache_dir,
+                  batch_size=batch_size, device=device)
+    extract_command(ExtractConfig(needs=test_reads[0], passes=test_reads[1], datasets=tuple(sets), **common), log)
+    extract_command(ExtractConfig(needs=train_reads[0], passes=train_reads[1], datasets=("digits_train",),
+                                  limit=1000, balanced=True, **common), log)
     times["extract"] = time.time() - t0
     return times

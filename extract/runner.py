@@ -87,6 +87,7 @@ class ExtractionPlan:
     """
 
     def __init__(self, model, config, image_shape, device, adapter=None):
+        config.check_runnable()
         self.config = config
         self.adapter = adapter or adapter_for(model, image_shape, config.head, config.hook_sets)
         self.hook_sets = resolve_hooks(self.adapter, config.hooks, config.needs)

@@ -216,7 +216,8 @@ def test_user_model_file(tmp_path):
     """--model-file: in-place ReLUs after the hooked BNs, Dropout + Linear head; the file's
     hash is recorded; tracking norms (grouped conv, BN, LayerNorm, Linear) equal a
     batch-size-1 loop."""
-    from gradood.extract.cli_support import ExtractRequest, extract_command
+    from gradood.extract import ExtractConfig
+    from gradood.extract.cli_support import extract_command
     from gradood.extract.datasets import build_transform  # noqa: F401  (torchvision transforms)
     from gradood.extract.tracking import per_sample_grad_norms, tracked_parameters
     source = tmp_path / "mymodel.py"
@@ -246,10 +247,11 @@ def test_user_model_file(tmp_path):
         Image.fromarray(np.full((16, 16, 3), 40 * j, np.uint8)).save(folder / f"{j}.png")
     ckpt = tmp_path / "w.pt"
     torch.save(model.state_dict(), ckpt)
-    extract_command(ExtractRequest(*requirements(["msp", "gaia_z"]), datasets=(f"mine={tmp_path / 'imgs'}",),
-                                   model_file=f"{source}:build", checkpoint=str(ckpt), num_classes=5,
-                                   preprocess="totensor", cache_dir=str(tmp_path / "c"), device="cpu",
-                                   quiet=True, log=lambda m: None))
+    needs, passes = requirements(["msp", "gaia_z"])
+    extract_command(ExtractConfig(needs=needs, passes=passes, datasets=(f"mine={tmp_path / 'imgs'}",),
+                                  model_file=f"{source}:build", checkpoint=str(ckpt), num_classes=5,
+                                  preprocess="totensor", cache_dir=str(tmp_path / "c"), device="cpu",
+                                  progress=False), log=lambda m: None)
     import hashlib
     with CacheReader(str(tmp_path / "c" / "mine.h5")) as r:
         assert r.attrs["arch"] == "file:mymodel.py:build"

@@ -14,7 +14,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from gradood.extract import ExtractConfig, ExtractionPlan
+from gradood.extract import ExtractConfig
+from gradood.extract.runner import ExtractionPlan
 from gradood.extract.models import build_model
 from bench.helpers import compute_score, demo_workspace, extract_tensor, fit_score, randomize_norms
 from gradood.pipeline import cli
