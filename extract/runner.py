@@ -131,9 +131,14 @@ class ExtractionPlan:
     def layout(self):
         """``{dataset path: (row shape, dtype name)}`` of every per-sample dataset."""
         return schema_layout(int(self.num_classes), int(self.feature_dim), self.plan, self.layer_shapes,
-                             [tuple(p) for p in self.odin_passes], self.tracked,
-                             self.maha["recipe"] if self.maha else None,
-                             ADASCALE_RECIPE if self.adascale else None, IODIN_RECIPE if self.iodin else None)
+                             self.pass_recipes())
+
+    def pass_recipes(self):
+        """``{root attribute: recipe}`` of the extra passes this plan runs
+        (``store.schema.EXTRA_PASSES``), as the cache records them."""
+        return {"odin": [list(p) for p in self.odin_passes], "tracked_parameters": list(self.tracked),
+                "mahalanobis": self.maha["recipe"] if self.maha else None,
+                "adascale": ADASCALE_RECIPE if self.adascale else None, "iodin": IODIN_RECIPE if self.iodin else None}
 
     def bytes_per_image(self):
         """Uncompressed bytes one image adds to the cache (paths counted as 64 bytes)."""
@@ -252,13 +257,11 @@ def cache_attrs(plan, provenance, n, device, world_size=1):
         "layers": plan.layers, "layer_shapes": plan.layer_shapes, "hook_sets": plan.hook_sets,
         "plan": plan.plan, "policies": plan.policies, "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__, "device": str(device),
-        "tool_version": TOOL_VERSION, "family": plan.adapter.family, "odin": plan.odin_passes,
+        "tool_version": TOOL_VERSION, "family": plan.adapter.family,
         "layer_layouts": plan.layer_layouts, "layer_types": plan.layer_types, "head": plan.adapter.head_name,
-        "tracked_parameters": plan.tracked, "batch_size": int(config.batch_size),
+        "batch_size": int(config.batch_size),
         **({"odin_std": plan.odin_std} if plan.odin_std else {}),
-        **({"mahalanobis": plan.maha["recipe"]} if plan.maha else {}),
-        **({"adascale": ADASCALE_RECIPE} if plan.adascale else {}),
-        **({"iodin": IODIN_RECIPE} if plan.iodin else {}),
+        **{attr: recipe for attr, recipe in plan.pass_recipes().items() if recipe is not None},
         "world_size": world_size, **provenance.attrs(),
     }
     attrs["fingerprint"] = fingerprint(attrs)

@@ -8,31 +8,11 @@ storage policies into a plan (``build_plan``), the analysis stage checks that a 
 holds what a score reads (``missing``) and compares two caches on exactly those parts
 (``comparable``).
 """
-from .schema import CHANNEL_STATS, MAP, MODEL_FIELDS, OBJECTIVES, SOURCES, STATS, identity
+from .schema import CHANNEL_STATS, EXTRA_PASSES, MAP, MODEL_FIELDS, OBJECTIVES, SOURCES, STATS, identity
 
-# Extra passes at extraction, stored outside ``layers/``: ODIN's perturbed forward pass
-# (``odin/<pass>/logits``, root attribute ``odin``), the per-sample weight-gradient norms
-# of gradient tracking (``tracking/norms``, root attribute ``tracked_parameters``), the
-# multi-layer Mahalanobis scores (``mahalanobis/...``, root attribute ``mahalanobis``),
-# AdaScale's perturbed features (``adascale/features``, root attribute ``adascale``),
-# iODIN's perturbed logits (``iodin/logits``, root attribute ``iodin``).
-PASSES = {
-    "odin": "ODIN's perturbed forward pass (--odin T,EPS[,std])",
-    "tracking": "K backward passes for the per-sample weight-gradient norms (gradient tracking)",
-    "mahalanobis": "multi-layer input-preprocessed Mahalanobis scores (--maha-fit TRAIN_CACHE)",
-    "adascale": "AdaScale's perturbed forward (the least max-logit-sensitive pixels moved; its features)",
-    "iodin": "iODIN's perturbed forward (ODIN's std-divided step at the one most sensitive input entry)",
-}
-_PASS_ATTR = {"odin": "odin", "tracking": "tracked_parameters", "mahalanobis": "mahalanobis",
-              "adascale": "adascale", "iodin": "iodin"}
-_PASS_HOW = {
-    "odin": "no ODIN pass was recorded (extract with --score odin, --odin T,EPS)",
-    "tracking": "no gradient-tracking norms were recorded (extract with --score tracking)",
-    "mahalanobis": ("no multi-layer Mahalanobis scores were recorded (extract with --maha-fit "
-                    "TRAIN_CACHE; the validation set also with --maha-adversarial)"),
-    "adascale": "no AdaScale perturbed features were recorded (extract with --score adascale_a)",
-    "iodin": "no iODIN pass was recorded (extract with --score iodin)",
-}
+# Extra passes at extraction, stored outside ``layers/``: declared once, as data, in
+# ``schema.EXTRA_PASSES`` (root attribute, datasets, what a cache lacking them needs).
+PASSES = EXTRA_PASSES
 
 
 # Images per extraction batch when none is given (CLI, Python config, Makefile).
@@ -142,7 +122,7 @@ def holds(attrs, layer, source, stat):
 def missing(needs, passes, attrs):
     """Human-readable list of what a cache (its decoded root ``attrs``) lacks for ``needs``
     and ``passes`` (empty when it has all)."""
-    problems = [_PASS_HOW[p] for p in passes if not attrs.get(_PASS_ATTR[p])]
+    problems = [EXTRA_PASSES[p].how for p in passes if not attrs.get(EXTRA_PASSES[p].attr)]
     hook_sets = attrs["hook_sets"]
     for set_name, source, stat in needs:
         layers = layers_of(hook_sets, set_name)

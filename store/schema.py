@@ -35,7 +35,7 @@ by the normalisation std. Version 1 caches are still read (their ODIN passes are
 GradNorm release's, their weights are identified by the checkpoint file's hash).
 """
 import json
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 SCHEMA_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
@@ -216,14 +216,66 @@ def odin_pairs(attrs):
     return [odin_pass(p) for p in attrs.get("odin") or []]
 
 
-def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), maha=None, adascale=None,
-           iodin=None):
+class ExtraPass(NamedTuple):
+    """An extraction pass beside the forward pass and the backward objectives, declared
+    once: everything the store knows of it.
+
+    name: what scores declare (``register_score(passes=(name,))``). attr: the root
+    attribute recording its recipe; a cache holds the pass where that attribute is set.
+    describe: what it computes. how: what a cache lacking it needs (``recipes.missing``).
+    datasets: ``recipe -> {dataset path: (DATASETS key, {symbol: size})}``, the per-row
+    datasets it writes for the recorded recipe (``layout``, ``validate``). optional: the
+    paths older caches may lack."""
+    name: str
+    attr: str
+    describe: str
+    how: str
+    datasets: Callable
+    optional: tuple = ()
+
+
+def _maha_datasets(recipe):
+    dims = {"M": len(recipe.get("magnitudes", [])), "L": len(recipe.get("layers", []))}
+    out = {MAHA_SCORES: (MAHA_SCORES, dims)}
+    if recipe.get("adversarial"):
+        out[MAHA_ADVERSARIAL] = (MAHA_ADVERSARIAL, dims)
+    return out
+
+
+EXTRA_PASSES = {p.name: p for p in (
+    ExtraPass("odin", "odin", "ODIN's perturbed forward pass (--odin T,EPS[,std])",
+              "no ODIN pass was recorded (extract with --score odin, --odin T,EPS)",
+              lambda recipe: {odin_path(*odin_pass(p)): ("odin/{pair}/logits", {}) for p in recipe}),
+    ExtraPass("tracking", "tracked_parameters",
+              "K backward passes for the per-sample weight-gradient norms (gradient tracking)",
+              "no gradient-tracking norms were recorded (extract with --score tracking)",
+              lambda names: {TRACKING_PATH: (TRACKING_PATH, {"P": len(names)})}),
+    ExtraPass("mahalanobis", "mahalanobis",
+              "multi-layer input-preprocessed Mahalanobis scores (--maha-fit TRAIN_CACHE)",
+              "no multi-layer Mahalanobis scores were recorded (extract with --maha-fit TRAIN_CACHE; the "
+              "validation set also with --maha-adversarial)", _maha_datasets, optional=(MAHA_ADVERSARIAL,)),
+    ExtraPass("adascale", "adascale",
+              "AdaScale's perturbed forward (the least max-logit-sensitive pixels moved; its features)",
+              "no AdaScale perturbed features were recorded (extract with --score adascale_a)",
+              lambda recipe: {ADASCALE_FEATURES: (ADASCALE_FEATURES, {})}),
+    ExtraPass("iodin", "iodin",
+              "iODIN's perturbed forward (ODIN's std-divided step at the one most sensitive input entry)",
+              "no iODIN pass was recorded (extract with --score iodin)",
+              lambda recipe: {IODIN_LOGITS: (IODIN_LOGITS, {})}),
+)}
+
+
+def pass_recipes(attrs):
+    """``{root attribute: recipe}`` of the extra passes a cache's root ``attrs`` record."""
+    return {p.attr: attrs[p.attr] for p in EXTRA_PASSES.values() if attrs.get(p.attr)}
+
+
+def layout(num_classes, feature_dim, plan, layer_shapes, recipes=None):
     """``{dataset path: (row shape, numpy dtype name)}`` of every per-row dataset a cache
-    with this plan holds, resolved from ``DATASETS``. ``odin``: [(T, eps, std_divided)];
-    ``tracked``: parameter names; ``maha``: the Mahalanobis recipe or None; ``adascale``:
-    the AdaScale perturbation recipe or None; ``iodin``: the iODIN recipe or None."""
-    sym = {"K": num_classes, "D": feature_dim, "P": len(tracked),
-           "M": len((maha or {}).get("magnitudes", [])), "L": len((maha or {}).get("layers", []))}
+    with this plan holds, resolved from ``DATASETS``. ``recipes``: ``{root attribute:
+    recipe}`` of the extra passes run (``EXTRA_PASSES``; as ``pass_recipes`` reads them
+    back), e.g. ``{"odin": [[T, eps, std_divided]], "tracked_parameters": [name, ...]}``."""
+    sym = {"K": num_classes, "D": feature_dim}
 
     def entry(key, **dim):
         spec = DATASETS[key]
@@ -239,18 +291,11 @@ def layout(num_classes, feature_dim, plan, layer_shapes, odin=(), tracked=(), ma
                 key += "map" if stat == MAP else "{stat}"
                 shape, dtype = entry(key, C=c, H=h, W=w)
                 out[stat_path(layer, source, stat)] = (shape, "int32" if stat == "nonzero" else dtype)
-    for pair in odin:
-        out[odin_path(*pair)] = entry("odin/{pair}/logits")
-    if tracked:
-        out[TRACKING_PATH] = entry(TRACKING_PATH)
-    if maha:
-        out[MAHA_SCORES] = entry(MAHA_SCORES)
-        if maha.get("adversarial"):
-            out[MAHA_ADVERSARIAL] = entry(MAHA_ADVERSARIAL)
-    if adascale:
-        out[ADASCALE_FEATURES] = entry(ADASCALE_FEATURES)
-    if iodin:
-        out[IODIN_LOGITS] = entry(IODIN_LOGITS)
+    for extra in EXTRA_PASSES.values():
+        recipe = (recipes or {}).get(extra.attr)
+        if recipe:
+            for path, (key, dims) in extra.datasets(recipe).items():
+                out[path] = entry(key, **dims)
     return out
 
 
@@ -276,10 +321,9 @@ def validate(attrs, datasets, where):
     if "head/weight" not in datasets:
         raise CacheError(f"{where}: damaged cache, datasets missing: head/weight")
     k, d = attrs["num_classes"], datasets["head/weight"][0][1]
-    want = layout(k, d, attrs["plan"], attrs["layer_shapes"], odin_pairs(attrs),
-                  attrs.get("tracked_parameters") or [], attrs.get("mahalanobis"), attrs.get("adascale"),
-                  attrs.get("iodin"))
-    for optional in ("skip_reasons", "content_hash", MAHA_ADVERSARIAL):
+    want = layout(k, d, attrs["plan"], attrs["layer_shapes"], pass_recipes(attrs))
+    optional = [o for p in EXTRA_PASSES.values() for o in p.optional]
+    for optional in ("skip_reasons", "content_hash", *optional):
         if optional not in datasets:
             want.pop(optional, None)
     absent = [p for p in [*REQUIRED_DATASETS, *want] if p not in datasets]

@@ -102,3 +102,23 @@ def test_the_layers_of_analyze_run_one_way():
         if module not in ("gradood.analyze", "gradood.analyze.api", "gradood.analyze.output",
                           "gradood.analyze.plots"):
             assert not used & {"gradood.analyze.output", "gradood.analyze.plots"}, module
+
+
+def test_an_extraction_pass_is_one_declaration(monkeypatch):
+    """A pass declared in ``store.schema.EXTRA_PASSES`` is laid out, validated and reported
+    missing without another edit of the store."""
+    import numpy as np
+    from gradood.store import schema
+    from gradood.store.recipes import PASSES, missing
+    fake = schema.ExtraPass("fake", "fake_recipe", "a perturbed forward", "no fake pass (extract with --score fake)",
+                            lambda recipe: {"fake/logits": ("iodin/logits", {})})
+    monkeypatch.setitem(schema.EXTRA_PASSES, "fake", fake)
+    assert "fake" in PASSES
+    attrs = {"hook_sets": {}, "fake_recipe": None}
+    assert missing([], ["fake"], attrs) == ["no fake pass (extract with --score fake)"]
+    assert missing([], ["fake"], {**attrs, "fake_recipe": {"step": 1}}) == []
+    rows = schema.layout(3, 4, {}, {}, {"fake_recipe": {"step": 1}})
+    assert rows["fake/logits"] == ((3,), "float32")
+    assert "fake/logits" not in schema.layout(3, 4, {}, {}, {})
+    assert schema.pass_recipes({"fake_recipe": {"step": 1}, "odin": []}) == {"fake_recipe": {"step": 1}}
+    assert np.all([p.attr for p in schema.EXTRA_PASSES.values()])
