@@ -439,8 +439,11 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
         except ERRORS as err:
             _fail(err)
         click.echo(title)
-        click.echo(plain(["score", "title", "served"], [r[:3] for r in rows]))
-        for name, _, served, why in rows:
+        click.echo(plain(["score", "title", "served", "backward objectives", "bytes/image"], [r[:5] for r in rows]))
+        click.echo("bytes/image: the cache's size per image for the score alone (policy scores, the default "
+                   "ODIN pass), before compression; every extraction has one forward pass, and each backward "
+                   "objective stops at the earliest layer whose statistics it feeds")
+        for name, _, served, _, _, why in rows:
             if why:
                 click.echo(f"  {name}: {'not served: ' if served == 'no' else ''}{why}")
         return
@@ -458,10 +461,11 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
 
 
 def model_serving(stage, names, arch, model_file, num_classes, image_size, head=None, hook_sets=()):
-    """``(rows, title)``: per score in ``names`` ``[name, title, "yes" | "no", reason or
-    note]`` on a random-weight copy of the model, traced at ``image_size``; ``stage``:
-    ``extract.cli_support``. The one place that joins what a score reads (analysis) with
-    what the model has (extraction)."""
+    """``(rows, title)``: per score in ``names`` ``[name, title, "yes" | "no", backward
+    objectives, bytes per image, reason or note]`` on a random-weight copy of the model,
+    traced at ``image_size`` (the costs of the score extracted alone:
+    ``extract.cli_support.extraction_cost``); ``stage``: ``extract.cli_support``. The one
+    place that joins what a score reads (analysis) with what the model has (extraction)."""
     from gradood.extract.adapters import adapter_for
     from gradood.extract.adapters.serves import model_attrs, unserved
     model = stage.build_model(arch, num_classes, model_file)
@@ -483,7 +487,10 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
                     note = e.describe(params, attrs)
                 except (KeyError, TypeError, ValueError, CacheError):
                     note = ""
-        rows.append([name, e.title, "no" if reasons else "yes", "; ".join(reasons) or note])
+        cost = None if reasons else stage.extraction_cost(model, adapter, (3, image_size, image_size), needs, passes)
+        objectives = ", ".join(cost[0]) or "-" if cost else "-"
+        size = f"{cost[1]:,}" if cost else ("needs --maha-fit" if not reasons else "-")
+        rows.append([name, e.title, "no" if reasons else "yes", objectives, size, "; ".join(reasons) or note])
     title = (f"{stage.canonical_arch(arch, model_file)} ({type(model).__name__}, adapter "
              f"{adapter.family}): head {adapter.head_name}, {adapter.feature_dim} features, "
              f"traced at {image_size}x{image_size}")

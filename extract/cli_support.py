@@ -95,6 +95,19 @@ def dataset_specs(bench, datasets, data_root, split):
     return list(dict.fromkeys(specs))
 
 
+def extraction_cost(model, adapter, image_shape, needs, passes):
+    """``(objectives, bytes per image)`` of an extraction recording ``needs`` and ``passes``
+    alone with the default settings (policy ``scores``, the default ODIN pass), from its
+    plan (``ExtractionPlan.bytes_per_image``, before compression); None for a pass that
+    needs more than the model (the Mahalanobis pass's ``--maha-fit`` cache)."""
+    if "mahalanobis" in passes:
+        return None
+    # the std only scales the ODIN / iODIN step: a stand-in keeps the plan's sizes exact
+    config = ExtractConfig(arch="-", needs=needs, passes=passes, odin_std=(1.0,) * image_shape[0], device="cpu")
+    plan = ExtractionPlan(model, config, image_shape, torch.device("cpu"), adapter)
+    return plan.objectives, plan.bytes_per_image()
+
+
 def _odin_std(description):
     for step in description["steps"]:
         if step[0] == "Normalize":
