@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gradood.extract.models import build_model
-from bench.helpers import demo_workspace, randomize_norms
+from bench.helpers import randomize_norms
 from gradood.pipeline import cli
 from gradood.store.reader import CacheReader
 from gradood.store.writer import CacheLock, list_parts, parts_dir
@@ -25,9 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, demo_files):
     base = tmp_path_factory.mktemp("faults")
-    data, ckpt = demo_workspace(base)
+    data, ckpt = demo_files
     cache = str(base / "cache")
     common = ["--benchmark", "demo", "--data-root", data, "--checkpoint", ckpt, "--cache-dir", cache,
               "--batch-size", "8", "--quiet"]

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from gradood.analyze.registry import ScoreError, all_entries, default_grid, default_scores, entry, paper_variants
 from gradood.extract.models import build_model
-from bench.helpers import demo_workspace, compute_score, extract_tensor, randomize_norms
+from bench.helpers import compute_score, extract_tensor, randomize_norms
 from gradood.pipeline import cli
 from gradood.store.reader import CacheReader
 from gradood.store.schema import stat_path
@@ -38,9 +38,9 @@ PLUGIN = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, demo_files):
     base = tmp_path_factory.mktemp("lib")
-    data, ckpt = demo_workspace(base)
+    data, ckpt = demo_files
     cache = str(base / "cache")
     common = ["--benchmark", "demo", "--data-root", data, "--checkpoint", ckpt, "--cache-dir", cache,
               "--batch-size", "8", "--quiet"]

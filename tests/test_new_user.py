@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from gradood.extract import ExtractConfig
 from gradood.extract.runner import ExtractionPlan
 from gradood.extract.models import build_model
-from bench.helpers import compute_score, demo_workspace, extract_tensor, fit_score, randomize_norms
+from bench.helpers import compute_score, extract_tensor, fit_score, randomize_norms
 from gradood.pipeline import cli
 from gradood.store.reader import CacheReader
 from gradood.store.schema import CacheError, stat_path
@@ -27,9 +27,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def workspace(tmp_path_factory, demo_files):
     base = tmp_path_factory.mktemp("newuser")
-    data, ckpt = demo_workspace(base)
+    data, ckpt = demo_files
     return base, data, ckpt
 
 

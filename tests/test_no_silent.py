@@ -19,10 +19,10 @@ from gradood.store.writer import parts_dir
 
 
 @pytest.fixture(scope="module")
-def two_models(tmp_path_factory):
+def two_models(tmp_path_factory, demo_files):
     """A cache folder holding caches of two different weights (mine*, far, far_other)."""
     base = tmp_path_factory.mktemp("silent")
-    data, ckpt = demo_workspace(base)
+    data, ckpt = demo_files
     other = str(base / "other.pt")
     torch.save(randomize_norms(build_model("resnet18", 10), seed=3).state_dict(), other)
     cache = str(base / "cache")

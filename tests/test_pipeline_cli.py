@@ -11,16 +11,15 @@ from click.testing import CliRunner
 
 from gradood.extract.checkpoint import CheckpointMismatch, load_checkpoint
 from gradood.extract.models import build_model
-from bench.helpers import demo_workspace
 from gradood.pipeline import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def demo_slice(tmp_path_factory):
+def demo_slice(tmp_path_factory, demo_files):
     base = tmp_path_factory.mktemp("demo")
-    data, ckpt = demo_workspace(base)
+    data, ckpt = demo_files
     cache = str(base / "cache")
     res = CliRunner().invoke(cli, ["extract", "--benchmark", "demo", "--data-root", data,
                                    "--checkpoint", ckpt, "--cache-dir", cache, "--limit", "12",
