@@ -132,7 +132,7 @@ def per_sample_reference(model, x, layouts):
     head = ref.head_of(model)
     out = {"logits": [], "features": [], "layers": {}}
     for name in layouts:
-        out["layers"][name] = {"act_mean": [], "act_abs_max": [], "grad_mean": [], "grad_abs_mean": [], "grad_nonzero": []}
+        out["layers"][name] = {"act_mean": [], "act_abs_max": [], "grad_mean": [], "grad_abs_max": [], "grad_nonzero": []}
 
     def per_channel(t, layout):
         t = t[0]
@@ -166,7 +166,7 @@ def per_sample_reference(model, x, layouts):
             rec["act_mean"].append(a.mean(1).numpy())
             rec["act_abs_max"].append(a.abs().amax(1).numpy())
             rec["grad_mean"].append(g.mean(1).numpy())
-            rec["grad_abs_mean"].append(g.abs().mean(1).numpy())
+            rec["grad_abs_max"].append(g.abs().amax(1).numpy())
             rec["grad_nonzero"].append((g != 0).sum(1).numpy())
     return {"logits": np.stack(out["logits"]), "features": np.stack(out["features"]),
             "layers": {n: {k: np.stack(v) for k, v in rec.items()} for n, rec in out["layers"].items()}}
@@ -203,12 +203,13 @@ def check_model(model, side, layouts, tmp_path, arch="test"):
             rec = want["layers"][name]
             close(r.read(stat_path(name, "act", "mean")), rec["act_mean"])
             close(r.read(stat_path(name, "act", "abs_max")), rec["act_abs_max"])
-            # a channel's gradient mean sums terms of both signs that may cancel: compared on the
-            # scale of the terms (the layer's mean |gradient|), not of the cancelled result, so
-            # float32 rounding that depends on the thread count (and so on which tests ran
-            # before, in one process) stays inside the tolerance
+            # a channel's gradient mean sums terms of both signs that cancel to near zero: compared
+            # on the layer's scale (its largest |gradient| entry), not on the cancelled result.
+            # The backward's float32 rounding differs between runs of one process (DenseNet-121
+            # after tests/test_no_silent.py: 6 of 192 near-zero means off by up to 5.6e-8, 2e-4 of
+            # the cancelled values' scale, within 1e-4 of the layer's)
             close(r.read(stat_path(name, "max_logit", "mean")), rec["grad_mean"], rtol=1e-4,
-                  scale=rec["grad_abs_mean"].max())
+                  scale=rec["grad_abs_max"].max())
             np.testing.assert_array_equal(r.read(stat_path(name, "max_logit", "nonzero")), rec["grad_nonzero"])
         assert np.all(np.isfinite(compute_score(r, "gaia_z")))
     return served, refused
