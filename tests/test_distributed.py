@@ -8,12 +8,8 @@ import time
 import h5py
 import numpy as np
 import pytest
-import torch
 
-from gradood.extract.demo_data import build_demo_data
 from gradood.extract.distributed import Shard, grid_batches
-from gradood.extract.models import build_model
-from bench.helpers import randomize_norms
 from gradood.store.writer import list_parts, missing_intervals, parts_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,11 +63,8 @@ def _worker_with_rank(parent_pid, rank):
     return None
 
 
-def test_two_gloo_ranks_killed_and_resumed_equal_single_process(tmp_path):
-    data = build_demo_data(str(tmp_path / "data"))
-    ckpt = str(tmp_path / "m.pt")
-    torch.manual_seed(0)
-    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
+def test_two_gloo_ranks_killed_and_resumed_equal_single_process(tmp_path, demo_files):
+    data, ckpt = demo_files          # read only: the killed and the whole run extract the same images
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 
     sharded = str(tmp_path / "sharded")

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from bench.helpers import compute_score
-from gradood.extract.demo_data import build_demo_data
 from gradood.extract.models import build_model
 from bench.helpers import randomize_norms
 from gradood.store.reader import CacheReader
@@ -24,11 +23,8 @@ def command(data, ckpt, cache):
             "--limit", "48", "--batch-size", "4", "--quiet", "--score", "gaia_z", "--score", "gaia_a"]
 
 
-def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
-    data = build_demo_data(str(tmp_path / "data"))
-    ckpt = str(tmp_path / "m.pt")
-    torch.manual_seed(0)
-    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
+def test_kill_9_then_resume_matches_uninterrupted(tmp_path, demo_files):
+    data, ckpt = demo_files          # read only: the killed and the whole run extract the same images
     env = {**os.environ, "PYTHONPATH": ROOT}
 
     killed = str(tmp_path / "killed")
