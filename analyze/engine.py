@@ -171,6 +171,8 @@ class Engine:
         if dataset in self.readers:
             return self.readers[dataset]
         partial = self.allow_partial if allow_partial is None else allow_partial
+        if partial and (dataset, False) in self._opened:
+            return self._opened[(dataset, False)]     # a complete cache reads the same either way
         key = (dataset, bool(partial))
         if key not in self._opened:
             self._opened[key] = CacheReader(self.path(dataset), allow_partial=partial)

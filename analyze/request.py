@@ -75,10 +75,10 @@ def check_resamples(value, option="resamples"):
 
 
 def compare_pairs(items, canonical):
-    """``((a, b), ...)`` of ``items`` ("A,B" strings or pairs), names made canonical by
-    ``canonical``; each pair names two different scores."""
+    """``((a, b), ...)`` of ``items`` (``AnalysisRequest.compare``: "A,B" strings or pairs),
+    names made canonical by ``canonical``; each pair names two different scores."""
     pairs = []
-    for item in items if not isinstance(items, str) else [items]:
+    for item in items:
         pair = tuple(canonical(n.strip()) for n in (item.split(",") if isinstance(item, str) else item))
         if len(pair) != 2 or pair[0] == pair[1]:
             raise ScoreError(f"compare {','.join(pair)}: give two different scores, A,B")

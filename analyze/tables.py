@@ -399,11 +399,6 @@ def to_markdown(result):
     raise TypeError(f"no Markdown for a {type(result).__name__}")
 
 
-def to_csv_text(result):
-    """CSV text of ``result``'s main table (``table_rows``)."""
-    return csv_text(*table_rows(result))
-
-
 def to_latex(result, label=None, top=None):
     """``result`` as a booktabs LaTeX table, the best value of each column in bold, the
     caption under it (a sweep: its ``top`` best variants)."""
