@@ -53,8 +53,9 @@ def score_histograms(evaluation, out_dir):
             other = _finite(evaluation.scores[name][score])
             both = np.concatenate([ref, other])
             bins = np.linspace(both.min(), both.max(), 40) if np.ptp(both) > 0 else 10
-            ax.hist(ref, bins=bins, alpha=0.6, density=True, label=f"{id_name} (ID)")
-            ax.hist(other, bins=bins, alpha=0.6, density=True, label=name)
+            # one filled outline per set, not one bar per bin: the same figure, half the drawing time
+            ax.hist(ref, bins=bins, alpha=0.6, density=True, histtype="stepfilled", label=f"{id_name} (ID)")
+            ax.hist(other, bins=bins, alpha=0.6, density=True, histtype="stepfilled", label=name)
             auroc = evaluation.results[score][name]["AUROC"]
             ax.set_title(f"{name}: AUROC {100 * auroc:.1f}", fontsize=9)
             ax.legend(fontsize=7)

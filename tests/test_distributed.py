@@ -8,12 +8,15 @@ import time
 import h5py
 import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
 
 from gradood.extract.distributed import Shard, grid_batches
+from gradood.pipeline import cli
 from gradood.store.writer import list_parts, missing_intervals, parts_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N, BATCH = 42, 4          # 11 batches, the last one short: rank 0 gets 5 (rows 0-20), rank 1 gets 6
+N, BATCH = 26, 3          # 9 batches, the last one short: rank 0 gets 4 (rows 0-12), rank 1 gets 5
 
 
 @pytest.mark.parametrize("n,batch,world", [(42, 4, 2), (10, 3, 4), (5, 8, 3), (100, 7, 6)])
@@ -35,15 +38,15 @@ def test_resume_fills_only_missing_rows_on_the_global_grid():
     assert grid_batches([(6, 17)], 4) == [(6, 8), (8, 12), (12, 16), (16, 17)]
 
 
+def _arguments(data, ckpt, cache):
+    return ["extract", "--benchmark", "demo", "--data-root", data, "--checkpoint", ckpt, "--cache-dir", cache,
+            "--dataset", "shapes", "--limit", str(N), "--batch-size", str(BATCH), "--quiet", "--device", "cpu",
+            "--score", "gaia_z,gaia_a,gradnorm,msp,odin"]
+
+
 def _command(data, ckpt, cache, nproc):
-    extract = ["pipeline.py", "extract", "--benchmark", "demo", "--data-root", data,
-               "--checkpoint", ckpt, "--cache-dir", cache, "--dataset", "shapes", "--limit", str(N),
-               "--batch-size", str(BATCH), "--quiet", "--device", "cpu",
-               "--score", "gaia_z,gaia_a,gradnorm,msp,odin"]
-    if nproc == 1:
-        return [sys.executable, *extract]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", *extract]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "pipeline.py", *_arguments(data, ckpt, cache)]
 
 
 def _worker_with_rank(parent_pid, rank):
@@ -95,8 +98,14 @@ def test_two_gloo_ranks_killed_and_resumed_equal_single_process(tmp_path, demo_f
     assert f"rank 1 of 2 extracts rows {rank1_rows[0]}-{rank1_rows[1]} ({done_by_rank1} already done)" in resumed.stdout
     assert not os.path.exists(parts_dir(target))
 
-    single = str(tmp_path / "single")
-    subprocess.run(_command(data, ckpt, single, 1), env=env, cwd=ROOT, check=True)
+    single = str(tmp_path / "single")            # the same command without torchrun, in this process,
+    threads = torch.get_num_threads()            # on one thread as the ranks (OMP_NUM_THREADS=1)
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(cli, _arguments(data, ckpt, single))
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
     with h5py.File(target, "r") as a, h5py.File(os.path.join(single, "shapes.h5"), "r") as b:
         assert a.attrs["complete"] and a.attrs["world_size"] == 2 and b.attrs["world_size"] == 1
         assert a.attrs["fingerprint"] == b.attrs["fingerprint"]

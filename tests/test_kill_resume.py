@@ -7,20 +7,28 @@ import time
 
 import numpy as np
 import torch
+from click.testing import CliRunner
 
-from bench.helpers import compute_score
+from bench.helpers import compute_score, randomize_norms
 from gradood.extract.models import build_model
-from bench.helpers import randomize_norms
+from gradood.pipeline import cli
 from gradood.store.reader import CacheReader
 from gradood.store.writer import list_parts, parts_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def command(data, ckpt, cache):
-    return [sys.executable, os.path.join(ROOT, "pipeline.py"), "extract", "--benchmark", "demo",
-            "--data-root", data, "--checkpoint", ckpt, "--cache-dir", cache, "--dataset", "shapes",
-            "--limit", "48", "--batch-size", "4", "--quiet", "--score", "gaia_z", "--score", "gaia_a"]
+def arguments(data, ckpt, cache):
+    """The extraction both runs make: 24 shapes, 12 parts of 2 rows."""
+    return ["extract", "--benchmark", "demo", "--data-root", data, "--checkpoint", ckpt, "--cache-dir", cache,
+            "--dataset", "shapes", "--limit", "24", "--batch-size", "2", "--quiet", "--score", "gaia_z",
+            "--score", "gaia_a"]
+
+
+def rerun(args):
+    """The same command in this process (the killed one was a real process)."""
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
 
 
 def test_kill_9_then_resume_matches_uninterrupted(tmp_path, demo_files):
@@ -28,7 +36,8 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, demo_files):
     env = {**os.environ, "PYTHONPATH": ROOT}
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(command(data, ckpt, killed), env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *arguments(data, ckpt, killed)],
+                            env=env, cwd=ROOT)
     target = os.path.join(killed, "shapes.h5")
     deadline = time.time() + 120
     while len(list_parts(parts_dir(target))) < 3 and time.time() < deadline and proc.poll() is None:
@@ -39,12 +48,12 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, demo_files):
     done_before = len(list_parts(parts_dir(target)))
     assert 0 < done_before < 12
 
-    subprocess.run(command(data, ckpt, killed), env=env, cwd=ROOT, check=True)
+    rerun(arguments(data, ckpt, killed))
     reference = str(tmp_path / "whole")
-    subprocess.run(command(data, ckpt, reference), env=env, cwd=ROOT, check=True)
+    rerun(arguments(data, ckpt, reference))
 
     with CacheReader(target) as a, CacheReader(os.path.join(reference, "shapes.h5")) as b:
-        assert a.n_samples == b.n_samples == 48
+        assert a.n_samples == b.n_samples == 24
         assert list(a.read_all("paths")) == list(b.read_all("paths"))
         for score in ("gaia_z", "gaia_a", "gradnorm"):
             np.testing.assert_array_equal(compute_score(a, score), compute_score(b, score))

@@ -3,6 +3,7 @@ kept across runs, fits on the test images, degenerate fits, SIGTERM, the Mahalan
 ensemble's cost, hand-edited caches, interrupts inside plugins."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,16 @@ def workspace(tmp_path_factory, demo_files):
     base = tmp_path_factory.mktemp("newuser")
     data, ckpt = demo_files
     return base, data, ckpt
+
+
+def small_folder(folder, dest, n):
+    """An ImageFolder at ``dest`` holding copies of the first ``n`` images of ``folder`` (class folders kept)."""
+    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs)[:n]
+    for f in files:
+        target = os.path.join(dest, os.path.relpath(f, folder))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(f, target)
+    return str(dest)
 
 
 def run(args, ok=True):
@@ -79,18 +90,18 @@ def test_results_of_earlier_runs_are_kept(workspace):
 def test_fitting_on_the_test_images_is_refused(workspace):
     base, data, ckpt = workspace
     cache = str(base / "overlap")
-    digits = os.path.join(data, "digits", "test")
+    digits = small_folder(os.path.join(data, "digits", "test"), base / "few_digits", 12)
     common = ["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess",
               "demo", "--cache-dir", cache, "--quiet", "--score", "knn,msp"]
-    run(common + ["--dataset", f"mine={digits}", "--limit", "40"])
-    run(common + ["--dataset", f"far={os.path.join(data, 'noise')}", "--limit", "40"])
+    run(common + ["--dataset", f"mine={digits}", "--limit", "12"])
+    run(common + ["--dataset", f"far={os.path.join(data, 'noise')}", "--limit", "12"])
     res = run(common + ["--dataset", f"mine={digits}", "--split", "train", "--limit", "100000"])
     assert "--limit 100000, but the set has" in res.output and "taking all" in res.output
-    res = run(["analyze", "--cache-dir", cache, "--id", "mine", "--score", "knn", "--results", str(base / "o1")], ok=False)
-    assert res.exit_code == 2 and "shares 40 image(s) with the evaluated cache" in res.output
+    knn = ["--score", "knn", "--param", "knn.k=5"]          # k within the 12 training rows
+    res = run(["analyze", "--cache-dir", cache, "--id", "mine", *knn, "--results", str(base / "o1")], ok=False)
+    assert res.exit_code == 2 and "shares 12 image(s) with the evaluated cache" in res.output
     assert "--allow-overlap" in res.output
-    run(["analyze", "--cache-dir", cache, "--id", "mine", "--score", "knn", "--results", str(base / "o2"),
-         "--allow-overlap"])
+    run(["analyze", "--cache-dir", cache, "--id", "mine", *knn, "--results", str(base / "o2"), "--allow-overlap"])
 
 
 def test_degenerate_fits_are_refused(tmp_path):
@@ -112,7 +123,7 @@ def test_sigterm_keeps_parts_removes_the_lock_and_resumes(workspace):
     base, data, ckpt = workspace
     cache = str(base / "term")
     cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), *extract(data, ckpt, cache, "--dataset", "shapes",
-                                                                       "--limit", "48", "--batch-size", "4",
+                                                                       "--limit", "24", "--batch-size", "2",
                                                                        "--score", "gaia_z,gaia_a")]
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -126,9 +137,9 @@ def test_sigterm_keeps_parts_removes_the_lock_and_resumes(workspace):
     assert "terminated (SIGTERM)" in err and "rerun the same command to resume" in err
     assert not os.path.exists(target + ".lock")
     assert 0 < len(list_parts(parts_dir(target))) < 12
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+    run(cmd[2:])                     # the same command, resumed in this process
     with CacheReader(target) as r:
-        assert r.n_samples == 48
+        assert r.n_samples == 24
 
 
 def test_mahalanobis_ensemble_cost_is_shown_before_it_starts():

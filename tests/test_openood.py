@@ -4,81 +4,25 @@ and the same scores as the same images read as ImageFolders."""
 import csv
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
-from gradood.extract.demo_data import build_demo_data
-from gradood.extract.models import build_model
-from bench.helpers import randomize_norms
 from gradood.pipeline import cli
-from gradood.store.benchmarks import BENCHMARKS
 from gradood.store.reader import CacheReader
 
-# which demo images stand in for each OpenOOD set, and how many
-STAND_INS = {"cifar10": ("digits/test", 24), "cifar10_train": ("digits/train", 40), "cifar10_val": ("digits/test", 12),
-             "cifar100": ("mashups", 10), "tin": ("shapes", 10), "mnist": ("noise", 8), "svhn": ("textures", 8),
-             "texture": ("textures", 8), "places365": ("photo_patches", 8), "tin_val": ("shapes", 8)}
-
-
-def _images(folder, n, skip=0):
-    files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(folder) for f in fs if f.endswith(".png"))
-    return files[skip:skip + n]
-
-
-def build_openood_root(base):
-    """An OpenOOD v1.5 data root for ``openood_cifar10`` under ``base/data`` made of demo
-    images (lists + images_classic); returns (root, {set: image folder})."""
-    demo = build_demo_data(str(base / "demo"))
-    root = base / "data"
-    preset = BENCHMARKS["openood_cifar10"]
-    folders = {}
-    for name, (kind, rel, images) in preset.sets.items():
-        src, n = STAND_INS[name]
-        skip = 24 if name in ("cifar10_val",) else (10 if name == "tin_val" else 0)
-        lines, dest_dir = [], os.path.join(root, images, name.replace("_val", "").replace("_train", ""),
-                                           "val" if name.endswith("_val") else ("train" if name.endswith("_train") else "test"))
-        ood = name not in ("cifar10", "cifar10_train", "cifar10_val")
-        for path in _images(os.path.join(demo, src), n, skip):
-            cls = os.path.basename(os.path.dirname(path))
-            target = os.path.join(dest_dir, cls, os.path.basename(path))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy(path, target)
-            lines.append(f"{os.path.relpath(target, os.path.join(root, images))} {-1 if ood else int(cls) if cls.isdigit() else 0}")
-        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
-        with open(os.path.join(root, rel), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        folders[name] = dest_dir
-    return str(root), folders
-
 
 @pytest.fixture(scope="module")
-def openood_root(tmp_path_factory):
-    base = tmp_path_factory.mktemp("openood")
-    root, folders = build_openood_root(base)
-    ckpt = str(base / "model.pt")
-    torch.manual_seed(0)
-    torch.save(randomize_norms(build_model("resnet18", 10)).state_dict(), ckpt)
-    return base, root, ckpt, folders
+def openood(tmp_path_factory, openood_root, openood_caches):
+    """``(base, root, ckpt, folders, cache)``: a folder for this module's outputs and the
+    session's OpenOOD stand-in root, checkpoint and caches (read-only)."""
+    root, ckpt, folders = openood_root
+    return tmp_path_factory.mktemp("openood"), root, ckpt, folders, openood_caches
 
 
-@pytest.fixture(scope="module")
-def extracted(openood_root):
-    base, root, ckpt, folders = openood_root
-    cache = str(base / "cache")
-    res = CliRunner().invoke(cli, ["extract", "--benchmark", "openood_cifar10", "--data-root", root, "--arch",
-                                   "resnet18", "--checkpoint", ckpt, "--preprocess", "cifar10", "--dataset", "all",
-                                   "--cache-dir", cache, "--batch-size", "8", "--quiet"])
-    assert res.exit_code == 0, res.output
-    return cache
-
-
-def test_openood_layout_end_to_end(openood_root, extracted):
-    base, root, ckpt, folders = openood_root
-    cache = extracted
+def test_openood_layout_end_to_end(openood):
+    base, root, ckpt, folders, cache = openood
     with CacheReader(os.path.join(cache, "cifar10.h5")) as r:
         assert r.attrs["benchmark"] == "openood_cifar10" and r.attrs["odin"] == [[1000.0, 0.0014, True]]
         assert (r.read_all("labels") >= 0).all()
@@ -108,12 +52,13 @@ def test_openood_layout_end_to_end(openood_root, extracted):
     assert near == pytest.approx(np.mean([saved["results"]["energy"][d]["AUROC"] for d in ("cifar100", "tin")]))
     assert "tin_val" not in saved["ood"] and "cifar10_val" not in saved["ood"]
 
-    # the same images read as ImageFolders give the same scores
+    # the same images read as ImageFolders give the same scores (the default batch size, as the
+    # session caches: the same batches, so the same float sums)
     folder_cache = str(base / "folder_cache")
     res = CliRunner().invoke(cli, ["extract", "--arch", "resnet18", "--num-classes", "10", "--checkpoint", ckpt,
-                                   "--preprocess", "cifar10", "--dataset", f"cifar10={folders['cifar10']}",
+                                   "--preprocess", "demo", "--dataset", f"cifar10={folders['cifar10']}",
                                    "--dataset", f"tin={folders['tin']}", "--dataset", f"cifar10_train={folders['cifar10_train']}",
-                                   "--cache-dir", folder_cache, "--batch-size", "8", "--quiet", "--odin", "1000,0.0014,std"])
+                                   "--cache-dir", folder_cache, "--quiet", "--odin", "1000,0.0014,std"])
     assert res.exit_code == 0, res.output
     for score in ("msp", "gaia_z", "odin", "react"):
         res = CliRunner().invoke(cli, ["analyze", "--cache-dir", folder_cache, "--id", "cifar10", "--score", score,
@@ -125,9 +70,8 @@ def test_openood_layout_end_to_end(openood_root, extracted):
             assert a == b and len(a) > 0, (score, d)
 
 
-def test_tuning_uses_validation_caches_only(openood_root, extracted):
-    base, root, ckpt, _ = openood_root
-    cache = extracted
+def test_tuning_uses_validation_caches_only(openood):
+    base, root, ckpt, _, cache = openood
     res = CliRunner().invoke(cli, ["analyze", "--benchmark", "openood_cifar10", "--cache-dir", cache, "--score",
                                    "knn,energy,msp", "--tune-on", "tin_val", "--metrics", "openood",
                                    "--results", str(base / "tuned")])
