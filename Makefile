@@ -64,8 +64,9 @@ sweep: install
 	  $(if $(GRID),--grid '$(GRID)') $(if $(GRID_FILE),--grid-file $(GRID_FILE)) \
 	  $(if $(SELECT_ON),--select-on $(SELECT_ON))
 
+# two pytest-xdist workers, one thread each, a module at a time (tests/conftest.py)
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: install
 	$(PY) bench/run.py

@@ -5,9 +5,16 @@ re-implemented) is the package ``bench`` of this checkout (``pythonpath = .`` in
 setup.cfg).
 
 Session fixtures are built once and read only; a test that changes their files copies
-them first (``shutil.copytree``)."""
+them first (``shutil.copytree``). A test module's costly fixtures are session-scoped too,
+although one module uses them: pytest-xdist (``make test``) interleaves modules on a
+worker, and pytest rebuilds a module fixture each time its module comes back."""
 import os
 import shutil
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on two cores: one thread each, for torch,
+    # numpy and scikit-learn here and in every process a test starts (set before they load)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 from click.testing import CliRunner
@@ -89,3 +96,19 @@ def openood_caches(tmp_path_factory, openood_root):
     code, out = run_cli(openood_extraction(root, ckpt, cache))
     assert code == 0, out
     return cache
+
+
+# `make test` hands whole modules to two pytest-xdist workers (--dist loadfile), in the
+# order of the items (--no-loadscope-reorder): the first worker starts with the first and
+# the third module, the second with the second and the fourth, then each takes the next
+# module when it is done. The modules that take longest (30-80 s each under `make test` on
+# 2 cores, `--durations`) go first, so that the last ones to run are short and neither
+# worker waits long for the other; test_openood goes third, to the worker of test_readme,
+# which has built the session's OpenOOD caches they share. The order changes no result.
+LONGEST_FIRST = ("test_readme.py", "test_faults.py", "test_openood.py", "test_posthoc.py", "test_distributed.py",
+                 "test_models.py", "test_maha_ensemble.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

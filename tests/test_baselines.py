@@ -20,7 +20,7 @@ def _images(n, size, seed):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wrn(tmp_path_factory):
     """WRN-40-2 (128 features): 200 labelled training images, 16 test images, extracted."""
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def test_ash_map_ablation_prunes_the_map(wrn, variant):
             assert rel_err(got, expected) <= 1e-6
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def resnet(tmp_path_factory):
     """CIFAR ResNet-18: 40 labelled training images, 8 test images, with NAC hooks and ODIN."""
     torch.manual_seed(0)

@@ -54,11 +54,11 @@ def contract_params(name, folder):
     return {}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def extracted(tmp_path_factory):
-    """``folder`` with ``test.h5`` (ID), ``shifted.h5`` and ``test_train.h5``, extracted for
-    every registered score (every pass, the Mahalanobis pass with pseudo-OOD copies at one
-    magnitude)."""
+    """``folder`` with ``test.h5`` (ID) and ``shifted.h5`` extracted for every registered
+    score (every pass, the Mahalanobis pass with pseudo-OOD copies at one magnitude), and
+    ``test_train.h5`` for every fitted one."""
     folder = str(tmp_path_factory.mktemp("contract"))
     torch.manual_seed(0)
     model = randomize_norms(build_model("resnet20", 10))
@@ -67,10 +67,10 @@ def extracted(tmp_path_factory):
     labels = torch.arange(120) % 10
     test = torch.randn(32, 3, 32, 32, generator=g)
     shifted = 2.5 * torch.randn(32, 3, 32, 32, generator=g) + 0.5
-    needs_all = [n for n in SCORES if n != "mahalanobis_ens"]
+    fitted = [n for n in SCORES if entry(n).fitted and n != "mahalanobis_ens"]   # what a training cache serves
     params = {n: contract_params(n, folder) for n in SCORES}
     np.save(params["webo"]["weights"], np.linspace(0.5, 1.5, 10))
-    train_path = extract_tensor(model, "resnet20", train, os.path.join(folder, "test_train.h5"), needs_all,
+    train_path = extract_tensor(model, "resnet20", train, os.path.join(folder, "test_train.h5"), fitted,
                                 batch_size=40, name="test_train", labels=labels, params=params)
     maha = _maha_setup(adapter_for(model, (3, 32, 32)), "test", {"name": "none"}, torch.device("cpu"),
                        SimpleNamespace(maha_fit=train_path, maha_magnitudes=[0.0], maha_adversarial=True))
@@ -80,7 +80,7 @@ def extracted(tmp_path_factory):
     return folder, params
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A synthetic world (``store.synthetic``): 6 classes, 64 full-rank features, 600
     training rows, 40 test rows near the class centres and 40 far from them."""
@@ -92,7 +92,7 @@ def world(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def caches(world, extracted):
     """``{score: (folder, params)}``: the world where it serves the score, else the
     extracted caches."""
@@ -177,7 +177,7 @@ def _arrays(estimator):
             yield from (value.values() if isinstance(value, dict) else [value])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def separable(tmp_path_factory):
     """Synthetic caches of one world: ID training and test rows near their class centres,
     OOD rows around other centres, all with little noise."""

@@ -24,7 +24,7 @@ from gradood.store.writer import CacheLock, list_parts, parts_dir
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def setup(tmp_path_factory, demo_files):
     base = tmp_path_factory.mktemp("faults")
     data, ckpt = demo_files
@@ -423,20 +423,25 @@ def test_newer_schema_asks_to_upgrade(setup, tmp_path):
         CacheReader(path)
 
 
-def test_inspect_partial_and_resume_with_another_batch_size(setup, tmp_path):
+def test_inspect_partial_and_resume_with_another_batch_size(setup, tmp_path, monkeypatch):
+    """An extraction stopped after two parts (in this process: the kill -9 of a real one is
+    tests/test_kill_resume.py's) is inspected as partial, and resuming it with another
+    batch size is refused."""
+    import gradood.store.writer as W
     base, data, ckpt, cache, common = setup
     target = str(tmp_path / "c" / "noise.h5")
-    args = [sys.executable, os.path.join(ROOT, "pipeline.py"), "extract", *common, "--dataset", "noise",
-            "--batch-size", "4", "--cache-dir", str(tmp_path / "c")]
-    p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env={**os.environ, "PYTHONPATH": ROOT})
-    deadline = time.time() + 120
-    while len(list_parts(parts_dir(target))) < 2 and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    p.kill()
-    p.wait()
+    real = W.CacheWriter.write_rows
+
+    def stops_after_two(self, start, arrays):
+        if len(list_parts(parts_dir(target))) == 2:
+            raise KeyboardInterrupt
+        return real(self, start, arrays)
+    monkeypatch.setattr(W.CacheWriter, "write_rows", stops_after_two)
+    code, out = run(["extract", *common, "--dataset", "noise", "--batch-size", "4", "--cache-dir", str(tmp_path / "c")])
+    assert code == 130 and len(list_parts(parts_dir(target))) == 2, out
+    monkeypatch.setattr(W.CacheWriter, "write_rows", real)
     code, out = run(["inspect", target])
-    assert code == 0 and "of 400 samples extracted" in out
+    assert code == 0 and "8 of 400 samples extracted" in out, out
     code, out = run(["extract", *common, "--dataset", "noise", "--batch-size", "8", "--cache-dir", str(tmp_path / "c")])
     assert code == 2 and "--batch-size 4" in out
 

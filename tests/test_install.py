@@ -23,7 +23,7 @@ from gradood.extract.models import build_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wheel(tmp_path_factory):
     """The project's wheel, built from this checkout; returns its path."""
     out = tmp_path_factory.mktemp("wheel")

@@ -37,7 +37,7 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo(tmp_path_factory, demo_files):
     base = tmp_path_factory.mktemp("lib")
     data, ckpt = demo_files

@@ -23,7 +23,7 @@ LAYERS = ["block1", "block2", "block3"]
 MAGNITUDES = (0.0, 0.01, 0.0014)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("maha")
     torch.manual_seed(0)

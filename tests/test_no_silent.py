@@ -18,7 +18,7 @@ from gradood.pipeline import cli
 from gradood.store.writer import parts_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_models(tmp_path_factory, demo_files):
     """A cache folder holding caches of two different weights (mine*, far, far_other)."""
     base = tmp_path_factory.mktemp("silent")

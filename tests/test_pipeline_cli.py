@@ -16,7 +16,7 @@ from gradood.pipeline import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo_slice(tmp_path_factory, demo_files):
     base = tmp_path_factory.mktemp("demo")
     data, ckpt = demo_files

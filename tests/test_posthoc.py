@@ -18,7 +18,7 @@ from bench.helpers import compute_score, extract_tensor, fit_score, randomize_no
 from gradood.store.reader import CacheReader
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wrn(tmp_path_factory):
     """WRN-40-2 (128 features, 10 classes): 300 labelled training images, 24 test images
     (half of them shifted), extracted with the last feature map (for RankFeat)."""
@@ -34,7 +34,8 @@ def wrn(tmp_path_factory):
         weight = torch.cat([pcs, -pcs]) * 3.0               # +/- the first five principal directions
         model.fc.weight.copy_(weight)
         model.fc.bias.copy_(-weight @ mean)
-        labels = model(train).argmax(1)          # labels the model mostly gets right (SHE)
+        logits = model.fc(feats)                 # the head on the same features: the model's output
+        labels = logits.argmax(1)                # labels the model mostly gets right (SHE)
         labels[::7] = (labels[::7] + 1) % 10
     assert len(torch.unique(labels)) == 10 and min(torch.bincount(labels)) >= 5
     test = torch.cat([torch.randn(12, 3, 32, 32, generator=g), 2.5 * torch.randn(12, 3, 32, 32, generator=g)])
@@ -42,7 +43,7 @@ def wrn(tmp_path_factory):
     tr = extract_tensor(model, "wrn_40_2", train, str(d / "train.h5"), ["msp"], batch_size=100,
                         labels=labels, name="train")
     te = extract_tensor(model, "wrn_40_2", test, str(d / "test.h5"), ["msp", "rankfeat"], batch_size=8)
-    (xt, zt), (xq, zq) = ref.penultimate(model, train), ref.penultimate(model, test)
+    (xt, zt), (xq, zq) = (feats, logits), ref.penultimate(model, test)
     return model, (train, labels, test), (tr, te), (xt.double(), zt.double(), xq.double(), zq.double())
 
 
@@ -590,8 +591,12 @@ def test_adascale_adaptive_scaling(wrn, tmp_path):
         got_a = compute_score(rd, "adascale_a", fit_score(t, "adascale_a"))
         got_l = compute_score(rd, "adascale_l", fit_score(t, "adascale_l"))
     assert len(np.unique(percent)) > 3
-    check(got_a, expected_a.numpy(), tol=1e-5)
-    check(got_l, expected_l.numpy(), tol=1e-5)
+    # 5e-5: the 5 % least sensitive entries are picked among near-ties of |gradient|; a
+    # last-bit difference of the input gradient (the thread count changes the convolutions'
+    # summation order) swaps entries at the boundary. Measured: 1.5e-5 on one thread, below
+    # 1e-5 on two.
+    check(got_a, expected_a.numpy(), tol=5e-5)
+    check(got_l, expected_l.numpy(), tol=5e-5)
 
 
 def test_webo_weighted_energy(wrn, tmp_path):

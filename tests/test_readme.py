@@ -60,7 +60,7 @@ def commands(body):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def workdir(tmp_path_factory, demo_files, openood_root, openood_caches):
     """A fresh working folder: ``data/demo`` and ``checkpoints/demo_resnet18.pt`` link to the
     session's demo files (the same images and weights ``make demo``'s steps would make),

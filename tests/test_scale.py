@@ -29,7 +29,7 @@ FITTED = [n for n, e in all_entries().items() if e.fitted and not e.problems(_sy
 BOUNDED = [n for n in FITTED if not entry(n).fit_grows]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def caches(tmp_path_factory):
     d = tmp_path_factory.mktemp("scale")
     train = write_synthetic(str(d / "syn_train.h5"), 3000, num_classes=12, dim=24, seed=1, split="train")

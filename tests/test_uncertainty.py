@@ -89,7 +89,7 @@ def test_paired_resamples_share_their_draws_and_seeds_repeat():
     assert interval(a["AUROC"], 90)[0] > interval(a["AUROC"], 99)[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("ci")
     write_synthetic(str(d / "syn_train.h5"), 1500, num_classes=8, dim=16, seed=1, noise=2.0, split="train")
@@ -132,7 +132,7 @@ def test_compare_names_two_scores(folder, tmp_path):
     assert res.exit_code != 0 and "nosuch" in res.output
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def members(tmp_path_factory):
     """Three 'checkpoints' (synthetic worlds of three seeds) over the same rows."""
     base = tmp_path_factory.mktemp("seeds")
