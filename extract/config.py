@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
-from gradood.store.recipes import BATCH_SIZE, ODIN_DEFAULT as ODIN_PAIR, PASSES, check_needs
+from gradood.store.recipes import BATCH_SIZE, HOOK_SETS, ODIN_DEFAULT as ODIN_PAIR, PASSES, check_needs
 from gradood.store.schema import POLICIES, odin_pass
 
 ODIN_DEFAULT = ((*ODIN_PAIR, False),)
@@ -41,17 +41,23 @@ def parse_policies(items):
 
 def parse_hook_sets(items):
     """``{set name: [module name or glob, ...]}`` from ``NAME=PATTERN[,PATTERN...]`` items (a
-    mapping is taken as it is)."""
+    mapping is taken as it is). NAME must be one of ``HOOK_SETS``: an override of any other
+    name would never be read, so a misspelt set is refused rather than ignored."""
     if isinstance(items, Mapping):
-        return {k: list(v) for k, v in items.items()}
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        patterns = [p.strip() for p in value.split(",") if p.strip()]
-        if not sep or not name or not patterns:
-            raise ValueError(f"--hook-set {item!r}: expected NAME=MODULE[,MODULE...] with module "
-                             "names or globs, e.g. bn='features.*.norm*'")
-        out[name] = patterns
+        out = {k: list(v) for k, v in items.items()}
+    else:
+        out = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            patterns = [p.strip() for p in value.split(",") if p.strip()]
+            if not sep or not name or not patterns:
+                raise ValueError(f"--hook-set {item!r}: expected NAME=MODULE[,MODULE...] with module "
+                                 "names or globs, e.g. bn='features.*.norm*'")
+            out[name] = patterns
+    unknown = [name for name in out if name not in HOOK_SETS]
+    if unknown:
+        raise ValueError(f"--hook-set {unknown[0]}=...: {unknown[0]!r} is not a hook set; the sets are "
+                         f"{', '.join(HOOK_SETS)} (a single module is hooked by name with --hook)")
     return out
 
 

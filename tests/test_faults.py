@@ -222,6 +222,7 @@ def test_bad_analysis_options(setup, tmp_path, args, expected):
     (["--device", "gpu"], "use auto, cpu, cuda or cuda:N"),
     (["--store", "layer9=raw"], "'layer9' is not a hooked layer"),
     (["--score", "knn", "--param", "gaia_z.spatial=l2"], "gaia_z is not among the requested scores"),
+    (["--hook-set", "nca=layer4"], "'nca' is not a hook set; the sets are bn, before_head"),
 ])
 def test_bad_extraction_options(setup, tmp_path, args, expected):
     base, data, ckpt, cache, common = setup
