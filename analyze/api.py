@@ -93,8 +93,7 @@ def resolve_caches(cache_dir=None, id=None, ood=None, benchmark=None, arch=None,
         id = id or preset.id
     if not cache_dir or not id:
         raise ScoreError("give a benchmark, or a cache folder and an ID set (--benchmark, or --cache-dir and --id)")
-    if not os.path.isdir(cache_dir):
-        raise ScoreError(f"cache folder {cache_dir} does not exist; extract first (pipeline.py extract)")
+    check_cache_dir(cache_dir)
     ood = list(ood or [])
     if not ood:
         found = default_ood_sets(cache_dir, id, exclude)
@@ -106,14 +105,22 @@ def resolve_caches(cache_dir=None, id=None, ood=None, benchmark=None, arch=None,
     return cache_dir, id, ood
 
 
+def check_cache_dir(cache_dir):
+    """Raise ScoreError unless ``cache_dir`` is a folder (naming a file given instead)."""
+    if os.path.isfile(cache_dir):
+        raise ScoreError(f"--cache-dir {cache_dir} is a file, not a folder of caches: give the folder "
+                         f"that holds the .h5 files ({os.path.dirname(cache_dir) or '.'}?)")
+    if not os.path.isdir(cache_dir):
+        raise ScoreError(f"cache folder {cache_dir} does not exist; extract first (pipeline.py extract)")
+
+
 def default_ood_sets(cache_dir, id_name, exclude=()):
     """Every cache in ``cache_dir`` other than the ID cache, ``*_train`` and ``*_val``
     caches and ``exclude`` (fitting and validation caches), sorted by name. Unfinished
     extractions (a ``<name>.h5.parts`` folder only) are listed too: reading them then
     refuses, or, with ``allow_partial``, reads their finished rows and marks them, so a set
     never drops out of a table unseen."""
-    if not os.path.isdir(cache_dir):
-        raise ScoreError(f"cache folder {cache_dir} does not exist")
+    check_cache_dir(cache_dir)
     files = os.listdir(cache_dir)
     present = sorted({f[:-3] for f in files if f.endswith(".h5")}
                      | {f[:-len(".h5.parts")] for f in files if f.endswith(".h5.parts")})

@@ -173,6 +173,9 @@ class ExtractConfig:
             raise ValueError(f"batch size must be a positive integer, got {self.batch_size!r}")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.balanced and self.limit is None:
+            raise ValueError("--balanced picks a class-balanced subset of --limit images: give --limit N "
+                             "(without --limit every image is extracted)")
         if self.split not in ("test", "train"):
             raise ValueError(f"--split {self.split!r}: choose test or train")
         if (self.maha_adversarial or self.maha_magnitudes) and not self.maha_fit:

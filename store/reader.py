@@ -76,6 +76,10 @@ class CacheReader:
 
     def _open_partial(self, path, allow_partial):
         pdir = parts_dir(path)
+        if not os.path.exists(os.path.join(pdir, "run.json")):
+            raise CacheError(f"{path}: its unfinished extraction's folder {pdir} holds no run.json (the "
+                             f"run was cut off while starting, or the folder was not made by gradood); "
+                             f"remove {pdir} and extract again")
         with open(os.path.join(pdir, "run.json")) as f:
             run = json.load(f)
         parts = list_parts(pdir)

@@ -232,6 +232,14 @@ def test_bad_extraction_options(setup, tmp_path, args, expected):
     assert not list(out_dir.glob("*.parts")) if out_dir.exists() else True
 
 
+def test_balanced_without_limit_is_refused(setup, tmp_path):
+    base, data, ckpt, cache, common = setup
+    code, out = run(["extract", *common, "--split", "train", "--dataset", "digits", "--balanced",
+                     "--cache-dir", str(tmp_path / "c")])
+    assert code == 2 and "--balanced picks a class-balanced subset of --limit images" in out, out
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+
+
 def test_unknown_sweep_grid_key_is_refused(setup):
     base, data, ckpt, cache, common = setup
     code, out = run(["sweep", "--cache-dir", cache, "--id", "digits", "--grid", "knn:kk=1,2"])

@@ -334,3 +334,13 @@ def test_a_crashing_plugin_under_score_all_stops_the_run_naming_itself(tmp_path)
     assert not (tmp_path / "r" / "summary.md").exists()
     code, out = run(["analyze", "--cache-dir", str(folder), "--id", "syn", "--results", str(tmp_path / "r2")])
     assert code == 0 and "left out" in out          # notes stay for what the caches cannot serve
+
+
+def test_a_file_given_as_cache_folder_and_a_parts_folder_without_run_json_are_named(tmp_path):
+    f = tmp_path / "digits.h5"
+    f.write_bytes(b"")
+    code, out = run(["analyze", "--cache-dir", str(f), "--id", "digits"])
+    assert code == 2 and "is a file, not a folder of caches" in out and "Traceback" not in out, out
+    (tmp_path / "x.h5.parts").mkdir()
+    code, out = run(["inspect", str(tmp_path / "x.h5")])
+    assert code == 2 and "holds no run.json" in out and "remove" in out and "Errno" not in out, out
