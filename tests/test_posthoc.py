@@ -21,7 +21,8 @@ from gradood.store.reader import CacheReader
 @pytest.fixture(scope="session")
 def wrn(tmp_path_factory):
     """WRN-40-2 (128 features, 10 classes): 300 labelled training images, 24 test images
-    (half of them shifted), extracted with the last feature map (for RankFeat)."""
+    (half of them shifted), extracted with the last feature map (for RankFeat) and the
+    block statistics MultiMahalanobis reads."""
     torch.manual_seed(0)
     model = randomize_norms(build_model("wrn_40_2", 10))
     g = torch.Generator().manual_seed(5)
@@ -40,9 +41,10 @@ def wrn(tmp_path_factory):
     assert len(torch.unique(labels)) == 10 and min(torch.bincount(labels)) >= 5
     test = torch.cat([torch.randn(12, 3, 32, 32, generator=g), 2.5 * torch.randn(12, 3, 32, 32, generator=g)])
     d = tmp_path_factory.mktemp("posthoc")
-    tr = extract_tensor(model, "wrn_40_2", train, str(d / "train.h5"), ["msp"], batch_size=100,
+    tr = extract_tensor(model, "wrn_40_2", train, str(d / "train.h5"), ["msp", "multimahalanobis"], batch_size=100,
                         labels=labels, name="train")
-    te = extract_tensor(model, "wrn_40_2", test, str(d / "test.h5"), ["msp", "rankfeat"], batch_size=8)
+    te = extract_tensor(model, "wrn_40_2", test, str(d / "test.h5"), ["msp", "rankfeat", "multimahalanobis"],
+                        batch_size=8)
     (xt, zt), (xq, zq) = (feats, logits), ref.penultimate(model, test)
     return model, (train, labels, test), (tr, te), (xt.double(), zt.double(), xq.double(), zq.double())
 
@@ -353,14 +355,11 @@ def test_lts_scales_the_logits(wrn):
         check(ours(wrn, "lts", percentile=p), torch.logsumexp(zq * s, dim=1).numpy())
 
 
-def test_multimahalanobis_sums_layer_distances(wrn, tmp_path):
+def test_multimahalanobis_sums_layer_distances(wrn):
     """pytorch-ood's MultiMahalanobis: per layer (block1-3 spatial means, the pooled
     feature) class means, summed class-centred scatter + 1e-6 I inverted, 0.5 min_c d^2;
     summed over layers (negated: higher = more ID)."""
-    model, (train, labels, test), _, _ = wrn
-    tr = extract_tensor(model, "wrn_40_2", train, str(tmp_path / "train.h5"), ["multimahalanobis"],
-                        batch_size=100, labels=labels, name="train")
-    te = extract_tensor(model, "wrn_40_2", test, str(tmp_path / "test.h5"), ["multimahalanobis"], batch_size=8)
+    model, (train, labels, test), (tr, te), _ = wrn
     outputs = {}
     hooks = [getattr(model, b).register_forward_hook(lambda m, i, o, b=b: outputs.__setitem__(b, o.mean((2, 3))))
              for b in ("block1", "block2", "block3")]

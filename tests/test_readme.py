@@ -84,7 +84,7 @@ def workdir(tmp_path_factory, demo_files, openood_root, openood_caches):
 
 def cheap(args):
     """The options appended to an extraction so that every page runs in about a minute:
-    ``--limit 24`` (training caches keep up to 600 rows, enough for the full-rank covariance
+    ``--limit 16`` (training caches keep up to 600 rows, enough for the full-rank covariance
     fits of ``--score all``: ResNet-18's stages have up to 512 channels); the multi-layer
     Mahalanobis pass (about 60 forward passes an image per magnitude) reads the 40 images
     (2 m) that docs/scores.md's ``mahalanobis_ens.m=20`` needs, at one of the release's
@@ -98,7 +98,7 @@ def cheap(args):
     if "train" in args:
         given = int(args[args.index("--limit") + 1]) if "--limit" in args else 600
         return args + ["--limit", str(min(given, 600)), "--quiet"]
-    return args + ["--limit", "24", "--quiet"]
+    return args + ["--limit", "16", "--quiet"]
 
 
 def run_pipeline(args, names, cwd):
