@@ -3,13 +3,21 @@ import os
 
 import numpy as np
 import torch
+from click.testing import CliRunner
 
 from gradood.analyze.fitting import fit_estimator, fitted_state, restore, score_cache
 from gradood.analyze.registry import entry, requirements
 from gradood.extract import ExtractConfig, Provenance
 from gradood.extract.runner import extract_to_cache
 from gradood.extract.datasets import ImageSet
+from gradood.pipeline import cli
 from gradood.store.reader import CacheReader
+
+
+def run_cli(args):
+    """``(exit code, output)`` of the command line ``args`` run in this process."""
+    res = CliRunner().invoke(cli, [str(a) for a in args])
+    return res.exit_code, res.output
 
 
 def demo_workspace(base):

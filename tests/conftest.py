@@ -17,10 +17,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
-from click.testing import CliRunner
 
-from bench.helpers import demo_workspace
-from gradood.pipeline import cli
+from bench.helpers import demo_workspace, run_cli
 from gradood.store.benchmarks import BENCHMARKS
 
 # which demo images stand in for each OpenOOD v1.5 set of openood_cifar10, and how many
@@ -28,12 +26,6 @@ OPENOOD_STAND_INS = {"cifar10": ("digits/test", 24, 0), "cifar10_train": ("digit
                      "cifar10_val": ("digits/test", 12, 24), "cifar100": ("mashups", 10, 0),
                      "tin": ("shapes", 10, 0), "mnist": ("noise", 8, 0), "svhn": ("textures", 8, 0),
                      "texture": ("textures", 8, 0), "places365": ("photo_patches", 8, 0), "tin_val": ("shapes", 8, 10)}
-
-
-def run_cli(args):
-    """``(exit code, output)`` of the command line ``args`` run in this process."""
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    return res.exit_code, res.output
 
 
 @pytest.fixture(scope="session")

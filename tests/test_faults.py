@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gradood.extract.models import build_model
-from bench.helpers import randomize_norms
+from bench.helpers import randomize_norms, run_cli as run
 from gradood.pipeline import cli
 from gradood.store.reader import CacheReader
 from gradood.store.writer import CacheLock, list_parts, parts_dir
@@ -38,11 +38,6 @@ def setup(tmp_path_factory, demo_files):
                                    "--limit", "100", "--balanced"])
     assert res.exit_code == 0, res.output
     return base, data, ckpt, cache, common
-
-
-def run(args):
-    res = CliRunner().invoke(cli, args)
-    return res.exit_code, res.output
 
 
 # ------------------------------------------------------------------ 1. no fork after OpenMP

@@ -13,7 +13,7 @@ from PIL import Image
 
 from gradood.analyze.registry import SCORES, entry, load_plugin
 from gradood.extract.models import build_model
-from bench.helpers import demo_workspace, randomize_norms
+from bench.helpers import demo_workspace, randomize_norms, run_cli as run
 from gradood.pipeline import cli
 from gradood.store.writer import parts_dir
 
@@ -38,11 +38,6 @@ def two_models(tmp_path_factory, demo_files):
     ex(ckpt, f"mine={os.path.join(data, 'digits', 'train')}", more=("--split", "train"))
     ex(other, f"far={noise}", f"far_other={os.path.join(data, 'textures')}")
     return base, data, ckpt, cache
-
-
-def run(args):
-    res = CliRunner().invoke(cli, args)
-    return res.exit_code, res.output
 
 
 def folder_with_id_cache(cache, tmp_path):

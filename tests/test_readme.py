@@ -4,11 +4,11 @@
 ``bash`` blocks: ``pipeline.py`` commands (also written ``gradood ...`` or ``python -m
 gradood ...``) run through click, in a folder holding the demo data and a demo-layout
 checkpoint, with the pages' placeholders bound to small real files (CKPT, DIR_ID,
-DIR_TRAIN, DIR_OOD, ROOT, CACHE, CACHE_OPENOOD, OUT); extractions get the cheap options
-of ``cheap`` appended so that every page runs in about a minute. ``make`` lines are expanded with ``make -n`` (the recipes run
-in the other tests). ``pip install`` lines are what ``tests/test_install.py`` runs.
-``python`` blocks run as Python; a block whose first line is ``# NAME.py`` is written to
-that file. ``sh`` blocks (a SLURM job script) and ``text`` blocks are shown, not run; a
+DIR_TRAIN, DIR_OOD, ROOT, CACHE, CACHE_OPENOOD, OUT); extractions get the options of
+``cheap`` appended so that every page runs in about a minute. ``make`` lines are expanded
+with ``make -n`` (the recipes run in the other tests). ``pip install`` lines are what
+``tests/test_install.py`` runs. ``python`` blocks run as Python; a block whose first line
+is ``# NAME.py`` is written to that file. ``sh`` blocks (a SLURM job script) and ``text`` blocks are shown, not run; a
 block of any other language, or of none, fails the test. Relative links between the pages
 must name an existing file and heading. The examples of ``extract --help`` are run the
 same way.
