@@ -34,7 +34,6 @@ from gradood.analyze.grids import load_grid_file, parse_grid_text
 from gradood.analyze.metrics import CONVENTIONS
 from gradood.analyze.output import (default_results_dir, write_checkpoints_report, write_report, write_scores_csv,
                                     write_sweep)
-from gradood.analyze.plots import layer_contribution, method_comparison, roc_curves, score_histograms
 from gradood.analyze.request import AnalysisRequest
 from gradood.analyze.sweep import run_sweep
 from gradood.analyze.tables import plain, sweep_table
@@ -285,6 +284,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     the fitted attributes are kept in RESULTS/fitted/ and reused.
     """
     _load_plugins(plugins)
+    _terminate_as_interrupt()
     scores = scores or ("all",)
     try:
         names, _ = score_names([*scores, *compare])      # compared scores are requested too
@@ -313,28 +313,26 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
             ce = checkpoint_evaluation(request)
             for line in ce.notes:
                 click.echo(f"note: {line}", err=True)
-            click.echo(write_checkpoints_report(ce, out))
+            click.echo(write_checkpoints_report(ce, out).text)
             click.echo(f"\n{len(ce.results)} row(s) over {len(members)} checkpoints in "
                        f"{time.time() - start:.2f} s; tables in {out}/")
             return
         ev = evaluation(request)
         for line in ev.notes:
             click.echo(("" if line.startswith("tuned") else "note: ") + line, err=True)
-        elapsed = time.time() - start
-        text = write_report(ev, out, extra_files=["plots"] if plots else [])
+        scoring = time.time() - start
+        written = write_report(ev, out, plots)
         if scores_out:
             write_scores_csv(ev, scores_out)
-        figures = []
-        if plots:
-            figures = (score_histograms(ev, os.path.join(out, "plots")) + roc_curves(ev, os.path.join(out, "plots"))
-                       + method_comparison(ev, os.path.join(out, "plots")))
     except KeyboardInterrupt as err:
         _interrupted(err)
     except ERRORS as err:
         _fail(err)
-    click.echo(text)
-    click.echo(f"\n{len(ev.results)} score(s) on {1 + len(ev.ood)} caches in {elapsed:.2f} s; tables in {out}/"
-               + (f"; {len(figures)} figures in {out}/plots/" if figures else ""))
+    click.echo(written.text)
+    figures = f", {len(written.figures)} figures in {out}/plots/" if plots else ""
+    click.echo(f"\n{len(ev.results)} score(s) on {1 + len(ev.ood)} caches in {time.time() - start:.2f} s "
+               f"(scores and metrics {scoring:.2f} s, files {time.time() - start - scoring:.2f} s); "
+               f"tables in {out}/{figures}")
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -366,6 +364,7 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
     Writes sweep.md / .csv / .json.
     """
     _load_plugins(plugins)
+    _terminate_as_interrupt()
     try:
         cache_dir, id_name, ood_names = _caches(bench, arch, cache_dir, id_name, ood_names)
         out = results_dir or os.path.join(default_results_dir([cache_dir]), "sweep")
@@ -377,8 +376,7 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
             grid.setdefault(score, []).extend(tables)
         result = run_sweep(cache_dir, id_name, ood_names, grid or None, fit_on, workers, select_on,
                            rank_by, plugins, allow_partial, progress=sys.stderr.isatty())
-        path = write_sweep(result, out)
-        figures = layer_contribution(result, out) if plots else []
+        written = write_sweep(result, out, plots)
     except KeyboardInterrupt as err:
         _interrupted(err)
     except ERRORS as err:
@@ -392,8 +390,8 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
     counts = ", ".join(f"{len(v)} {k}" for k, v in kinds.items()) or "all served"
     crashed = kinds.get("crashed", [])
     click.echo(f"\n{result.n_variants} variants ({counts}) in "
-               f"{result.seconds:.1f} s on {result.workers} processes; table in {path}"
-               + (f"; {len(figures)} figures in {out}/" if figures else "")
+               f"{result.seconds:.1f} s on {result.workers} processes; table in {out}/sweep.md"
+               + (f"; {len(written.figures)} figures in {out}/" if written.figures else "")
                + (f"\n{skipped} variants of the default grid need statistics these caches do not store "
                   "(extract with --policy stats to sweep them); listed in the table's caption" if skipped else "")
                + (f"\n{len(crashed)} variants CRASHED (a bug in the score, not a missing statistic), "

@@ -1,26 +1,53 @@
-"""Result folders: the one module that writes the analysis's files (Markdown, CSV, JSON),
-and the only CSV path.
+"""Result folders: the one module that writes the analysis's files (Markdown, CSV, JSON,
+figures), and the only CSV path.
 
-A results folder holds one consistent set: the files of an earlier run (listed in its
-``results.json``) are moved to ``previous/<time of that run>/`` before the new set is
-written; fitted attributes (``fitted/``) stay.
+A results folder always holds one consistent set, written atomically (``staged``):
+
+* a run writes every file into a temporary sibling, ``.<folder>.writing-<pid>``;
+* only when all of them are written does it move the earlier run's files (those listed
+  in its manifest, ``results.json`` or ``sweep.json``, and any it would overwrite) to
+  ``previous/<time of that run>/`` and its own files into place, with SIGINT and SIGTERM
+  held for those few renames;
+* a run that is interrupted or fails (a full disk) removes its temporary folder, leaves the
+  results folder exactly as it was and says so; a temporary folder left by a killed
+  process (``kill -9``) is removed by the next run;
+* ``previous/`` keeps the ``KEEP_PREVIOUS`` (5) most recent earlier runs; older ones are
+  deleted;
+* fitted attributes (``fitted/``) are a cache, not results: they stay where they are.
 """
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 
 import numpy as np
 
+from .plots import layer_contribution, method_comparison, roc_curves, score_histograms
 from .tables import (caption, checkpoints_caption, checkpoints_csv_table, checkpoints_table, comparison_table,
                      csv_text, grouped_table, markdown, openood_csv_rows, plain, score_table, summary_csv_table,
                      summary_table, sweep_caption, sweep_table, table_rows, title)
 
+KEEP_PREVIOUS = 5       # earlier runs kept in previous/; older ones are deleted
+_STAGE = ".{}.writing-"
+
+
+def write_text(path, text):
+    """Write ``text`` to ``path``; an OSError (a full disk) names the file."""
+    try:
+        with open(path, "w", newline="") as f:
+            f.write(text)
+    except OSError as err:
+        if err.filename:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), path) from None
+
 
 def write_csv(path, header, rows):
     """Write a table (header, rows) as CSV to ``path``."""
-    with open(path, "w", newline="") as f:
-        f.write(csv_text(header, rows))
+    write_text(path, csv_text(header, rows))
 
 
 def to_csv(result, path=None):
@@ -42,131 +69,232 @@ def default_results_dir(cache_dirs):
 
 def write_scores_csv(evaluation, out_dir):
     """``out_dir/<score>/<dataset>.csv`` with header ``index,path,score,skipped`` in dataset
-    order; skipped (unreadable) rows have score ``nan`` and ``skipped`` 1."""
-    for dataset, by_score in evaluation.scores.items():
-        skipped = set(evaluation.skip_reasons.get(dataset, {}))
-        for name, values in by_score.items():
-            os.makedirs(os.path.join(out_dir, name), exist_ok=True)
-            rows = []
-            for i, (p, v) in enumerate(zip(evaluation.paths[dataset], values)):
-                flag = str(p) in skipped
-                rows.append([i, p, "nan" if flag else repr(float(v)), int(flag)])
-            write_csv(os.path.join(out_dir, name, f"{dataset}.csv"), ["index", "path", "score", "skipped"], rows)
+    order; skipped (unreadable) rows have score ``nan`` and ``skipped`` 1. Written as one
+    set (``staged``, manifest ``index.json``)."""
+    with staged(out_dir, "index.json") as stage:
+        files = []
+        for dataset, by_score in evaluation.scores.items():
+            skipped = set(evaluation.skip_reasons.get(dataset, {}))
+            for name, values in by_score.items():
+                os.makedirs(os.path.join(stage, name), exist_ok=True)
+                rows = []
+                for i, (p, v) in enumerate(zip(evaluation.paths[dataset], values)):
+                    flag = str(p) in skipped
+                    rows.append([i, p, "nan" if flag else repr(float(v)), int(flag)])
+                write_csv(os.path.join(stage, name, f"{dataset}.csv"), ["index", "path", "score", "skipped"], rows)
+                files.append(f"{name}/{dataset}.csv")
+        _write_json(os.path.join(stage, "index.json"), {"id": evaluation.id, "files": sorted(set(files))})
 
 
 def write_checkpoints_report(ce, out_dir):
     """Write ``summary.md``, ``summary.csv`` (mean and std columns) and ``results.json`` of a
-    several-checkpoint evaluation into ``out_dir`` (an earlier run's files are moved to
-    ``previous/``); returns the text to print."""
-    os.makedirs(out_dir, exist_ok=True)
-    moved, kept = _keep_previous(out_dir)
+    several-checkpoint evaluation into ``out_dir`` as one set (``staged``); returns the
+    Stage (``text`` to print)."""
     cap = checkpoints_caption(ce)
     header, rows = checkpoints_table(ce)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(f"{cap}\n\n{markdown(header, rows)}\n")
-    write_csv(os.path.join(out_dir, "summary.csv"), *checkpoints_csv_table(ce))
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({**ce.to_json(), "files": ["summary.md", "summary.csv"]}, f, indent=2)
-    note = f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
-    return cap + "\n\n" + plain(header, rows) + note
+    with staged(out_dir) as stage:
+        write_text(os.path.join(stage, "summary.md"), f"{cap}\n\n{markdown(header, rows)}\n")
+        write_csv(os.path.join(stage, "summary.csv"), *checkpoints_csv_table(ce))
+        _write_json(os.path.join(stage, "results.json"), {**ce.to_json(), "files": ["summary.md", "summary.csv"]})
+    stage.text = cap + "\n\n" + plain(header, rows) + stage.note
+    return stage
 
 
-def _keep_previous(out_dir):
-    """Move the files an earlier run listed in ``results.json`` (and that manifest) into
-    ``out_dir/previous/<time of that run>/``, so a new run's set is consistent and nothing
-    is lost (fitted attributes stay). Returns ``(number of files moved, folder)`` or
-    ``(0, None)``."""
-    manifest = os.path.join(out_dir, "results.json")
-    if not os.path.exists(manifest):
-        return 0, None
-    try:
-        with open(manifest) as f:
-            files = json.load(f).get("files", [])
-    except (OSError, ValueError):
+def write_report(evaluation, out_dir, plots=False):
+    """Write the evaluation's tables (per score and summary: CSV, Markdown, JSON) and, with
+    ``plots``, its figures (``plots/``) into ``out_dir`` as one set (``staged``); returns the
+    Stage (``text`` to print, ``figures`` written)."""
+    cap = caption(evaluation)
+    with staged(out_dir) as stage:
         files = []
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(manifest)))
+        for name in evaluation.results:
+            header, rows = score_table(evaluation, name)
+            write_csv(os.path.join(stage, f"{name}.csv"), header, rows)
+            write_text(os.path.join(stage, f"{name}.md"), f"### {title(name)}\n\n{cap}\n\n{markdown(header, rows)}\n")
+            files += [f"{name}.csv", f"{name}.md"]
+        os.makedirs(os.path.join(stage, "ood"))
+        for name in evaluation.results:
+            ood_rows = openood_csv_rows(evaluation, name)
+            write_csv(os.path.join(stage, "ood", f"{name}.csv"), ood_rows[0], ood_rows[1:])
+        header, rows = summary_table(evaluation)
+        text = plain(header, rows)
+        summary = f"{cap}\n\n{markdown(header, rows)}\n"
+        if evaluation.groups:
+            gh, gr = grouped_table(evaluation)
+            summary += (f"\nNear-OOD and far-OOD (OpenOOD's grouping; averages are unweighted means over "
+                        f"each group's sets):\n\n{markdown(gh, gr)}\n")
+            text = plain(gh, gr) + "\n\n" + text
+        write_text(os.path.join(stage, "summary.md"), summary)
+        for pair in evaluation.comparisons:
+            ch, cr = comparison_table(evaluation, pair)
+            stem = "compare_" + pair.replace(",", "_vs_")
+            a, b = (title(s) for s in pair.split(","))
+            write_text(os.path.join(stage, f"{stem}.md"), f"### {a} vs {b}\n\n{cap}\n\n{markdown(ch, cr)}\n")
+            write_csv(os.path.join(stage, f"{stem}.csv"), ch, cr)
+            files += [f"{stem}.md", f"{stem}.csv"]
+            text += "\n\n" + plain(ch, cr)
+        write_csv(os.path.join(stage, "summary.csv"), *summary_csv_table(evaluation))
+        files += ["summary.md", "summary.csv", "ood"]
+        if plots:
+            where = os.path.join(stage, "plots")
+            stage.figures = (score_histograms(evaluation, where) + roc_curves(evaluation, where)
+                             + method_comparison(evaluation, where))
+            files.append("plots")
+        _write_json(os.path.join(stage, "results.json"), {
+            "id": evaluation.id, "ood": evaluation.ood, "convention": evaluation.convention,
+            "fit_caches": evaluation.fit_caches, "settings": evaluation.settings,
+            "skipped": evaluation.skipped, "partial": evaluation.partial,
+            "skipped_files": evaluation.skip_reasons,
+            "groups": evaluation.groups, "id_accuracy": evaluation.id_accuracy,
+            "results": evaluation.results, "ci": evaluation.ci,
+            "intervals": evaluation.intervals, "comparisons": evaluation.comparisons,
+            "files": files})
+    stage.text = cap + "\n\n" + text + stage.note
+    return stage
+
+
+def write_sweep(sweep, out_dir, plots=False):
+    """Write ``sweep.md``, ``sweep.csv``, ``sweep.json`` and, with ``plots``, the per-layer
+    charts into ``out_dir`` as one set (``staged``, manifest ``sweep.json``); returns the
+    Stage (its ``figures`` list the charts, its ``note`` what moved to ``previous/``)."""
+    header, rows = sweep_table(sweep)
+    with staged(out_dir, "sweep.json") as stage:
+        write_csv(os.path.join(stage, "sweep.csv"), header, rows)
+        text = f"{sweep_caption(sweep)}\n\n{markdown(header, rows)}\n"
+        if sweep.errors:
+            text += "\nVariants the caches could not serve:\n\n" + "".join(
+                f"- {e['label']}: {e['error']}\n" for e in sweep.errors)
+        write_text(os.path.join(stage, "sweep.md"), text)
+        stage.figures = layer_contribution(sweep, stage) if plots else []
+        files = ["sweep.md", "sweep.csv", *(os.path.relpath(f, stage) for f in stage.figures)]
+        files += [os.path.splitext(f)[0] + ".pdf" for f in files if f.endswith(".png")]
+        _write_json(os.path.join(stage, "sweep.json"), {**sweep.to_json(), "files": files})
+    return stage
+
+
+def _write_json(path, value):
+    write_text(path, json.dumps(value, indent=1, default=_json_default))
+
+
+class Stage(str):
+    """The temporary folder of a run being written (a ``str`` path); after the run is
+    published, ``note`` says where the earlier run's files went, ``figures`` lists the
+    figures written (final paths) and ``text`` is what the writer returns to print."""
+    note = ""
+    text = ""
+    figures = ()
+
+
+@contextlib.contextmanager
+def staged(out_dir, manifest="results.json"):
+    """Write a result folder atomically: yields a Stage, an empty temporary sibling of
+    ``out_dir`` to write every file into (the ``manifest`` JSON, with its ``files`` list,
+    among them). On success the earlier run's files move to ``previous/`` and the new ones
+    into ``out_dir``; on any error or interrupt the stage is removed, ``out_dir`` is left as
+    it was, and the error says so (an OSError names the file and the folder)."""
+    out_dir = os.path.normpath(out_dir)
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    _remove_dead_stages(parent, name)
+    stage = Stage(os.path.join(parent, _STAGE.format(name) + str(os.getpid())))
+    shutil.rmtree(stage, ignore_errors=True)
+    os.makedirs(stage)
+    try:
+        yield stage
+    except KeyboardInterrupt as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise KeyboardInterrupt(f"{err or 'interrupted'} while writing the results: nothing written, "
+                                f"{out_dir}/ is left as it was") from None
+    except OSError as err:
+        shutil.rmtree(stage, ignore_errors=True)
+        where = os.path.join(out_dir, os.path.relpath(err.filename, stage)) if err.filename else out_dir
+        raise OSError(err.errno, f"could not write {where}: {err.strerror or err}; nothing written, "
+                      f"{out_dir}/ is left as it was (free space or choose another --results and rerun)") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    stage.figures = [os.path.join(out_dir, os.path.relpath(f, stage)) for f in stage.figures]
+    stage.note = _publish(stage, out_dir, manifest)
+
+
+def _remove_dead_stages(parent, name):
+    """Remove the temporary folders of ``name`` left by processes that no longer run."""
+    prefix = _STAGE.format(name)
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM (delivered after the block) in the main thread."""
+    held = threading.current_thread() is threading.main_thread()
+    if held:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _publish(stage, out_dir, manifest):
+    """Move the earlier run's files to ``previous/`` and the stage's into ``out_dir``
+    (the manifest last), remove the stage, bound ``previous/``; returns a note on what moved."""
+    new = sorted(os.listdir(stage), key=lambda e: e == manifest)
+    with _signals_held():
+        os.makedirs(out_dir, exist_ok=True)
+        moved, kept = _keep_previous(out_dir, manifest, new)
+        for entry in new:
+            os.replace(os.path.join(stage, entry), os.path.join(out_dir, entry))
+        os.rmdir(stage)
+    runs = sorted(os.listdir(os.path.join(out_dir, "previous"))) if kept else []
+    for old in runs[:-KEEP_PREVIOUS]:
+        shutil.rmtree(os.path.join(out_dir, "previous", old), ignore_errors=True)
+    return f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
+
+
+def _keep_previous(out_dir, manifest, new):
+    """Move the files an earlier run listed in ``out_dir/manifest`` (and that manifest), and
+    any other entry named like one of ``new``, into ``out_dir/previous/<time of that run>/``.
+    Returns ``(number of files moved, folder)`` or ``(0, None)``."""
+    listed = []
+    path = os.path.join(out_dir, manifest)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                listed = list(json.load(f).get("files", []))
+        except (OSError, ValueError, AttributeError):
+            listed = []
+    entries = [e for e in dict.fromkeys([*listed, *new, manifest])
+               if e not in ("fitted", "previous", "") and os.path.lexists(os.path.join(out_dir, e))]
+    if not entries:
+        return 0, None
+    when = os.path.getmtime(path) if os.path.exists(path) else time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
     dest = os.path.join(out_dir, "previous", stamp)
     suffix = 1
     while os.path.exists(dest):
         suffix += 1
         dest = os.path.join(out_dir, "previous", f"{stamp}-{suffix}")
     moved = 0
-    for rel in [*files, "results.json"]:
-        path = os.path.join(out_dir, rel)
-        if rel in ("fitted", "previous", "") or not os.path.exists(path):
-            continue
+    for rel in entries:
+        src = os.path.join(out_dir, rel)
         os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
-        moved += sum(len(f) for _, _, f in os.walk(path)) if os.path.isdir(path) else 1
-        shutil.move(path, os.path.join(dest, rel))
+        moved += sum(len(f) for _, _, f in os.walk(src)) if os.path.isdir(src) else 1
+        shutil.move(src, os.path.join(dest, rel))
     return moved, dest
-
-
-def write_report(evaluation, out_dir, extra_files=()):
-    """Write per-score and summary tables (CSV, JSON, Markdown) into ``out_dir`` after
-    moving an earlier run's files to ``previous/<its time>/`` (``_keep_previous``); returns
-    the text to print. extra_files: paths (relative to out_dir) written besides, e.g.
-    plots, listed in the manifest."""
-    os.makedirs(out_dir, exist_ok=True)
-    moved, kept = _keep_previous(out_dir)
-    cap = caption(evaluation)
-    files = []
-    for name in evaluation.results:
-        header, rows = score_table(evaluation, name)
-        write_csv(os.path.join(out_dir, f"{name}.csv"), header, rows)
-        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-            f.write(f"### {title(name)}\n\n{cap}\n\n{markdown(header, rows)}\n")
-        files += [f"{name}.csv", f"{name}.md"]
-    os.makedirs(os.path.join(out_dir, "ood"), exist_ok=True)
-    for name in evaluation.results:
-        ood_rows = openood_csv_rows(evaluation, name)
-        write_csv(os.path.join(out_dir, "ood", f"{name}.csv"), ood_rows[0], ood_rows[1:])
-    header, rows = summary_table(evaluation)
-    text = plain(header, rows)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(f"{cap}\n\n{markdown(header, rows)}\n")
-        if evaluation.groups:
-            gh, gr = grouped_table(evaluation)
-            f.write(f"\nNear-OOD and far-OOD (OpenOOD's grouping; averages are unweighted means over "
-                    f"each group's sets):\n\n{markdown(gh, gr)}\n")
-            text = plain(gh, gr) + "\n\n" + text
-    for pair in evaluation.comparisons:
-        ch, cr = comparison_table(evaluation, pair)
-        stem = "compare_" + pair.replace(",", "_vs_")
-        with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-            f.write(f"### {title(pair.split(',')[0])} vs {title(pair.split(',')[1])}\n\n{cap}\n\n{markdown(ch, cr)}\n")
-        write_csv(os.path.join(out_dir, f"{stem}.csv"), ch, cr)
-        files += [f"{stem}.md", f"{stem}.csv"]
-        text += "\n\n" + plain(ch, cr)
-    csv_header, csv_rows = summary_csv_table(evaluation)
-    write_csv(os.path.join(out_dir, "summary.csv"), csv_header, csv_rows)
-    files += ["summary.md", "summary.csv", "ood", *extra_files]
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"id": evaluation.id, "ood": evaluation.ood, "convention": evaluation.convention,
-                   "fit_caches": evaluation.fit_caches, "settings": evaluation.settings,
-                   "skipped": evaluation.skipped, "partial": evaluation.partial,
-                   "skipped_files": evaluation.skip_reasons,
-                   "groups": evaluation.groups, "id_accuracy": evaluation.id_accuracy,
-                   "results": evaluation.results, "ci": evaluation.ci,
-                   "intervals": evaluation.intervals, "comparisons": evaluation.comparisons,
-                   "files": files}, f, indent=2)
-    note = f"\n\n(the previous run's {moved} files were moved to {kept}/)" if moved else ""
-    return cap + "\n\n" + text + note
-
-
-def write_sweep(sweep, out_dir):
-    """Write ``sweep.md``, ``sweep.csv`` and ``sweep.json`` into ``out_dir``; returns the Markdown path."""
-    os.makedirs(out_dir, exist_ok=True)
-    header, rows = sweep_table(sweep)
-    write_csv(os.path.join(out_dir, "sweep.csv"), header, rows)
-    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
-        json.dump(sweep.to_json(), f, indent=1, default=_json_default)
-    path = os.path.join(out_dir, "sweep.md")
-    with open(path, "w") as f:
-        f.write(f"{sweep_caption(sweep)}\n\n{markdown(header, rows)}\n")
-        if sweep.errors:
-            f.write("\nVariants the caches could not serve:\n\n")
-            f.writelines(f"- {e['label']}: {e['error']}\n" for e in sweep.errors)
-    return path
 
 
 def _json_default(value):

@@ -7,10 +7,14 @@ Each variant goes through the engine's two functions (``Engine.score_sets``,
 
 Workers are started with the ``forkserver`` method: a fresh interpreter per worker, never
 a fork of a process whose OpenMP or BLAS thread pools are already running (a forked
-child can deadlock in them).
+child can deadlock in them). An interrupted sweep (SIGINT, SIGTERM) terminates its workers
+before it exits; after ``kill -9`` of the sweep, each worker sees its lifeline pipe close
+and exits at once (``_exit_with_parent``), and the forkserver follows.
 """
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -67,11 +71,25 @@ class MemoReader:
 _STATE = {}
 
 
-def _init_worker(cache_dir, id_name, fit_on, paths, allow_partial, plugins):
+def _init_worker(lifeline, cache_dir, id_name, fit_on, paths, allow_partial, plugins):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C reaches the whole group: the parent stops us
+    threading.Thread(target=_exit_with_parent, args=(lifeline,), daemon=True).start()
     for plugin in plugins:
         load_plugin(plugin)
     readers = {name: MemoReader(p, allow_partial and name in paths["evaluated"]) for name, p in paths["all"].items()}
     _STATE["engine"] = Engine(cache_dir, id_name, fit_on, allow_partial=allow_partial, readers=readers)
+
+
+def _exit_with_parent(lifeline):
+    """Exit the worker as soon as the sweep that started it is gone (``kill -9`` included):
+    ``lifeline`` is the read end of a pipe whose only write end the sweep holds, so the
+    kernel closes it when the sweep dies and the read ends. (A forkserver worker's parent
+    is the forkserver, which itself lives as long as its workers do.)"""
+    try:
+        lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
 
 
 def _evaluate_variant(args):
@@ -143,12 +161,25 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     start = time.perf_counter()
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(cache_dir, id_name, fit_on, paths, allow_partial,
-                                       tuple(os.path.abspath(p) for p in plugins))) as pool:
+    before = set(multiprocessing.active_children())
+    lifeline, held = context.Pipe(duplex=False)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(lifeline, cache_dir, id_name, fit_on, paths, allow_partial,
+                                         tuple(os.path.abspath(p) for p in plugins)))
+    try:
         results = list(tqdm(pool.map(_evaluate_variant, jobs, chunksize=max(1, len(jobs) // (8 * workers))),
                             total=len(jobs), desc="sweep", unit="variant", disable=not progress,
                             dynamic_ncols=True))
+    except BaseException:
+        # interrupted (SIGINT, SIGTERM) or failed: stop the workers now, not after their queued variants
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in set(multiprocessing.active_children()) - before:
+            worker.terminate()
+        raise
+    finally:
+        lifeline.close()
+    pool.shutdown()
+    held.close()
     seconds = time.perf_counter() - start
     rows = [r for r in results if "error" not in r]
     errors = [r for r in results if "error" in r]

@@ -13,7 +13,7 @@ import io
 from .metrics import METRICS
 from .registry import entry
 from .results import ENSEMBLE, CheckpointsEvaluation, Evaluation, SweepResult
-from .uncertainty import excludes_zero
+from .uncertainty import FEW_ROWS, excludes_zero
 
 WIDTH = 120
 LOWER_IS_BETTER = ("FPR95", "DetErr")
@@ -88,10 +88,16 @@ def uncertainty_caption(evaluation):
     ci = evaluation.ci
     if not ci:
         return ""
-    return (f" Intervals: {ci['level']:g}% percentile bootstrap over samples ({ci['resamples']} "
+    text = (f" Intervals: {ci['level']:g}% percentile bootstrap over samples ({ci['resamples']} "
             f"resamples, seed {ci['seed']}; ID and OOD resampled independently; Average over the "
             "resampled sets; FPR95 resampled by GAIA's rank rule, AUROC as Mann-Whitney); * = the "
             "interval of a difference excludes zero.")
+    few = {d: evaluation.n_rows[d] - evaluation.skipped[d] for d in [evaluation.id, *evaluation.ood]}
+    few = {d: n for d, n in few.items() if n < FEW_ROWS}
+    if few:
+        text += (f" WARNING: {', '.join(f'{d} has {n} row(s)' for d, n in few.items())}, fewer than "
+                 f"{FEW_ROWS}; a bootstrap interval or DeLong's test on so few samples says little.")
+    return text
 
 
 def summary_csv_table(evaluation):

@@ -18,6 +18,7 @@ import numpy as np
 from scipy.stats import norm
 
 RESAMPLES = 1000
+FEW_ROWS = 10       # fewer rows on a side than this: the caption warns that intervals and tests mean little
 CHUNK = 50          # resamples computed at once (memory: CHUNK x (n1 + n0) float64)
 
 
