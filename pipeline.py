@@ -468,6 +468,7 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
     from gradood.extract.adapters.serves import model_attrs, unserved
     model = stage.build_model(arch, num_classes, model_file)
     adapter = adapter_for(model, (3, image_size, image_size), head, parse_hook_sets(hook_sets))
+    stage.check_num_classes(adapter.num_classes, num_classes, model_file)
     rows = []
     for name in names:
         e = entry(name)

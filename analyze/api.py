@@ -127,6 +127,19 @@ def default_ood_sets(cache_dir, id_name, exclude=()):
     return [n for n in present if n != id_name and not is_fitting_or_validation(n) and n not in exclude]
 
 
+def _check_same_sets(folders, id, exclude):
+    """Raise ScoreError unless every checkpoint folder holds the same default OOD sets (a
+    set missing from any folder, whichever its place in the list, is named)."""
+    found = {folder: set(default_ood_sets(folder, id, exclude)) for folder in folders}
+    every = set().union(*found.values())
+    for folder, sets in found.items():
+        lacking = sorted(every - sets)
+        if lacking:
+            held = next(f for f in folders if lacking[0] in found[f])
+            raise ScoreError(f"{folder} holds no {lacking[0]}.h5, which {held} holds: every checkpoint's folder "
+                             "must hold the same sets; extract it there, or choose the sets with --ood")
+
+
 def _prepared(request):
     """The parts every evaluation of ``request`` shares: ``(cache_dir, id, ood, names,
     explicit, params, pairs, notes)`` with the presets' parameters merged and the scores
@@ -134,15 +147,18 @@ def _prepared(request):
     notes)."""
     pairs = compare_pairs(request.compare, canonical)
     names, explicit = score_names(request.scores)
-    for pair in pairs:        # compared scores must be computed (run_evaluation refuses otherwise)
+    for pair in pairs:        # compared scores must be computed: they count as named explicitly
         names += [n for n in pair if n not in names]
+        explicit += [n for n in pair if n not in explicit]
     params = {s: dict(p) for s, p in request.params.items()}
     folders = list(request.checkpoint_dirs) or ([request.cache_dir] if request.cache_dir else [])
     first = folders[0] if folders else None
     id = request.id or (preset_of(request.benchmark).id if request.benchmark else "")
     probe = Engine(first, id, request.fit_on)
-    cache_dir, id, ood = resolve_caches(first, request.id, request.ood, request.benchmark, request.arch,
-                                        probe.fit_caches(names, params))
+    exclude = probe.fit_caches(names, params)
+    cache_dir, id, ood = resolve_caches(first, request.id, request.ood, request.benchmark, request.arch, exclude)
+    if len(folders) > 1 and not request.ood:
+        _check_same_sets(folders, id, exclude)
     with CacheReader(cache_path(cache_dir, id), allow_partial=True) as reader:
         params = preset_params(reader.attrs, params)
     notes, missing = [], {}
@@ -152,7 +168,8 @@ def _prepared(request):
         missing.update(reasons)
     bad = [s for s in explicit if s in missing]
     if bad:
-        raise ScoreError("; ".join(f"{s}: {missing[s]} (re-extract with --score {s})" for s in bad))
+        raise ScoreError("; ".join(f"{s}: {missing[s]}" + ("" if "extract" in missing[s] else
+                                                           f" (re-extract with --score {s})") for s in bad))
     notes += [f"{name} left out: {why}" for name, why in missing.items()]
     if not names:
         raise ScoreError("none of the requested scores can be computed from these caches"
@@ -282,7 +299,7 @@ def checkpoint_evaluation(request=None, **options):
     ± std over the checkpoints, and the deep ensemble.
 
     request: an ``AnalysisRequest`` with ``checkpoint_dirs``, or its fields as keywords.
-    ood: default the OOD sets of the first folder. fitted_dir: fits go to
+    ood: default every OOD set, which every folder must hold. fitted_dir: fits go to
     ``fitted_dir/<folder name>``. Scores left out are in ``.notes``. Intervals,
     comparisons, tuning and plots apply to one checkpoint's folder and are refused here.
     """
@@ -307,7 +324,7 @@ def evaluate_checkpoints(cache_dirs, id, scores, ood=None, convention="sklearn",
     folders (the same sets and images in each), as a ``pandas.DataFrame`` with one row per
     (score, OOD set) and columns ``score, ood, <metric>_mean, <metric>_std`` (fractions;
     std over checkpoints, ddof 0); the deep ensemble is the score "ensemble". ood: default
-    the OOD sets of the first folder. fitted_dir: fits go to ``fitted_dir/<folder name>``."""
+    every OOD set, which every folder must hold. fitted_dir: fits go to ``fitted_dir/<folder name>``."""
     import pandas as pd
     ce = checkpoint_evaluation(checkpoint_dirs=cache_dirs, id=id, scores=scores, ood=ood, convention=convention,
                                fit_on=fit_on, params=params, fitted_dir=fitted_dir, allow_overlap=allow_overlap,

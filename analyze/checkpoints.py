@@ -29,7 +29,8 @@ from .results import ENSEMBLE, CheckpointsEvaluation
 
 def check_members(cache_dirs, datasets):
     """Raise CacheError unless the folders hold every one of ``datasets`` with the same
-    images (paths) in the same order, from pairwise different weights."""
+    images (paths) in the same order, from models with the same classes and pairwise
+    different weights."""
     if len(cache_dirs) < 2:
         raise CacheError(f"several checkpoints need at least two cache folders, got {len(cache_dirs)}")
     twice = [d for i, d in enumerate(cache_dirs) if d in cache_dirs[:i]]
@@ -46,8 +47,13 @@ def check_members(cache_dirs, datasets):
             with CacheReader(path) as r:
                 paths = r.read_all("paths")
                 weights.setdefault(folder, r.attrs.get("weights_sha256") or r.attrs["checkpoint_sha256"])
+                classes = int(r.attrs["num_classes"])
             if first is None:
-                first = (path, paths)
+                first = (path, paths, classes)
+            elif classes != first[2]:
+                raise CacheError(f"{path} comes from a {classes}-class model and {first[0]} from a {first[2]}-class "
+                                 "one; the checkpoints averaged here must share one head (the same classes): "
+                                 "give the folders of one benchmark's checkpoints")
             elif len(paths) != len(first[1]) or (paths != first[1]).any():
                 raise CacheError(f"{path} and {first[0]} hold different images (or another order); the "
                                  "checkpoints of one benchmark are compared on the same samples: extract "

@@ -21,9 +21,16 @@ def _accuracy(reader, keep):
     """Top-1 accuracy of the classifier on the labelled, usable rows of an open cache (None
     when no row is labelled)."""
     labels = reader.read_all("labels")
-    pred = np.concatenate([reader.read("logits", a, b).argmax(axis=1) for a, b in reader.blocks()])
     k = int(reader.attrs["num_classes"])
-    labelled = (labels >= 0) & (labels < k) & keep      # labels the head can have
+    beyond = np.unique(labels[(labels >= k) & keep])
+    if len(beyond):
+        raise ValueError(f"the ID cache {reader.path} has labels {', '.join(map(str, beyond[:5]))}"
+                         f"{' ...' if len(beyond) > 5 else ''}, which its {k}-class head cannot produce (an "
+                         f"ID set's labels are the head's classes, 0..{k - 1}): its folder holds more class "
+                         "folders than the head has classes; re-extract it with the right --num-classes or "
+                         "from a folder with exactly the head's classes")
+    pred = np.concatenate([reader.read("logits", a, b).argmax(axis=1) for a, b in reader.blocks()])
+    labelled = (labels >= 0) & keep
     return float((pred[labelled] == labels[labelled]).mean()) if labelled.any() else None
 
 

@@ -31,17 +31,24 @@ def sha256_of(path, block=1 << 20):
     return h.hexdigest()
 
 
-def unwrap_state_dict(obj):
-    """Return the tensor dict inside a released checkpoint object, ``module.`` prefixes removed."""
+def unwrap_state_dict(obj, path="checkpoint"):
+    """Return the tensor dict inside a released checkpoint object (read from ``path``),
+    ``module.`` prefixes removed."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+    if not isinstance(obj, dict):
+        raise CheckpointMismatch(f"{path} holds a {type(obj).__name__}, not a state dict (expected a dict of "
+                                 "tensors, or one under 'state_dict' or 'model')")
+    other = [k for k, v in obj.items() if not torch.is_tensor(v)]
+    if other:
         raise CheckpointMismatch(
-            "checkpoint holds no state dict (expected a dict of tensors, or one under "
-            "'state_dict' or 'model')")
+            f"{path} holds no state dict: {len(other)} of its {len(obj)} entries are not tensors ("
+            + ", ".join(f"{k!r}: {type(obj[k]).__name__}" for k in other[:3]) + (" ..." if len(other) > 3 else "")
+            + "); a state dict holds only tensors, at the top level or under 'state_dict' or 'model': "
+            "re-save the weights alone")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
@@ -159,7 +166,7 @@ def load_checkpoint(model, path):
     unexpected and mis-shaped keys), or whose tensors hold NaN or infinite values (naming
     them).
     """
-    state_dict, masks = split_masks(unwrap_state_dict(_read(path, model)))
+    state_dict, masks = split_masks(unwrap_state_dict(_read(path, model), path))
     problems = describe_mismatch(model, state_dict)
     if problems:
         raise CheckpointMismatch(

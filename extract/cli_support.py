@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from gradood.store.benchmarks import TRAIN_SUFFIX, benchmark, train_cache_name
+from gradood.store.benchmarks import TRAIN_SUFFIX, VAL_SUFFIX, benchmark, train_cache_name
 from gradood.store.gaussian import fit_layer_gaussians
 from gradood.store.reader import CacheReader, cache_path, default_cache_dir
 from gradood.store.reuse import check_existing
@@ -28,7 +28,7 @@ from .demo_data import build_demo_data
 from .distributed import init_shard
 from .mahalanobis import ADV_NOISE, RELEASE_MAGNITUDES, LayerGaussians
 from .adapters import adapter_for
-from .models import build_model, canonical_arch, model_file_provenance  # noqa: F401 (pipeline scores --arch)
+from .models import build_model, canonical_arch, check_num_classes, model_file_provenance  # noqa: F401 (pipeline scores)
 from .runner import ExtractionPlan, cache_attrs, extract_to_cache, select_device
 from .train import accuracy, train_classifier
 
@@ -144,6 +144,7 @@ def extract_command(config, log=print):
     transform, description = D.build_transform(preprocess, config.image_size, model)
     image_shape = D.probe_shape(transform)
     adapter = adapter_for(model, image_shape, config.head, config.hook_sets)
+    check_num_classes(adapter.num_classes, num_classes, config.model_file)
     maha = _maha_setup(adapter, weights, description, dev, config) if config.maha_fit else None
     config = replace(config, arch=arch, num_classes=num_classes, preprocess=preprocess, data_root=data_root,
                      checkpoint=checkpoint, cache_dir=cache_dir,
@@ -156,6 +157,33 @@ def extract_command(config, log=print):
     shard.close()
 
 
+def _check_class_folders(config, k, log, name, ds):
+    """An ImageFolder set with more class folders than the ``k``-class head: refused for a
+    labelled ID set (a ``_train``/``_val`` cache, the preset's ID sets), whose folder i must
+    be class i; silent for a preset's OOD set; a note for a set of unknown role (an OOD
+    set's labels are never read; analysis refuses such a cache as the ID set)."""
+    classes = getattr(ds.base, "classes", None) or []
+    if len(classes) <= k:
+        return
+    preset = benchmark(config.benchmark) if config.benchmark else None
+    labelled = name.endswith((TRAIN_SUFFIX, VAL_SUFFIX)) or (preset and name in (preset.id, preset.val_id))
+    text = (f"{name}: {len(classes)} class folders ({classes[0]} ... {classes[-1]}) under {ds.root}, "
+            f"but the head has {k} classes")
+    if not labelled and preset and name in preset.sets:
+        return                          # a preset's OOD set: its labels are never read
+    if labelled:
+        raise ValueError(f"{text}: an ID set's class folders are the head's classes (folder i = class i); "
+                         f"give the right --num-classes or a folder holding exactly {k} class folders")
+    log(f"note: {text}; fine for an OOD set (its labels are never read), refused by analysis as an ID set")
+
+
+def _subset(config, ds):
+    """The recorded subset: ``{"limit", "balanced"}`` as run; a limit that takes every image
+    of the set is no limit (the rows are the whole set, whatever number was given)."""
+    whole = config.limit is None or ds is None or config.limit >= len(ds)
+    return {"limit": None if whole else config.limit, "balanced": bool(config.balanced and not whole)}
+
+
 def _extract_one(config, log, shard, model, plan, spec, transform, description, sha, weights, dev, model_source):
     name, checkpoint, cache_dir = spec.name, config.checkpoint, config.cache_dir
     if config.dry_run and spec.kind in ("folder", "list") and not os.path.exists(os.path.join(spec.root, spec.rel)):
@@ -163,6 +191,7 @@ def _extract_one(config, log, shard, model, plan, spec, transform, description, 
     else:
         ds = D.open_dataset(spec.root, spec.kind, spec.rel, transform, name, config.skip_bad, spec.images)
         n_images = len(ds)
+        _check_class_folders(config, plan.num_classes, log if shard.is_main else (lambda m: None), name, ds)
         if ds.ignored and shard.is_main:
             log(f"{name}: {sum(ds.ignored.values())} file(s) ignored, not image files: "
                 + ", ".join(f"{n} {ext}" for ext, n in sorted(ds.ignored.items()))
@@ -185,7 +214,7 @@ def _extract_one(config, log, shard, model, plan, spec, transform, description, 
                             weights_sha256=weights, preprocess=description,
                             dataset_root=os.path.abspath(source),
                             split="train" if name.endswith(TRAIN_SUFFIX) else config.split,
-                            subset={"limit": config.limit, "balanced": config.balanced}, benchmark=config.benchmark or "",
+                            subset=_subset(config, ds), benchmark=config.benchmark or "",
                             **model_source)
     attrs = cache_attrs(plan, provenance, n_images, dev, shard.world_size)
     if check_existing(target, attrs, config.overwrite and shard.is_main, log if shard.is_main else (lambda m: None),

@@ -200,6 +200,14 @@ class ImageList(torch.utils.data.Dataset):
                 rel, label = line, -1
             if not rel:
                 rel, label = line, -1
+            if " " in rel and not os.path.exists(os.path.join(images_root, rel)):
+                first, _, middle = rel.rpartition(" ")
+                while " " in first and not os.path.exists(os.path.join(images_root, first)):
+                    first = first.rpartition(" ")[0]
+                if os.path.exists(os.path.join(images_root, first)):
+                    raise ValueError(f"{list_file}:{number}: {line!r} has {len(line[len(first):].split()) + 1} "
+                                     f"fields; a list line is 'relative/path label', two fields: drop the "
+                                     f"columns after the label")
             if os.path.isabs(rel):
                 raise ValueError(f"{list_file}:{number}: absolute path {rel!r}; list paths are "
                                  "relative to the images folder")

@@ -15,13 +15,27 @@ from .schema import CacheError, differing, odin_name, odin_pairs
 from .writer import parts_dir, run_identity
 
 
+_ROWS = ("dataset", "dataset_root", "split", "subset", "n_samples")
+
+
 def _source(attrs, needs, passes, sets):
     """What a cache must share with a run to stand in for it: the model parts the needs
     read (``store.recipes.comparable``) among the hook sets ``sets`` (those the cache
     holds; the others are what it lacks) and the rows (data, split, subset, count)."""
     needs = [n for n in needs if layers_of(sets, n[0])]
     return {"model": comparable(attrs, needs, passes),
-            **{k: attrs.get(k) for k in ("dataset", "dataset_root", "split", "subset", "n_samples")}}
+            **{k: attrs.get(k) for k in _ROWS}}
+
+
+def _change(key, was, now):
+    """``key: <cached value> in the cache, <value> now`` for a short scalar, else ``key``."""
+    for part in key.split("."):
+        was = was.get(part) if isinstance(was, dict) else None
+        now = now.get(part) if isinstance(now, dict) else None
+    if all(v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) < 80)
+           for v in (was, now)):
+        return f"{key}: {was} in the cache, {now} now"
+    return key
 
 
 def _lacks(old, needs, passes, odin):
@@ -67,8 +81,13 @@ def check_existing(target, attrs, overwrite, log, needs=(), passes=(), scores=()
         log(f"{attrs['dataset']}: {target} already serves {', '.join(scores) or 'the requested scores'} "
             "(same model and images); skipped")
         return True
-    why = (f"it comes from another model or other images (differing: {', '.join(source)})" if source
-           else f"it lacks {'; '.join(lacks)}")
+    if source:
+        was, now = _source(old, needs, passes, sets), _source(attrs, needs, passes, sets)
+        what = ("other rows of the set" if all(k.split(".")[0] in _ROWS for k in source)
+                else "another model or other images")
+        why = f"it holds {what} ({'; '.join(_change(k, was, now) for k in source)})"
+    else:
+        why = f"it lacks {'; '.join(lacks)}"
     raise CacheError(f"{target} exists and cannot serve {', '.join(scores) or 'this run'}: {why}; pass "
                      "--overwrite (make: OVERWRITE=1) to replace it, or choose another --cache-dir or "
                      "dataset name")

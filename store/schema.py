@@ -55,6 +55,10 @@ OBJECTIVES = {
 }
 SOURCES = ("act", *OBJECTIVES)
 
+# A module output's own layout, as the tracer found it; stored maps and statistics are
+# always channels first, [C, H, W] (``layer_shapes``).
+LAYOUTS = ("NC", "NCHW", "NHWC", "NTC")
+
 # Storage policies per hooked layer.
 POLICIES = {
     "scores": "only the statistics the requested scores read (the default)",
@@ -318,6 +322,12 @@ def validate(attrs, datasets, where):
         if spec is not None and value is not None and not isinstance(value, spec.kind):
             raise CacheError(f"{where}: attribute {name!r} should be {spec.kind.__name__}, "
                              f"got {type(value).__name__}; the file was not written by this tool")
+    for name, (what, problem) in ATTR_VALUES.items():
+        value = attrs.get(name)
+        found = problem(value, attrs) if value is not None else ""
+        if found:
+            raise CacheError(f"{where}: attribute {name!r} should be {what}: {found}; the file was edited "
+                             "or not written by this tool (re-extract it)")
     if "head/weight" not in datasets:
         raise CacheError(f"{where}: damaged cache, datasets missing: head/weight")
     k, d = attrs["num_classes"], datasets["head/weight"][0][1]
@@ -340,6 +350,78 @@ def validate(attrs, datasets, where):
     if weight_shape[0] != k or tuple(datasets.get("head/bias", ((),))[0]) != (k,):
         raise CacheError(f"{where}: head/weight {weight_shape} and head/bias do not fit "
                          f"num_classes = {k}; the file is damaged")
+
+
+def _names(value):
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _per_layer(value, attrs, check):
+    """Problem of a ``{layer: value}`` attribute: keys other than the hooked layers, or the
+    first value ``check(layer, value)`` finds wrong (it returns the problem or "")."""
+    layers = attrs.get("layers") or []
+    if set(value) != set(layers):
+        odd = sorted(set(value) ^ set(layers))
+        return f"its layers differ from 'layers' ({', '.join(odd[:3])})"
+    for layer, v in value.items():
+        problem = check(layer, v)
+        if problem:
+            return f"{layer}: {problem}"
+    return ""
+
+
+def _shape_problem(layer, shape):
+    ok = isinstance(shape, list) and len(shape) == 3 and all(isinstance(x, int) and x > 0 for x in shape)
+    return "" if ok else f"{shape!r} is not [C, H, W] of positive integers"
+
+
+def _layout_problem(attrs):
+    def check(layer, layout):
+        if layout not in LAYOUTS:
+            return f"{layout!r} is not one of {', '.join(LAYOUTS)}"
+        c, h, w = (attrs.get("layer_shapes") or {}).get(layer, [0, 0, 0])
+        if layout == "NC" and (h, w) != (1, 1) or layout == "NTC" and w != 1:
+            return f"{layout} does not fit its stored shape {[c, h, w]}"
+        return ""
+    return check
+
+
+def _plan_problem(layer, sources):
+    if not isinstance(sources, dict):
+        return f"{sources!r} is not {{source: [statistic, ...]}}"
+    for source, stats in sources.items():
+        if source not in SOURCES:
+            return f"unknown source {source!r} (one of {', '.join(SOURCES)})"
+        if not _names(stats) or any(st not in (*STATS, MAP) for st in stats):
+            return f"{source}: {stats!r} are not statistics of {', '.join((*STATS, MAP))}"
+    return ""
+
+
+# Value rules of the root attributes the analysis reads: attribute -> (what it may hold,
+# problem(value, attrs) -> "" when it is fine). Checked by ``validate`` on every open.
+ATTR_VALUES = {
+    "n_samples": ("an integer >= 0", lambda v, a: "" if v >= 0 else "negative"),
+    "num_classes": ("an integer >= 1", lambda v, a: "" if v >= 1 else "below 1"),
+    "feature_dim": ("an integer >= 1", lambda v, a: "" if v >= 1 else "below 1"),
+    "split": ("test, train or val", lambda v, a: "" if v in ("test", "train", "val") else "unknown split"),
+    "objectives": ("a list of OBJECTIVES", lambda v, a: "" if _names(v) and set(v) <= set(OBJECTIVES)
+                   else "not a list of known objectives"),
+    "layers": ("a list of distinct module names", lambda v, a: "" if _names(v) and len(set(v)) == len(v)
+               else "not a list of distinct names"),
+    "layer_shapes": ("{layer: [C, H, W]} for every layer", lambda v, a: _per_layer(v, a, _shape_problem)),
+    "layer_layouts": ("{layer: one of LAYOUTS} for every layer, fitting its shape",
+                      lambda v, a: _per_layer(v, a, _layout_problem(a))),
+    "layer_types": ("{layer: module class name} for every layer",
+                    lambda v, a: _per_layer(v, a, lambda l, t: "" if isinstance(t, str) and t else "not a name")),
+    "hook_sets": ("{set: [hooked layer, ...]}", lambda v, a: next(
+        (f"{k}: {l!r} is not a list of hooked layers" for k, l in v.items()
+         if not _names(l) or not set(l) <= set(a.get("layers") or [])), "")),
+    "plan": ("{layer: {source: [statistic, ...]}} over hooked layers", lambda v, a: next(
+        (f"{k}: not a hooked layer" for k in v if k not in (a.get("layers") or [])), "")
+        or next((f"{k}: {p}" for k, x in v.items() for p in [_plan_problem(k, x)] if p), "")),
+    "policies": ("{layer: policy}", lambda v, a: next(
+        (f"{k}: {x!r} is not a policy" for k, x in v.items() if x not in POLICIES), "")),
+}
 
 
 def value_rule(path):

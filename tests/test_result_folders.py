@@ -4,6 +4,7 @@ next run's folder lists exactly its own files, and a killed sweep leaves no proc
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,3 +257,18 @@ def test_intervals_on_a_handful_of_rows_carry_a_warning(tmp_path):
     code, text = run(["analyze", "--cache-dir", str(tmp_path / "big"), "--id", "big", "--score", "msp",
                       "--ci", "95", "--results", str(tmp_path / "r2")])
     assert code == 0 and "Intervals:" in text and "WARNING" not in text, text
+
+
+def test_the_printed_time_counts_the_figures(caches, tmp_path, monkeypatch):
+    real = output.score_histograms
+
+    def slow_histograms(*args):
+        time.sleep(1.5)
+        return real(*args)
+    monkeypatch.setattr(output, "score_histograms", slow_histograms)
+    code, text = run(["analyze", "--cache-dir", caches, "--id", "syn", "--score", "msp", "--plots",
+                      "--results", str(tmp_path / "r")])
+    assert code == 0, text
+    total, files = (float(x) for x in re.search(r"caches in ([\d.]+) s \(scores and metrics [\d.]+ s, "
+                                                 r"files ([\d.]+) s\)", text).groups())
+    assert files >= 1.5 and total >= files, text

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from gradood.store.recipes import HOOK_SETS  # the names are data, shared with the torch-free CLI
 
-from .trace import canonical_shape, trace
+from .trace import canonical_shape, named_head_problem, trace
 
 
 _NORM_KINDS = (("BatchNorm", nn.modules.batchnorm._BatchNorm), ("GroupNorm", nn.GroupNorm),
@@ -79,13 +79,22 @@ class ModelAdapter:
         self.model = model
         self.modules = dict(model.named_modules())
         self.order = list(self.modules)
-        self.trace = trace(model, image_shape)
+        try:
+            self.trace = trace(model, image_shape)
+        except RuntimeError as err:         # shapes that do not fit: another input size or channel count
+            size = "x".join(map(str, image_shape))
+            raise HookSetError(f"{type(model).__name__} fails on a {size} input (channels x height x width): "
+                               f"{str(err).splitlines()[0]}; if it expects another input size, give "
+                               "--image-size (or a --preprocess preset of its size)") from None
         self.overrides = {k: list(v) for k, v in (hook_sets or {}).items()}
         if head is not None:
             module = self.modules.get(head)
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 raise HookSetError(f"--head {head}: not an nn.Linear or nn.Conv2d of the model"
                                    + (f" (it is {type(module).__name__})" if module is not None else ""))
+            problem = named_head_problem(head, module, self.trace)
+            if problem:
+                raise HookSetError(f"--head {head}: {problem}")
             self.head_name = head
         elif self.trace.head is None:
             raise HookSetError(f"{type(model).__name__}: {self.trace.head_problem}")

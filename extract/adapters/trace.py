@@ -20,12 +20,13 @@ its input's; anything else (a block ending in a functional residual add) takes t
 of the last module inside it with the same output shape. ``canonical`` turns any of them
 into the channels-first (N, C, H, W) form every statistic and stored map uses.
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 
-LAYOUTS = ("NC", "NCHW", "NHWC", "NTC")
+from gradood.store.schema import LAYOUTS  # noqa: F401 (the layouts a trace names, declared with the schema)
 
 _CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                    nn.modules.instancenorm._InstanceNorm, nn.modules.pooling._MaxPoolNd,
@@ -51,12 +52,14 @@ class Call(NamedTuple):
 class Trace(NamedTuple):
     """What one forward pass showed. calls: ``{name: Call}`` of the modules that ran.
     head: name of the head module (None when none was found, see ``head_problem``).
-    feature_dim: D, the flattened size of the head input per sample. num_classes: K."""
+    feature_dim: D, the flattened size of the head input per sample. num_classes: K.
+    input_shapes: ``{name: shape of one sample of the module's first tensor input}``."""
     calls: dict
     head: Optional[str]
     head_problem: str
     feature_dim: int
     num_classes: int
+    input_shapes: dict = {}
 
 
 def _layout_from_shape(ndim):
@@ -141,12 +144,37 @@ def trace(model, image_shape, device=None):
         for h in handles:
             h.remove()
     calls = {n: Call(n, o, c, s, l) for n, (o, c, s, l) in seen.items()}
+    shapes = {n: tuple(x.shape[1:]) for n, x in inputs.items()}
     if not torch.is_tensor(out) or out.dim() != 2:
         what = type(out).__name__ if not torch.is_tensor(out) else f"a tensor of shape {tuple(out.shape)}"
-        return Trace(calls, None, f"the model's output is {what}, not (N, K) logits", 0, 0)
+        return Trace(calls, None, f"the model's output is {what}, not (N, K) logits", 0, 0, shapes)
     head, problem = _find_head(model, calls, outputs, out)
     dim = int(inputs[head][0].numel()) if head else 0
-    return Trace(calls, head, problem, dim, int(out.shape[1]))
+    return Trace(calls, head, problem, dim, int(out.shape[1]), shapes)
+
+
+def named_head_problem(name, module, trace):
+    """Why module ``name`` (``--head``) cannot be the linear head the scores read, checked
+    against the traced shapes before anything runs, or ""."""
+    call = trace.calls.get(name)
+    if call is None or call.shape is None:
+        return "it does not run in the forward pass"
+    if call.calls != 1:
+        return f"it runs {call.calls} times per forward pass; the head runs once"
+    if not _is_head_type(module):
+        kernel = "x".join(map(str, module.kernel_size))
+        return (f"a {kernel} nn.Conv2d{f' with {module.groups} groups' if module.groups != 1 else ''} is not a "
+                "linear map of one feature vector; a head is an nn.Linear or a 1x1 nn.Conv2d")
+    d = int(module.weight[0].numel())
+    given = trace.input_shapes.get(name, ())
+    if math.prod(given) != d:
+        return (f"its input per image is {'x'.join(map(str, given))}, a map, not one {d}-vector: the scores "
+                "that read the head (GradNorm, ReAct, ViM, ...) need the features it maps to the logits; "
+                "name a linear layer that runs after the model's pooling")
+    if trace.num_classes and math.prod(call.shape) != trace.num_classes:
+        return (f"its output per image is {'x'.join(map(str, call.shape))}, not the model's "
+                f"{trace.num_classes} logits")
+    return ""
 
 
 def _is_head_type(module):

@@ -15,7 +15,9 @@ the module itself (``extract.adapters``).
 """
 import hashlib
 import importlib.util
+import inspect
 import os
+import traceback
 
 import torch.nn as nn
 
@@ -81,20 +83,60 @@ def model_file_provenance(model_file):
 
 
 def _from_file(spec, num_classes):
+    """``FUNC(num_classes)`` of the file ``PATH.py:FUNC``; every way it can fail (a syntax
+    error, an import that fails, a FUNC of another signature, a FUNC that raises, a result
+    that is no module) is a one-line ValueError naming the file, the function and the cause."""
     path, func = _split_model_file(spec)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--model-file {spec}: {path} not found")
     name = "gradood_model_" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:12]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not callable(getattr(module, func, None)):
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise ValueError(f"--model-file {spec}: {path} line {err.lineno}: {err.msg} (a syntax error; "
+                         "fix the file)") from None
+    except Exception as err:
+        raise ValueError(f"--model-file {spec}: importing {path} failed{_where(err, path)}: "
+                         f"{type(err).__name__}: {err}") from None
+    build = getattr(module, func, None)
+    if not callable(build):
         raise ValueError(f"--model-file {spec}: {path} defines no function {func}")
-    model = getattr(module, func)(num_classes)
+    try:
+        inspect.signature(build).bind(num_classes)
+    except TypeError:
+        raise ValueError(f"--model-file {spec}: {func} is called as {func}(num_classes), with the class count; "
+                         f"its signature is {func}{inspect.signature(build)}: give it a num_classes "
+                         "parameter") from None
+    except ValueError:
+        pass                            # no signature to read (a builtin): call it and see
+    try:
+        model = build(num_classes)
+    except Exception as err:
+        raise ValueError(f"--model-file {spec}: {func}({num_classes}) raised {type(err).__name__}"
+                         f"{_where(err, path)}: {err}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model-file {spec}: {func}({num_classes}) returned "
                          f"{type(model).__name__}, not an nn.Module")
     return model
+
+
+def _where(err, path):
+    """`` at PATH line N``: the deepest frame of ``err`` in the file ``path``, or ""."""
+    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__)
+             if os.path.abspath(f.filename) == os.path.abspath(path)]
+    return f" at {os.path.basename(path)} line {lines[-1]}" if lines else ""
+
+
+def check_num_classes(outputs, num_classes, model_file=None):
+    """Refuse a model whose head gives ``outputs`` logits when ``num_classes`` were asked
+    for (a model file's FUNC that ignores its argument; labels and tables would disagree)."""
+    if outputs != num_classes:
+        raise ValueError(f"the model gives {outputs} logits per image, but --num-classes is {num_classes}"
+                         + (f": {model_file}'s function must build its head from its num_classes argument, "
+                            if model_file else ": ")
+                         + f"or give --num-classes {outputs}")
 
 
 def _torchvision(name, num_classes):
