@@ -243,14 +243,6 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
 
 
 # ----------------------------------------------------------------------------- analyze
-def _caches(bench, arch, cache_dir, id_name, ood_names):
-    """(cache_dir, id_name, ood_names) from a preset and/or explicit options."""
-    try:
-        return resolve_caches(cache_dir, id_name, ood_names, bench, arch)
-    except ScoreError as err:
-        _fail(err)
-
-
 @cli.command()
 @click.option("--benchmark", "bench", default=None, help="Preset whose ID and OOD set names to use.")
 @click.option("--arch", default=None, help="With --benchmark: the architecture part of the default cache folder.")
@@ -273,10 +265,11 @@ def _caches(bench, arch, cache_dir, id_name, ood_names):
 @click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True, help="Bootstrap resamples for --ci and --compare.")
 @click.option("--ci-seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
 @click.option("--checkpoint-dirs", default=None, help="DIR1,DIR2,...: cache folders of several trained checkpoints of one benchmark (the same sets and images in each); report every cell as mean ± std over them and a deep-ensemble row (instead of --cache-dir).")
+@click.option("--csid", "csid", multiple=True, help="Covariate-shifted ID set (labelled images of the ID classes, e.g. OpenOOD's cifar10c, imagenet_r): counted as ID in a second, full-spectrum (FS-OOD) table, as OpenOOD's --fsood, with its accuracy. Repeatable. [default: the benchmark's csid sets the folder holds]")
 @click.option("--compare", "compare", multiple=True, help="A,B: per OOD set, the paired difference A - B of AUROC and FPR95 on the same samples, its bootstrap interval (at --ci, default 95) and DeLong's test; '*' marks an interval that excludes zero. Repeatable.")
 def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plugins, fit_on, convention,
             results_dir, scores_out, allow_partial, plots, tune_on=None, tune_id=None, allow_overlap=False,
-            ci=None, resamples=1000, ci_seed=0, compare=(), checkpoint_dirs=None):
+            ci=None, resamples=1000, ci_seed=0, csid=(), compare=(), checkpoint_dirs=None):
     """Compute scores and metrics from caches and print a paper-style table.
 
     Runs on CPU without torch. Scores are oriented higher = more in-distribution; metrics
@@ -307,7 +300,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
                                   tune_on=tune_on, tune_id=tune_id, benchmark=bench, arch=arch,
                                   allow_partial=allow_partial, fitted_dir=os.path.join(out, "fitted"),
                                   allow_overlap=allow_overlap, ci=ci, resamples=resamples, seed=ci_seed,
-                                  compare=compare, progress=sys.stderr.isatty())
+                                  compare=compare, csid=csid or None, progress=sys.stderr.isatty())
         start = time.time()
         if members:
             ce = checkpoint_evaluation(request)
@@ -347,6 +340,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores; their keyword parameters are sweepable. Repeatable.")
 @click.option("--fit-on", default=None, help="Training cache for fitted scores. [default: <id>_train]")
 @click.option("--select-on", default=None, help="Validation OOD set: rank variants on it only and report the others (no test leakage).")
+@click.option("--csid", "csid", multiple=True, help="Covariate-shifted ID set: rank in the full-spectrum setting, the ID side the ID test set followed by the csid sets (as analyze --csid). Repeatable.")
 @click.option("--rank-by", "--metric", "rank_by", default="FPR95", type=click.Choice(["FPR95", "AUROC"]), show_default=True, help="Ranking metric (scikit-learn convention).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes. [default: all cores]")
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Rows printed (the files hold all).")
@@ -354,7 +348,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
 @click.option("--allow-partial", is_flag=True, help="Sweep over the finished part of unfinished caches.")
 @click.option("--plots/--no-plots", default=False, show_default=True, help="Per-layer contribution bar charts (needs matplotlib).")
 def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins, fit_on, select_on, rank_by,
-          workers, top, results_dir, allow_partial, plots):
+          workers, top, results_dir, allow_partial, plots, csid=()):
     """Evaluate a grid of score variants from the caches alone (CPU, no torch, all cores).
 
     Variants: layer subsets and single layers, spatial reduction (nonzero, mean, sum,
@@ -366,7 +360,7 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
     _load_plugins(plugins)
     _terminate_as_interrupt()
     try:
-        cache_dir, id_name, ood_names = _caches(bench, arch, cache_dir, id_name, ood_names)
+        cache_dir, id_name, ood_names = resolve_caches(cache_dir, id_name, ood_names, bench, arch, csid)
         out = results_dir or os.path.join(default_results_dir([cache_dir]), "sweep")
         _check_writable(out, "--results")
         grid = {}
@@ -375,7 +369,7 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
         for score, tables in parse_grid_text(grids).items():
             grid.setdefault(score, []).extend(tables)
         result = run_sweep(cache_dir, id_name, ood_names, grid or None, fit_on, workers, select_on,
-                           rank_by, plugins, allow_partial, progress=sys.stderr.isatty())
+                           rank_by, plugins, allow_partial, progress=sys.stderr.isatty(), csid=csid)
         written = write_sweep(result, out, plots)
     except KeyboardInterrupt as err:
         _interrupted(err)

@@ -19,7 +19,7 @@ fitted by the engine's rule (``analyze.engine``): ``fit_on``, else ``<id>_train`
 import os
 
 from gradood.store.benchmarks import benchmark as preset_of
-from gradood.store.benchmarks import is_fitting_or_validation, ood_sets, preset_params, val_cache_name
+from gradood.store.benchmarks import csid_of, is_fitting_or_validation, ood_sets, preset_params, val_cache_name
 from gradood.store.reader import CacheReader, cache_path, default_cache_dir
 
 from .checkpoints import evaluate_checkpoints as run_checkpoints
@@ -85,8 +85,9 @@ def score_names(scores, every=None):
 
 def resolve_caches(cache_dir=None, id=None, ood=None, benchmark=None, arch=None, exclude=()):
     """``(cache_dir, id, ood)`` of an analysis: the preset's folder and ID set where not
-    given; the OOD sets default to every other cache in the folder (``default_ood_sets``),
-    in the preset's table order first. Raises ScoreError naming what is missing."""
+    given; the OOD sets default to every other cache in the folder (``default_ood_sets``)
+    but the benchmark's covariate-shifted ID sets, in the preset's table order first.
+    Raises ScoreError naming what is missing."""
     if benchmark:
         preset = preset_of(benchmark)
         cache_dir = cache_dir or default_cache_dir(benchmark, arch or preset.arch)
@@ -96,7 +97,7 @@ def resolve_caches(cache_dir=None, id=None, ood=None, benchmark=None, arch=None,
     check_cache_dir(cache_dir)
     ood = list(ood or [])
     if not ood:
-        found = default_ood_sets(cache_dir, id, exclude)
+        found = default_ood_sets(cache_dir, id, [*exclude, *_preset_csid(benchmark, cache_dir, id)])
         order = ood_sets(benchmark) if benchmark else []
         ood = [n for n in order if n in found] + [n for n in found if n not in order]
         if not ood:
@@ -140,23 +141,57 @@ def _check_same_sets(folders, id, exclude):
                              "must hold the same sets; extract it there, or choose the sets with --ood")
 
 
+def _preset_csid(bench, cache_dir, id):
+    """The covariate-shifted ID sets of the benchmark (``bench``, else the one the ID cache
+    was extracted for), or ()."""
+    if bench:
+        return tuple(preset_of(bench).csid)
+    path = cache_path(cache_dir, id) if cache_dir and id else ""
+    if not os.path.exists(path):
+        return ()
+    with CacheReader(path, allow_partial=True) as reader:
+        return csid_of(reader.attrs)
+
+
+def _csid(given, shifted, cache_dir, id, ood):
+    """The covariate-shifted ID sets of an analysis: ``given`` (``--csid``), each a cache of
+    the folder; default the preset's (``shifted``) that the folder holds. A preset's csid
+    set given as an OOD set is refused."""
+    wrong = [n for n in ood if n in shifted]
+    if wrong:
+        raise ScoreError(f"{wrong[0]} is a covariate-shifted ID set of this benchmark (images of the ID classes, "
+                         f"in-distribution in OpenOOD's full-spectrum setting), not an OOD set: give it with "
+                         f"--csid {wrong[0]}, not --ood")
+    if given is None:
+        return tuple(n for n in shifted if os.path.exists(cache_path(cache_dir, n)))
+    for name in given:
+        if not os.path.exists(cache_path(cache_dir, name)):
+            raise ScoreError(f"--csid {name}: {cache_path(cache_dir, name)} not found; extract it (with "
+                             f"--benchmark, --dataset {name}, or --dataset {name}=DIR)")
+    check_ood_sets(id, ood, given)
+    return tuple(given)
+
+
 def _prepared(request):
     """The parts every evaluation of ``request`` shares: ``(cache_dir, id, ood, names,
-    explicit, params, pairs, notes)`` with the presets' parameters merged and the scores
-    the caches cannot serve split off (an explicit one raises; the others come back as
-    notes)."""
+    explicit, params, pairs, notes, csid)`` with the presets' parameters merged, the
+    covariate-shifted ID sets resolved (``_csid``) and the scores the caches cannot serve
+    split off (an explicit one raises; the others come back as notes)."""
     pairs = compare_pairs(request.compare, canonical)
     names, explicit = score_names(request.scores)
-    for pair in pairs:        # compared scores must be computed: they count as named explicitly
+    compared = []
+    for pair in pairs:        # compared scores must be computed: refused, like explicit ones, when not servable
         names += [n for n in pair if n not in names]
-        explicit += [n for n in pair if n not in explicit]
+        compared += [n for n in pair if n not in compared]
     params = {s: dict(p) for s, p in request.params.items()}
     folders = list(request.checkpoint_dirs) or ([request.cache_dir] if request.cache_dir else [])
     first = folders[0] if folders else None
     id = request.id or (preset_of(request.benchmark).id if request.benchmark else "")
     probe = Engine(first, id, request.fit_on)
     exclude = probe.fit_caches(names, params)
-    cache_dir, id, ood = resolve_caches(first, request.id, request.ood, request.benchmark, request.arch, exclude)
+    cache_dir, id, ood = resolve_caches(first, request.id, request.ood, request.benchmark, request.arch,
+                                        [*exclude, *(request.csid or ())])
+    csid = _csid(request.csid, _preset_csid(request.benchmark, cache_dir, id), cache_dir, id, ood)
     if len(folders) > 1 and not request.ood:
         _check_same_sets(folders, id, exclude)
     with CacheReader(cache_path(cache_dir, id), allow_partial=True) as reader:
@@ -164,17 +199,17 @@ def _prepared(request):
     notes, missing = [], {}
     for folder in folders or [cache_dir]:
         with Engine(folder, id, request.fit_on) as engine:
-            names, reasons = engine.servable(names, params, ood)
+            names, reasons = engine.servable(names, params, [*csid, *ood])
         missing.update(reasons)
-    bad = [s for s in explicit if s in missing]
+    bad = [s for s in dict.fromkeys([*explicit, *compared]) if s in missing]
     if bad:
-        raise ScoreError("; ".join(f"{s}: {missing[s]}" + ("" if "extract" in missing[s] else
+        raise ScoreError("; ".join(f"{s}: {missing[s]}" + ("" if "extract with" in missing[s] else
                                                            f" (re-extract with --score {s})") for s in bad))
     notes += [f"{name} left out: {why}" for name, why in missing.items()]
     if not names:
         raise ScoreError("none of the requested scores can be computed from these caches"
                          + ("" if not missing else ": " + "; ".join(f"{n}: {r}" for n, r in missing.items())))
-    return cache_dir, id, ood, names, explicit, params, pairs, notes
+    return cache_dir, id, ood, names, explicit, params, pairs, notes, csid
 
 
 def _as_request(request, options):
@@ -210,7 +245,7 @@ def evaluation(request=None, **options):
     request = _as_request(request, options)
     if request.checkpoint_dirs:
         raise ValueError("checkpoint_dirs: several checkpoints are evaluated by checkpoint_evaluation")
-    cache_dir, id, ood, names, explicit, params, pairs, notes = _prepared(request)
+    cache_dir, id, ood, names, explicit, params, pairs, notes, csid = _prepared(request)
     tuned = {}
     if request.tune_on:
         tune_on = request.tune_on
@@ -232,7 +267,7 @@ def evaluation(request=None, **options):
                         request.fit_on, request.fitted_dir, lenient=not explicit,
                         allow_overlap=request.allow_overlap, progress=request.progress, ci=request.ci,
                         resamples=request.resamples, seed=request.seed, compare=pairs,
-                        compare_level=request.compare_level)
+                        compare_level=request.compare_level, csid=csid)
     ev.tuned = tuned
     for name, t in tuned.items():
         if name in ev.results:
@@ -249,7 +284,7 @@ def _setting(params):
 
 def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None, params=None,
              allow_partial=False, fitted_dir=None, allow_overlap=False, ci=None, resamples=1000, seed=0,
-             tune_on=None, tune_id=None):
+             tune_on=None, tune_id=None, csid=None):
     """Metrics of ``scores`` with ``id`` as the in-distribution test cache, as a
     ``pandas.DataFrame``: one row per (score, OOD set) and one "Average" row per score,
     columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT, DetErr`` (fractions in [0, 1], in
@@ -263,12 +298,15 @@ def evaluate(cache_dir, id, scores, ood=None, convention="sklearn", fit_on=None,
     percent (``analyze --ci``): columns ``FPR95_low, FPR95_high, AUROC_low, AUROC_high``
     hold bootstrap intervals (``resamples`` resamples, ``seed``). tune_on / tune_id:
     choose each score's parameters on validation caches first (``analyze --tune-on``,
-    ``evaluation``). The ``Evaluation`` object itself comes from ``evaluation``.
+    ``evaluation``). csid: covariate-shifted ID sets (``analyze --csid``; default the
+    benchmark's that the folder holds): the frame then starts with a ``setting`` column,
+    "ood" rows as above followed by the "fsood" rows of the full-spectrum setting. The
+    ``Evaluation`` object itself comes from ``evaluation``.
     """
     return evaluation(cache_dir=cache_dir, id=id, scores=scores, ood=ood, convention=convention, fit_on=fit_on,
                       params=params, tune_on=tune_on, tune_id=tune_id, allow_partial=allow_partial,
                       fitted_dir=fitted_dir, allow_overlap=allow_overlap, ci=ci, resamples=resamples,
-                      seed=seed).frame()
+                      seed=seed, csid=csid).frame()
 
 
 def compare(cache_dir, id, a, b, ood=None, convention="sklearn", fit_on=None, params=None, level=95,
@@ -310,7 +348,7 @@ def checkpoint_evaluation(request=None, **options):
     if used:
         raise ValueError(f"{used[0]}: several checkpoints are reported as mean ± std over checkpoints; "
                          "--ci, --compare and --tune-on apply to one checkpoint's folder (--cache-dir)")
-    _, id, ood, names, explicit, params, _, notes = _prepared(request)
+    _, id, ood, names, explicit, params, _, notes, _ = _prepared(request)
     ce = run_checkpoints(list(request.checkpoint_dirs), id, list(ood), names, request.convention, params,
                          request.fit_on, request.fitted_dir, lenient=not explicit,
                          allow_overlap=request.allow_overlap, ensemble=request.ensemble)

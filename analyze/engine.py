@@ -86,6 +86,17 @@ def check_not_constant(name, scored, params=None):
                             "react.percentile) and the size of the fitting cache")
 
 
+def full_spectrum(scored, id_name, csid):
+    """``(scored', key)``: ``scored`` ({dataset: Scored}) with one more entry, ``key`` =
+    ``"<id_name>+csid"``, holding the rows of the ID test set followed by those of each
+    covariate-shifted ID set of ``csid`` in order, the ID side of full-spectrum OOD
+    (OpenOOD v1.5's ``eval_ood(fsood=True)`` concatenates them the same way)."""
+    key = f"{id_name}+csid"
+    parts = [scored[d] for d in [id_name, *csid]]
+    widened = Scored(np.concatenate([p.values for p in parts]), np.concatenate([p.usable for p in parts]))
+    return {**scored, key: widened}, key
+
+
 def metric_summary(scored, id_name, ood_names, convention="sklearn", groups=None):
     """``{set | "<group>ood" | "Average": {metric: fraction}}``: the metrics (``METRICS``)
     of the usable ID rows of ``scored[id_name]`` against those of each OOD set of

@@ -10,16 +10,16 @@ from tqdm import tqdm
 from gradood.store.benchmarks import groups_of
 from gradood.store.schema import CacheError
 
-from .engine import Engine, check_overlap, metric_summary
+from .engine import Engine, check_overlap, full_spectrum, metric_summary
 from .registry import ScoreCrash, ScoreError, entry
 from .request import check_ood_sets
 from .results import Evaluation
 from .uncertainty import RESAMPLES, delong, interval, resampled_metrics
 
 
-def _accuracy(reader, keep):
-    """Top-1 accuracy of the classifier on the labelled, usable rows of an open cache (None
-    when no row is labelled)."""
+def _hits(reader, keep):
+    """``(correct, labelled)``: top-1 hits of the classifier and the number of labelled,
+    usable rows of an open cache of an ID set."""
     labels = reader.read_all("labels")
     k = int(reader.attrs["num_classes"])
     beyond = np.unique(labels[(labels >= k) & keep])
@@ -31,7 +31,7 @@ def _accuracy(reader, keep):
                          "from a folder with exactly the head's classes")
     pred = np.concatenate([reader.read("logits", a, b).argmax(axis=1) for a, b in reader.blocks()])
     labelled = (labels >= 0) & keep
-    return float((pred[labelled] == labels[labelled]).mean()) if labelled.any() else None
+    return int((pred[labelled] == labels[labelled]).sum()), int(labelled.sum())
 
 
 def _settings(out, names, params, id_attrs):
@@ -49,7 +49,8 @@ def _settings(out, names, params, id_attrs):
 
 def _describe_sets(out, engine, datasets):
     """Fill the per-set facts of ``out``: paths, skipped rows and why, partial caches, the
-    classifier's ID accuracy. Returns ``{dataset: usable (N,) bool}``."""
+    classifier's accuracy on the ID test set and each csid set. Returns ``{dataset: usable
+    (N,) bool}``."""
     keep = {}
     for dataset in datasets:
         reader = engine.reader(dataset)
@@ -64,14 +65,20 @@ def _describe_sets(out, engine, datasets):
                                      for i, p in enumerate(paths) if skipped[i]}
         if reader.partial:
             out.partial.append(dataset)
-        if dataset == out.id:
-            out.id_accuracy = _accuracy(reader, keep[dataset])
+        if dataset == out.id or dataset in out.csid:
+            out.hits[dataset] = _hits(reader, keep[dataset])
+            correct, labelled = out.hits[dataset]
+            out.accuracy[dataset] = correct / labelled if labelled else None
+            if dataset in out.csid and not labelled:
+                raise ScoreError(f"--csid {dataset}: {reader.path} has no labelled row; a covariate-shifted ID set "
+                                 "holds images of the ID classes with their labels (OpenOOD's csid lists)")
+    out.id_accuracy = out.accuracy.get(out.id)
     return keep
 
 
 def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", allow_partial=False,
                    params=None, fit_on=None, fitted_dir=None, lenient=False, allow_overlap=False,
-                   progress=False, ci=None, resamples=None, seed=0, compare=(), compare_level=95):
+                   progress=False, ci=None, resamples=None, seed=0, compare=(), compare_level=95, csid=()):
     """An ``analyze.results.Evaluation`` of the scores ``names`` for the ID cache
     ``id_name`` against each OOD cache of ``ood_names`` in ``cache_dir``.
 
@@ -91,6 +98,13 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
     ``[(a, b)]`` pairs of scores: ``comparisons`` gains, per pair and set, the paired
     differences a - b of AUROC and FPR95 with their intervals (at ``ci``, else
     ``compare_level``) and DeLong's p-value of the AUROC difference.
+
+    csid: covariate-shifted ID sets (labelled images of the ID classes). They are scored,
+    their accuracy is in ``accuracy``, and ``fsood`` holds the full-spectrum evaluation
+    (``full_spectrum``): the same scores, metrics, intervals and comparisons with the ID
+    side widened to the ID test set followed by every csid set (OpenOOD v1.5's
+    ``eval_ood(fsood=True)``); its ``id_accuracy`` is the accuracy over all those rows,
+    OpenOOD's ``csid_acc``. The standard results never include them.
     """
     params = params or {}
     compare = [tuple(p) for p in compare or ()]
@@ -98,11 +112,11 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
         if len(pair) != 2 or pair[0] == pair[1] or any(n not in names for n in pair):
             raise ScoreError(f"compare {','.join(pair)}: name two different scores of this evaluation "
                              f"({', '.join(names)})")
-    ood_names = list(ood_names)
-    check_ood_sets(id_name, ood_names)
-    datasets = [id_name, *ood_names]
+    ood_names, csid = list(ood_names), list(csid)
+    check_ood_sets(id_name, ood_names, csid)
+    datasets = [id_name, *csid, *ood_names]
     with Engine(cache_dir, id_name, fit_on, fitted_dir, allow_partial) as engine:
-        out = Evaluation(id=id_name, ood=ood_names, convention=convention,
+        out = Evaluation(id=id_name, ood=ood_names, convention=convention, csid=csid,
                          fit_caches=engine.fit_caches(names, params))
         id_attrs = engine.reader(id_name).attrs          # a strict open: refuses an unfinished ID cache
         if not allow_overlap:
@@ -142,8 +156,39 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
                              f"{out.failed.get(missing_pair[0], 'left out')}")
     if ci or compare:
         _add_uncertainty(out, names, keep, float(ci or compare_level), resamples, seed, compare, bool(ci))
+    if csid:
+        out.fsood = _full_spectrum(out, scored, keep, names, convention)
+        if ci or compare:
+            fs_keep = {out.fsood.id: np.concatenate([keep[d] for d in [id_name, *csid]]),
+                       **{d: keep[d] for d in ood_names}}
+            _add_uncertainty(out.fsood, names, fs_keep, float(ci or compare_level), resamples, seed, compare,
+                             bool(ci))
     out.notes += [f"{name} left out: {why}" for name, why in out.failed.items()]
     return out
+
+
+def _full_spectrum(out, scored, keep, names, convention):
+    """The FS-OOD ``Evaluation`` of ``out`` (``run_evaluation``'s csid): ID = the ID test set
+    followed by each csid set, rows concatenated (``engine.full_spectrum``)."""
+    sides = [out.id, *out.csid]
+    fs = Evaluation(id="", ood=out.ood, convention=convention, csid=out.csid, full_spectrum=True,
+                    fit_caches=out.fit_caches, settings=out.settings, groups=out.groups, partial=out.partial,
+                    failed=out.failed, accuracy=out.accuracy, hits=out.hits)
+    for name in names:
+        widened, key = full_spectrum(scored[name], out.id, out.csid)
+        fs.results[name] = metric_summary(widened, key, out.ood, convention, out.groups)
+    fs.id = key
+    for d in out.ood:
+        fs.scores[d], fs.paths[d] = out.scores[d], out.paths[d]
+        fs.n_rows[d], fs.skipped[d], fs.skip_reasons[d] = out.n_rows[d], out.skipped[d], out.skip_reasons[d]
+    fs.scores[key] = {n: np.concatenate([out.scores[d][n] for d in sides]) for n in names}
+    fs.paths[key] = np.concatenate([out.paths[d] for d in sides])
+    fs.n_rows[key] = sum(out.n_rows[d] for d in sides)
+    fs.skipped[key] = sum(out.skipped[d] for d in sides)
+    fs.skip_reasons[key] = {p: r for d in sides for p, r in out.skip_reasons[d].items()}
+    correct, labelled = (sum(out.hits[d][i] for d in sides) for i in (0, 1))
+    fs.id_accuracy = correct / labelled if labelled else None
+    return fs
 
 
 def _add_uncertainty(out, names, keep, level, resamples, seed, compare, intervals):

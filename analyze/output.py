@@ -102,44 +102,22 @@ def write_checkpoints_report(ce, out_dir):
 
 def write_report(evaluation, out_dir, plots=False):
     """Write the evaluation's tables (per score and summary: CSV, Markdown, JSON) and, with
-    ``plots``, its figures (``plots/``) into ``out_dir`` as one set (``staged``); returns the
-    Stage (``text`` to print, ``figures`` written)."""
-    cap = caption(evaluation)
+    ``plots``, its figures (``plots/``) into ``out_dir`` as one set (``staged``); with csid
+    sets the full-spectrum tables go to ``fsood/`` (the same files). Returns the Stage
+    (``text`` to print: the standard tables, then the FS-OOD ones; ``figures`` written)."""
     with staged(out_dir) as stage:
-        files = []
-        for name in evaluation.results:
-            header, rows = score_table(evaluation, name)
-            write_csv(os.path.join(stage, f"{name}.csv"), header, rows)
-            write_text(os.path.join(stage, f"{name}.md"), f"### {title(name)}\n\n{cap}\n\n{markdown(header, rows)}\n")
-            files += [f"{name}.csv", f"{name}.md"]
-        os.makedirs(os.path.join(stage, "ood"))
-        for name in evaluation.results:
-            ood_rows = openood_csv_rows(evaluation, name)
-            write_csv(os.path.join(stage, "ood", f"{name}.csv"), ood_rows[0], ood_rows[1:])
-        header, rows = summary_table(evaluation)
-        text = plain(header, rows)
-        summary = f"{cap}\n\n{markdown(header, rows)}\n"
-        if evaluation.groups:
-            gh, gr = grouped_table(evaluation)
-            summary += (f"\nNear-OOD and far-OOD (OpenOOD's grouping; averages are unweighted means over "
-                        f"each group's sets):\n\n{markdown(gh, gr)}\n")
-            text = plain(gh, gr) + "\n\n" + text
-        write_text(os.path.join(stage, "summary.md"), summary)
-        for pair in evaluation.comparisons:
-            ch, cr = comparison_table(evaluation, pair)
-            stem = "compare_" + pair.replace(",", "_vs_")
-            a, b = (title(s) for s in pair.split(","))
-            write_text(os.path.join(stage, f"{stem}.md"), f"### {a} vs {b}\n\n{cap}\n\n{markdown(ch, cr)}\n")
-            write_csv(os.path.join(stage, f"{stem}.csv"), ch, cr)
-            files += [f"{stem}.md", f"{stem}.csv"]
-            text += "\n\n" + plain(ch, cr)
-        write_csv(os.path.join(stage, "summary.csv"), *summary_csv_table(evaluation))
-        files += ["summary.md", "summary.csv", "ood"]
+        files, text = _write_tables(evaluation, stage)
+        if evaluation.fsood:
+            os.makedirs(os.path.join(stage, "fsood"))
+            _, fs_text = _write_tables(evaluation.fsood, os.path.join(stage, "fsood"))
+            files.append("fsood")
+            text += "\n\n" + fs_text
         if plots:
             where = os.path.join(stage, "plots")
             stage.figures = (score_histograms(evaluation, where) + roc_curves(evaluation, where)
                              + method_comparison(evaluation, where))
             files.append("plots")
+        fs = evaluation.fsood
         _write_json(os.path.join(stage, "results.json"), {
             "id": evaluation.id, "ood": evaluation.ood, "convention": evaluation.convention,
             "fit_caches": evaluation.fit_caches, "settings": evaluation.settings,
@@ -148,9 +126,48 @@ def write_report(evaluation, out_dir, plots=False):
             "groups": evaluation.groups, "id_accuracy": evaluation.id_accuracy,
             "results": evaluation.results, "ci": evaluation.ci,
             "intervals": evaluation.intervals, "comparisons": evaluation.comparisons,
+            "csid": evaluation.csid, "accuracy": evaluation.accuracy,
+            "fsood": None if fs is None else {"id": fs.id, "id_accuracy": fs.id_accuracy, "results": fs.results,
+                                              "intervals": fs.intervals, "comparisons": fs.comparisons},
             "files": files})
-    stage.text = cap + "\n\n" + text + stage.note
+    stage.text = text + stage.note
     return stage
+
+
+def _write_tables(evaluation, where):
+    """Per-score, OpenOOD-shaped (``ood/``), summary and comparison tables of one
+    evaluation into folder ``where``; returns (files written, relative; text to print)."""
+    cap = caption(evaluation)
+    files = []
+    for name in evaluation.results:
+        header, rows = score_table(evaluation, name)
+        write_csv(os.path.join(where, f"{name}.csv"), header, rows)
+        write_text(os.path.join(where, f"{name}.md"), f"### {title(name)}\n\n{cap}\n\n{markdown(header, rows)}\n")
+        files += [f"{name}.csv", f"{name}.md"]
+    os.makedirs(os.path.join(where, "ood"))
+    for name in evaluation.results:
+        ood_rows = openood_csv_rows(evaluation, name)
+        write_csv(os.path.join(where, "ood", f"{name}.csv"), ood_rows[0], ood_rows[1:])
+    header, rows = summary_table(evaluation)
+    text = plain(header, rows)
+    summary = f"{cap}\n\n{markdown(header, rows)}\n"
+    if evaluation.groups:
+        gh, gr = grouped_table(evaluation)
+        summary += (f"\nNear-OOD and far-OOD (OpenOOD's grouping; averages are unweighted means over "
+                    f"each group's sets):\n\n{markdown(gh, gr)}\n")
+        text = plain(gh, gr) + "\n\n" + text
+    write_text(os.path.join(where, "summary.md"), summary)
+    for pair in evaluation.comparisons:
+        ch, cr = comparison_table(evaluation, pair)
+        stem = "compare_" + pair.replace(",", "_vs_")
+        a, b = (title(s) for s in pair.split(","))
+        write_text(os.path.join(where, f"{stem}.md"), f"### {a} vs {b}\n\n{cap}\n\n{markdown(ch, cr)}\n")
+        write_csv(os.path.join(where, f"{stem}.csv"), ch, cr)
+        files += [f"{stem}.md", f"{stem}.csv"]
+        text += "\n\n" + plain(ch, cr)
+    write_csv(os.path.join(where, "summary.csv"), *summary_csv_table(evaluation))
+    files += ["summary.md", "summary.csv", "ood"]
+    return files, cap + "\n\n" + text
 
 
 def write_sweep(sweep, out_dir, plots=False):

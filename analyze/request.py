@@ -21,12 +21,22 @@ from .registry import ScoreError
 MIN_RESAMPLES = 10
 
 
-def check_ood_sets(id_name, ood_names):
-    """Raise ValueError when there is no OOD set or the ID set is among them."""
+def check_ood_sets(id_name, ood_names, csid=()):
+    """Raise ValueError when there is no OOD set, the ID set is among them, or a
+    covariate-shifted ID set (``csid``) is the ID set or also an OOD set."""
     if id_name in ood_names:
         raise ValueError(f"OOD set {id_name!r} (--ood): that is the ID set (--id); an OOD set must be another cache")
     if not ood_names:
         raise ValueError("no OOD set to evaluate against")
+    for name in csid:
+        if name == id_name:
+            raise ValueError(f"--csid {name}: that is the ID test set (--id); a covariate-shifted ID set is another cache")
+        if name in ood_names:
+            raise ValueError(f"--csid {name} is also an OOD set (--ood): a covariate-shifted ID set holds images "
+                             "of the ID classes, counted as in-distribution; drop it from --ood")
+    twice = [n for i, n in enumerate(csid) if n in csid[:i]]
+    if twice:
+        raise ValueError(f"--csid {twice[0]} is given twice")
 
 
 def as_items(value, option, split=False, pairs=False):
@@ -100,7 +110,9 @@ class AnalysisRequest:
     caches, fitting caches sharing images with test caches. fitted_dir: where fits are
     kept. ci: an interval level in percent; resamples, seed: the bootstrap's. compare:
     ``("A,B", ...)`` or pairs; compare_level: their level without ``ci``. ensemble: the
-    deep-ensemble row of a several-checkpoint table. progress: a progress bar.
+    deep-ensemble row of a several-checkpoint table. csid: covariate-shifted ID sets, the
+    ID side of the full-spectrum (FS-OOD) tables (default: the benchmark preset's that the
+    folder holds). progress: a progress bar.
     """
     cache_dir: Optional[str] = None
     id: Optional[str] = None
@@ -123,6 +135,7 @@ class AnalysisRequest:
     compare_level: float = 95
     checkpoint_dirs: tuple = ()
     ensemble: bool = True
+    csid: Optional[tuple] = None
     progress: bool = False
 
     def __post_init__(self):
@@ -130,6 +143,8 @@ class AnalysisRequest:
             object.__setattr__(self, name, value)
         put("scores", as_items(self.scores, "scores", split=True) or ("all",))
         put("ood", as_items(self.ood, "ood"))
+        if self.csid is not None:
+            put("csid", as_items(self.csid, "csid"))
         put("compare", as_items(self.compare, "compare", pairs=True))
         put("checkpoint_dirs", as_items(self.checkpoint_dirs, "checkpoint_dirs", split=True))
         if self.convention not in CONVENTIONS:
@@ -142,3 +157,6 @@ class AnalysisRequest:
         put("resamples", check_resamples(self.resamples))
         if self.checkpoint_dirs and self.cache_dir:
             raise ValueError("give checkpoint_dirs (--checkpoint-dirs) or cache_dir (--cache-dir), not both")
+        if self.checkpoint_dirs and self.csid:
+            raise ValueError("csid (--csid): full-spectrum tables apply to one checkpoint's folder (--cache-dir), "
+                             "not to a mean over checkpoints")

@@ -34,6 +34,12 @@ class Evaluation:
     {metric: (low, high)}}}``; comparisons: ``{"A,B": {set: {...}}}``; tuned: ``{score:
     {"params", "auroc", "tried", "on"}}`` from validation tuning; notes: lines for the
     user (scores left out and why, tuned parameters).
+
+    Full-spectrum OOD: csid: the covariate-shifted ID sets (scored; ``scores`` holds them);
+    accuracy: ``{set: fraction or None}`` of the ID test set and each csid set; hits:
+    ``{set: (correct, labelled)}``; fsood: the full-spectrum ``Evaluation`` (its
+    ``full_spectrum`` True, its ``id`` "<id>+csid", the ID test set's rows followed by each
+    csid set's) or None.
     """
     id: str
     ood: list
@@ -55,30 +61,44 @@ class Evaluation:
     comparisons: dict = field(default_factory=dict)
     tuned: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    csid: list = field(default_factory=list)
+    accuracy: dict = field(default_factory=dict)
+    hits: dict = field(default_factory=dict)
+    full_spectrum: bool = False
+    fsood: Optional["Evaluation"] = None
 
     def frame(self):
         """One row per (score, set), columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT,
         DetErr`` (fractions), with ``<metric>_low`` / ``_high`` under ``--ci``: the layout
-        ``analyze.evaluate`` returns."""
+        ``analyze.evaluate`` returns. With csid sets, a first column ``setting`` ("ood" for
+        the standard rows, then "fsood" for the full-spectrum ones)."""
         import pandas as pd
         rows, metrics = [], []
-        for name, per_set in self.results.items():
-            for dataset, values in per_set.items():
-                metrics = metrics or list(values)
-                row = {"score": name, "ood": dataset, **{column_name(m): v for m, v in values.items()}}
-                for m, (lo, hi) in self.intervals.get(name, {}).get(dataset, {}).items():
-                    row[f"{m}_low"], row[f"{m}_high"] = lo, hi
-                rows.append(row)
-        columns = ["score", "ood", *[column_name(m) for m in metrics]]
+        for part in ([self, self.fsood] if self.fsood else [self]):
+            for name, per_set in part.results.items():
+                for dataset, values in per_set.items():
+                    metrics = metrics or list(values)
+                    row = {"setting": "fsood" if part.full_spectrum else "ood", "score": name, "ood": dataset,
+                           **{column_name(m): v for m, v in values.items()}}
+                    for m, (lo, hi) in part.intervals.get(name, {}).get(dataset, {}).items():
+                        row[f"{m}_low"], row[f"{m}_high"] = lo, hi
+                    rows.append(row)
+        columns = [*(["setting"] if self.fsood else []), "score", "ood", *[column_name(m) for m in metrics]]
         if self.ci and self.intervals:
             columns += ["FPR95_low", "FPR95_high", "AUROC_low", "AUROC_high"]
         return pd.DataFrame(rows, columns=columns)
 
     def to_json(self):
-        """The JSON-able part: everything but the per-row scores and paths."""
-        out = asdict(self)
+        """The JSON-able part: everything but the per-row scores and paths (the
+        full-spectrum evaluation's likewise, under ``fsood``)."""
+        fs, self.fsood = self.fsood, None
+        try:
+            out = asdict(self)
+        finally:
+            self.fsood = fs
         out.pop("scores")
         out.pop("paths")
+        out["fsood"] = fs.to_json() if fs else None
         return out
 
 
@@ -92,7 +112,8 @@ class SweepResult:
     reported: the OOD sets of the averages; select_on: the validation set ranked on or
     None; metric: the ranking metric; selected: ``{score: label}`` best on ``select_on``;
     seconds, n_variants, workers; id: the ID set; layer_order: ``{score: [layer]}``;
-    not_stored: ``{score: {"count", "example"}}`` default-grid variants left out.
+    not_stored: ``{score: {"count", "example"}}`` default-grid variants left out; csid:
+    the covariate-shifted ID sets of a full-spectrum sweep (else empty).
     """
     rows: list
     errors: list
@@ -106,6 +127,7 @@ class SweepResult:
     id: str
     layer_order: dict = field(default_factory=dict)
     not_stored: dict = field(default_factory=dict)
+    csid: list = field(default_factory=list)
 
     def to_json(self):
         """Everything, JSON-able."""

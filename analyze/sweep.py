@@ -24,7 +24,7 @@ from tqdm import tqdm
 from gradood.store.benchmarks import preset_params
 from gradood.store.reader import CacheReader, cache_path
 
-from .engine import ConstantScore, Engine, is_crash, metric_summary
+from .engine import ConstantScore, Engine, full_spectrum, is_crash, metric_summary
 from .fitting import check_same_model
 from .grids import expand
 from .registry import ScoreError, all_entries, default_grid, entry, load_plugin, paper_variants
@@ -93,10 +93,10 @@ def _exit_with_parent(lifeline):
 
 
 def _evaluate_variant(args):
-    label, name, params, id_name, ood_names = args
+    label, name, params, id_name, ood_names, csid = args
     engine = _STATE["engine"]
     start = time.perf_counter()
-    datasets = [id_name, *ood_names]
+    datasets = [id_name, *csid, *ood_names]
     try:
         why = engine.why_not(name, params, datasets)
         if why:
@@ -107,6 +107,8 @@ def _evaluate_variant(args):
     except Exception as err:   # a variant the caches cannot serve is reported, not fatal
         return {"label": label, "score": name, "params": params, "error": f"{type(err).__name__}: {err}",
                 "kind": "crashed" if is_crash(err) else "not servable"}
+    if csid:        # full-spectrum: the ID side is the ID test set followed by the csid sets
+        scored, id_name = full_spectrum(scored, id_name, csid)
     summary = metric_summary(scored, id_name, ood_names, "sklearn")
     per = {n: {"FPR95": summary[n]["FPR95"], "AUROC": summary[n]["AUROC"]} for n in ood_names}
     return {"label": label, "score": name, "params": params, "per_set": per,
@@ -114,7 +116,7 @@ def _evaluate_variant(args):
 
 
 def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=None, select_on=None,
-              metric="FPR95", plugins=(), allow_partial=False, progress=False):
+              metric="FPR95", plugins=(), allow_partial=False, progress=False, csid=()):
     """Evaluate every variant of ``grid`` (default: every entry's grid) plus the published
     configurations; returns a dict with ``rows`` (sorted best first by the average
     ``metric`` over the reported sets), ``errors``, ``reported`` (OOD sets in the
@@ -123,14 +125,17 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     select_on: an OOD set used only to rank variants (validation); it is left out of the
     reported averages, and ``selected`` names the best variant of each score on it.
     plugins: plugin files the workers load. Benchmark presets' score parameters (recorded
-    in the ID cache) apply to every variant unless the variant sets them.
+    in the ID cache) apply to every variant unless the variant sets them. csid:
+    covariate-shifted ID sets: every variant is then ranked in the full-spectrum setting,
+    its ID side the ID test set followed by them (``engine.full_spectrum``).
     """
     if metric not in ("FPR95", "AUROC"):
         raise ValueError(f"unknown ranking metric {metric!r}; choose FPR95 or AUROC")
     if select_on and select_on not in ood_names:
         raise ValueError(f"--select-on {select_on!r} is not one of the OOD sets: {', '.join(ood_names)}")
-    check_ood_sets(id_name, ood_names)
-    evaluated = {n: cache_path(cache_dir, n) for n in [id_name, *ood_names]}
+    csid = list(csid)
+    check_ood_sets(id_name, ood_names, csid)
+    evaluated = {n: cache_path(cache_dir, n) for n in [id_name, *csid, *ood_names]}
     with CacheReader(evaluated[id_name], allow_partial=allow_partial) as r:
         attrs = r.attrs
     variants = [(label, s, p) for label, (s, p) in paper_variants().items()]
@@ -157,7 +162,7 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     fitting = {n: cache_path(cache_dir, n) for n in fitting if os.path.exists(cache_path(cache_dir, n))}
     check_same_model([*evaluated.values(), *fitting.values()], allow_partial, "the swept caches")
     paths = {"all": {**evaluated, **fitting}, "evaluated": list(evaluated)}
-    jobs = [(label, s, p, id_name, list(ood_names)) for label, s, p in variants]
+    jobs = [(label, s, p, id_name, list(ood_names), csid) for label, s, p in variants]
     start = time.perf_counter()
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     context = multiprocessing.get_context("forkserver")
@@ -197,5 +202,5 @@ def run_sweep(cache_dir, id_name, ood_names, grid=None, fit_on=None, workers=Non
     layer_order = {s: e.layer_set(attrs) for s, e in all_entries().items() if e.layer_set}
     return SweepResult(rows=rows, errors=errors, reported=reported, select_on=select_on, metric=metric,
                        selected=selected if select_on else {}, seconds=seconds, n_variants=len(jobs),
-                       workers=workers, id=id_name, layer_order=layer_order,
+                       workers=workers, id=id_name, layer_order=layer_order, csid=csid,
                        not_stored={s: {"count": len(v), "example": v[0]} for s, v in not_stored.items()})

@@ -203,9 +203,20 @@ def caption(evaluation):
     def count(d):
         n, k = evaluation.n_rows[d], evaluation.skipped[d]
         return f"{d} ({n - k} images" + (f", {k} skipped" if k else "") + ")"
-    text = f"ID = {count(evaluation.id)}"
+    if evaluation.full_spectrum:
+        base = evaluation.id[:-len("+csid")]
+        text = (f"Full-spectrum OOD (FS-OOD, as OpenOOD v1.5's --fsood): ID = {count(evaluation.id)}, the ID "
+                f"test set {base} followed by the covariate-shifted ID sets {', '.join(evaluation.csid)}")
+    else:
+        text = f"ID = {count(evaluation.id)}"
     if evaluation.id_accuracy is not None:
         text += f", classifier accuracy {100 * evaluation.id_accuracy:.2f}%"
+    if evaluation.csid:
+        per = [f"{d} {100 * a:.2f}%" for d, a in evaluation.accuracy.items() if a is not None]
+        text += (("" if evaluation.full_spectrum else
+                  f". Covariate-shifted ID sets: {', '.join(count(d) for d in evaluation.csid)}, counted as ID in "
+                  "the FS-OOD tables only")
+                 + (f"; accuracy per set: {', '.join(per)}" if per else ""))
     groups = evaluation.groups
     if groups:
         grouped = {d for g in groups.values() for d in g}
@@ -331,7 +342,9 @@ def sweep_table(sweep, top=None):
 
 def sweep_caption(sweep):
     """The text above a sweep's table: sets, variant count, ranking, selections, what was left out."""
-    cap = (f"ID = {sweep.id}; OOD sets: {', '.join(sweep.reported)}. {sweep.n_variants} variants in "
+    shifted = (f" followed by the covariate-shifted ID sets {', '.join(sweep.csid)} (full-spectrum OOD, as "
+               "OpenOOD's --fsood)") if sweep.csid else ""
+    cap = (f"ID = {sweep.id}{shifted}; OOD sets: {', '.join(sweep.reported)}. {sweep.n_variants} variants in "
            f"{sweep.seconds:.1f} s on {sweep.workers} processes, from the caches only. Sorted by "
            + (f"{sweep.metric} on the validation set {sweep.select_on} (left out of the "
               "averages)" if sweep.select_on else

@@ -41,6 +41,7 @@ class DatasetSpec(NamedTuple):
     rel: str
     root: str
     images: str = ""
+    optional: bool = False      # a csid set under --dataset all: reported, not fatal, when absent
 
 
 def dataset_specs(bench, datasets, data_root, split):
@@ -78,7 +79,8 @@ def dataset_specs(bench, datasets, data_root, split):
                 raise ValueError(f"unknown dataset {n!r} in benchmark {bench!r}; choose one of: "
                                  f"{', '.join(preset.sets)}, all")
             kind, rel, *images = preset.sets[n]
-            specs.append(DatasetSpec(n, kind, rel, data_root, os.path.join(data_root, images[0]) if images else ""))
+            specs.append(DatasetSpec(n, kind, rel, data_root, os.path.join(data_root, images[0]) if images else "",
+                                     optional=name == "all" and n in preset.csid))
     if not specs:
         raise ValueError("no dataset given: use --dataset NAME=DIR (repeatable) or --benchmark")
     for spec in specs:
@@ -189,7 +191,15 @@ def _extract_one(config, log, shard, model, plan, spec, transform, description, 
     if config.dry_run and spec.kind in ("folder", "list") and not os.path.exists(os.path.join(spec.root, spec.rel)):
         ds, n_images = None, config.limit or 0
     else:
-        ds = D.open_dataset(spec.root, spec.kind, spec.rel, transform, name, config.skip_bad, spec.images)
+        try:
+            ds = D.open_dataset(spec.root, spec.kind, spec.rel, transform, name, config.skip_bad, spec.images)
+        except FileNotFoundError as err:
+            if not spec.optional:
+                raise
+            if shard.is_main:
+                log(f"note: {name}, a covariate-shifted ID set (the full-spectrum tables, analyze --csid), is "
+                    f"left out: {err}\nThe standard tables do not need it.")
+            return
         n_images = len(ds)
         _check_class_folders(config, plan.num_classes, log if shard.is_main else (lambda m: None), name, ds)
         if ds.ignored and shard.is_main:

@@ -51,7 +51,9 @@ class Benchmark:
     passes ``(T, epsilon[, std_divided])``; score_params: ``{score: {parameter: value}}``
     the releases set for this benchmark; groups: ``{"near": (set, ...), "far": (...)}`` or
     None; val_id / val_ood: the ID and OOD validation caches of ``--tune-on`` or None;
-    openood: laid out as OpenOOD v1.5's image lists.
+    openood: laid out as OpenOOD v1.5's image lists; csid: the covariate-shifted ID sets
+    (images of the ID classes under another distribution, labelled), counted as
+    in-distribution in full-spectrum OOD (``analyze --csid``) and never OOD sets.
     """
     id: str
     preprocess: str
@@ -65,9 +67,10 @@ class Benchmark:
     val_id: Optional[str] = None
     val_ood: Optional[str] = None
     openood: bool = False
+    csid: tuple = ()
 
     def __post_init__(self):
-        for name in ("sets", "odin", "score_params", "groups"):
+        for name in ("sets", "odin", "score_params", "groups", "csid"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
 
@@ -93,10 +96,11 @@ def _cifar(name, num_classes):
               "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")})
 
 
-def _openood(bench, num_classes, arch, preprocess, near, far, val_ood, id_dir, score_params=None):
+def _openood(bench, num_classes, arch, preprocess, near, far, val_ood, id_dir, score_params=None, csid=()):
     """OpenOOD v1.5 preset (``openood/evaluation_api/datasets.py`` DATA_INFO): lists under
     ``benchmark_imglist/<bench>/``, images under ``images_classic/`` or
-    ``images_largescale/`` as its download script lays them out."""
+    ``images_largescale/`` as its download script lays them out. csid: ``[(name, list file
+    name)]`` of its covariate-shifted ID sets, images in ``id_dir``."""
     lists = f"benchmark_imglist/{bench}"
 
     def entry(file, folder):
@@ -106,10 +110,13 @@ def _openood(bench, num_classes, arch, preprocess, near, far, val_ood, id_dir, s
     for name, folder in [*near, *far]:
         sets[name] = entry(f"test_{name}.txt", folder)
     sets[val_cache_name(val_ood[0])] = entry(f"val_{val_ood[0]}.txt", val_ood[1])
+    for name, file in csid:
+        sets[name] = entry(file, id_dir)
     return Benchmark(id=bench, preprocess=preprocess, arch=arch, num_classes=num_classes,
                      odin=[(*ODIN_DEFAULT, True)], score_params=score_params or {}, sets=sets,
                      groups={"near": [n for n, _ in near], "far": [n for n, _ in far]},
-                     val_id=val_cache_name(bench), val_ood=val_cache_name(val_ood[0]), openood=True)
+                     val_id=val_cache_name(bench), val_ood=val_cache_name(val_ood[0]), openood=True,
+                     csid=tuple(n for n, _ in csid))
 
 
 CLASSIC, LARGE = "images_classic", "images_largescale"
@@ -140,17 +147,26 @@ BENCHMARKS = {
               "Places": ("folder", "Places"), "Textures": ("folder", "textures/images")}),
 }
 
+# Covariate-shifted ID sets, as OpenOOD v1.5's DATA_INFO names them and their image lists
+# (the csid "datasets" it evaluates). Its CIFAR-100 entry lists none (no CIFAR-100-C list
+# ships with v1.5), so openood_cifar100 has none either.
+_CSID = {"cifar10": [("cifar10c", "test_cifar10c.txt")],
+         "cifar100": [],
+         "imagenet200": [(f"imagenet_{v}", f"test_imagenet200_{v}.txt") for v in ("v2", "c", "r")],
+         "imagenet": [(f"imagenet_{v}", f"test_imagenet_{v}.txt") for v in ("v2", "c", "r")]}
+
 BENCHMARKS.update({
     "openood_cifar10": _openood("cifar10", 10, "resnet18_32x32", "openood_cifar10",
                                 [("cifar100", CLASSIC), ("tin", CLASSIC)], _CIFAR_FAR, ("tin", CLASSIC), CLASSIC,
-                                CIFAR_SCORE_PARAMS),
+                                CIFAR_SCORE_PARAMS, _CSID["cifar10"]),
     "openood_cifar100": _openood("cifar100", 100, "resnet18_32x32", "openood_cifar100",
                                  [("cifar10", CLASSIC), ("tin", CLASSIC)], _CIFAR_FAR, ("tin", CLASSIC), CLASSIC,
-                                 CIFAR_SCORE_PARAMS),
+                                 CIFAR_SCORE_PARAMS, _CSID["cifar100"]),
     "openood_imagenet200": _openood("imagenet200", 200, "torchvision:resnet18", "imagenet_tv", _IMAGENET_NEAR,
-                                    _IMAGENET_FAR, ("openimage_o", LARGE), LARGE),
+                                    _IMAGENET_FAR, ("openimage_o", LARGE), LARGE, csid=_CSID["imagenet200"]),
     "openood_imagenet": _openood("imagenet", 1000, "torchvision:resnet50", "imagenet_tv", _IMAGENET_NEAR,
-                                 _IMAGENET_FAR, ("openimage_o", LARGE), LARGE, {"dice": {"p": 70.0}}),
+                                 _IMAGENET_FAR, ("openimage_o", LARGE), LARGE, {"dice": {"p": 70.0}},
+                                 _CSID["imagenet"]),
 })
 BENCHMARKS = MappingProxyType(BENCHMARKS)     # presets are read-only
 
@@ -189,7 +205,14 @@ def ood_sets(name):
     preset = benchmark(name)
     if preset.groups:
         return [*preset.groups["near"], *preset.groups["far"]]
-    return [s for s in preset.sets if s != preset.id and not is_fitting_or_validation(s)]
+    return [s for s in preset.sets if s != preset.id and not is_fitting_or_validation(s) and s not in preset.csid]
+
+
+def csid_of(attrs):
+    """The covariate-shifted ID sets of the benchmark a cache was extracted for (its
+    ``benchmark`` attribute), or ()."""
+    preset = BENCHMARKS.get(attrs.get("benchmark") or "")
+    return tuple(preset.csid) if preset else ()
 
 
 def groups_of(attrs):

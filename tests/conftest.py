@@ -25,7 +25,8 @@ from gradood.store.benchmarks import BENCHMARKS
 OPENOOD_STAND_INS = {"cifar10": ("digits/test", 24, 0), "cifar10_train": ("digits/train", 40, 0),
                      "cifar10_val": ("digits/test", 12, 24), "cifar100": ("mashups", 10, 0),
                      "tin": ("shapes", 10, 0), "mnist": ("noise", 8, 0), "svhn": ("textures", 8, 0),
-                     "texture": ("textures", 8, 0), "places365": ("photo_patches", 8, 0), "tin_val": ("shapes", 8, 10)}
+                     "texture": ("textures", 8, 0), "places365": ("photo_patches", 8, 0), "tin_val": ("shapes", 8, 10),
+                     "cifar10c": ("digits/test", 12, 36)}
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +47,7 @@ def build_openood_root(base, demo):
         src, n, skip = OPENOOD_STAND_INS[name]
         split = "val" if name.endswith("_val") else ("train" if name.endswith("_train") else "test")
         dest_dir = os.path.join(root, images, name.replace("_val", "").replace("_train", ""), split)
-        ood = name not in ("cifar10", "cifar10_train", "cifar10_val")
+        ood = name not in ("cifar10", "cifar10_train", "cifar10_val", *preset.csid)
         files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(demo, src))
                        for f in fs if f.endswith(".png"))[skip:skip + n]
         lines = []

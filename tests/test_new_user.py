@@ -65,7 +65,7 @@ def test_a_cache_that_serves_the_request_is_reused(workspace):
     res = run(extract(data, ckpt, cache, "--dataset", "noise", "--limit", "16", "--score", "gaia_a"), ok=False)
     assert res.exit_code == 2 and "cannot serve gaia_a: it lacks" in res.output and "OVERWRITE=1" in res.output
     res = run(extract(data, ckpt, cache, "--dataset", "noise", "--limit", "12", "--score", "msp"), ok=False)
-    assert res.exit_code == 2 and "other images" in res.output and "n_samples" in res.output
+    assert res.exit_code == 2 and "other rows of the set" in res.output and "n_samples: 16 in the cache, 12 now" in res.output
     make = subprocess.run(["make", "-n", "extract", "OVERWRITE=1"], cwd=ROOT, capture_output=True, text=True)
     assert "--overwrite" in make.stdout
 

@@ -71,6 +71,10 @@ def test_labels_the_head_cannot_have_are_refused(tmp_path):
     common = ["extract", "--arch", "resnet18", "--checkpoint", ckpt, "--num-classes", "10", "--preprocess", "demo",
               "--cache-dir", str(tmp_path / "c"), "--quiet", "--score", "msp"]
     code, out = run(common + ["--dataset", f"twelve={folder}", "--split", "train"])
+    assert code == 2 and "twelve_train: 12 class folders (class00 ... class11)" in out and "--num-classes" in out
+    beyond = tmp_path / "beyond.txt"
+    beyond.write_text("class00/a.png 3\nclass11/a.png 10\n")
+    code, out = run(common + ["--dataset", f"beyond={beyond}", "--data-root", str(folder), "--split", "train"])
     assert code == 2 and "has label 10, which a 10-class head cannot have" in out
     listing = tmp_path / "list.txt"
     listing.write_text("class00/a.png 3\nclass01/a.png -7\n")
