@@ -179,6 +179,21 @@ def _check_class_folders(config, k, log, name, ds):
     log(f"note: {text}; fine for an OOD set (its labels are never read), refused by analysis as an ID set")
 
 
+def _note_missing_classes(log, name, ds, indices, k):
+    """A note when the first ``len(indices)`` images of a training set (``--limit`` without
+    ``--balanced``, folder order) leave classes of the ``k``-class head out."""
+    try:
+        labels = D.dataset_labels(ds)
+    except ValueError:
+        return
+    present, held = {labels[i] for i in indices}, set(labels)
+    absent = [c for c in range(k) if c not in present and c in held]
+    if absent:
+        log(f"note: {name}: the first {len(indices)} images in folder order hold no image of class(es) "
+            f"{', '.join(map(str, absent[:10]))}{' ...' if len(absent) > 10 else ''}; add --balanced for the "
+            "same number from every class")
+
+
 def _subset(config, ds):
     """The recorded subset: ``{"limit", "balanced"}`` as run; a limit that takes every image
     of the set is no limit (the rows are the whole set, whatever number was given)."""
@@ -211,6 +226,8 @@ def _extract_one(config, log, shard, model, plan, spec, transform, description, 
         indices = (D.balanced_subset(D.dataset_labels(ds), config.limit) if config.balanced
                    else list(range(min(config.limit, len(ds)))))
         n_images = len(indices)
+        if not config.balanced and name.endswith(TRAIN_SUFFIX) and shard.is_main:
+            _note_missing_classes(log, name, ds, indices, plan.num_classes)
         if config.limit > len(ds) and shard.is_main:
             log(f"{name}: --limit {config.limit}, but the set has {len(ds)} images: taking all {len(ds)}")
     target = cache_path(cache_dir, name)

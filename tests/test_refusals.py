@@ -224,3 +224,14 @@ def test_edited_layer_layouts_are_refused(work, tmp_path, edit, expected):
         f.attrs["layer_layouts"] = json.dumps(edit(layouts))
     out = one_line(*run(["inspect", str(cache / "x.h5")]))
     assert "attribute 'layer_layouts' should be" in out and expected in out, out
+
+
+def test_a_training_limit_that_leaves_classes_out_says_so(work, tmp_path):
+    base, images = work            # 4 class folders of 2 images each
+    code, out = extract(base, "--dataset", f"x={images}", "--cache-dir", str(tmp_path / "c"), "--split", "train",
+                        "--limit", "4")
+    assert code == 0 and "note: x_train: the first 4 images in folder order hold no image of class(es) 2, 3" in out
+    assert "--balanced" in out
+    code, out = extract(base, "--dataset", f"y={images}", "--cache-dir", str(tmp_path / "c"), "--split", "train",
+                        "--limit", "4", "--balanced")
+    assert code == 0 and "note" not in out, out
