@@ -25,7 +25,7 @@ GRID      ?=
 GRID_FILE ?=
 SELECT_ON ?=
 
-.PHONY: install demo demo-seeds extract analyze sweep test bench bench-scale bench-peers clean
+.PHONY: install browser demo demo-seeds extract analyze sweep test bench bench-scale bench-peers clean
 
 install: .venv/.installed
 
@@ -64,8 +64,15 @@ sweep: install
 	  $(if $(GRID),--grid '$(GRID)') $(if $(GRID_FILE),--grid-file $(GRID_FILE)) \
 	  $(if $(SELECT_ON),--select-on $(SELECT_ON))
 
+# The browser test (tests/test_report.py) renders the HTML report in Debian's headless
+# chromium through chromedriver: installed with apt when missing (as root, as in CI).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  apt-get install -y -q chromium chromium-driver >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)
+
 # two pytest-xdist workers, one thread each, a module at a time (tests/conftest.py)
-test: install
+test: install browser
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: install

@@ -261,6 +261,7 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
 @click.option("--allow-partial", is_flag=True, help="Analyse the finished part of unfinished caches.")
 @click.option("--allow-overlap", is_flag=True, help="Accept a fitting cache (training or validation) that shares images with the ID or OOD test caches (refused by default: the scores would be fitted on their test images).")
 @click.option("--plots/--no-plots", default=False, show_default=True, help="PNG score histograms and ROC curves in RESULTS/plots/ (needs matplotlib).")
+@click.option("--gallery", type=click.IntRange(min=1), default=8, show_default=True, help="Images per failure gallery of RESULTS/report.html: per score and OOD set the K OOD images ranked most in-distribution, and the K ID images ranked least.")
 @click.option("--ci", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=None, help="Add a LEVEL % bootstrap interval of FPR95 and AUROC to every cell (ID and OOD resampled independently, seeded). E.g. --ci 95.")
 @click.option("--resamples", type=click.IntRange(min=10), default=1000, show_default=True, help="Bootstrap resamples for --ci and --compare.")
 @click.option("--ci-seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resamples.")
@@ -269,7 +270,7 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
 @click.option("--compare", "compare", multiple=True, help="A,B: per OOD set, the paired difference A - B of AUROC and FPR95 on the same samples, its bootstrap interval (at --ci, default 95) and DeLong's test; '*' marks an interval that excludes zero. Repeatable.")
 def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plugins, fit_on, convention,
             results_dir, scores_out, allow_partial, plots, tune_on=None, tune_id=None, allow_overlap=False,
-            ci=None, resamples=1000, ci_seed=0, csid=(), compare=(), checkpoint_dirs=None):
+            ci=None, resamples=1000, ci_seed=0, csid=(), compare=(), checkpoint_dirs=None, gallery=8):
     """Compute scores and metrics from caches and print a paper-style table.
 
     Runs on CPU without torch. Scores are oriented higher = more in-distribution; metrics
@@ -314,7 +315,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
         for line in ev.notes:
             click.echo(("" if line.startswith("tuned") else "note: ") + line, err=True)
         scoring = time.time() - start
-        written = write_report(ev, out, plots)
+        written = write_report(ev, out, plots, gallery)
         if scores_out:
             write_scores_csv(ev, scores_out)
     except KeyboardInterrupt as err:
@@ -326,6 +327,7 @@ def analyze(bench, arch, cache_dir, id_name, ood_names, scores, param_items, plu
     click.echo(f"\n{len(ev.results)} score(s) on {1 + len(ev.ood)} caches in {time.time() - start:.2f} s "
                f"(scores and metrics {scoring:.2f} s, files {time.time() - start - scoring:.2f} s); "
                f"tables in {out}/{figures}")
+    click.echo(f"report: {written.report} (open it in a browser)" if written.report else f"note: {written.report_note}")
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -383,6 +385,8 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
         kinds.setdefault(e.get("kind", "not servable"), []).append(e)
     counts = ", ".join(f"{len(v)} {k}" for k, v in kinds.items()) or "all served"
     crashed = kinds.get("crashed", [])
+    if written.report_note:
+        click.echo(f"note: {written.report_note}", err=True)
     click.echo(f"\n{result.n_variants} variants ({counts}) in "
                f"{result.seconds:.1f} s on {result.workers} processes; table in {out}/sweep.md"
                + (f"; {len(written.figures)} figures in {out}/" if written.figures else "")

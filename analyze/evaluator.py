@@ -17,10 +17,9 @@ from .results import Evaluation
 from .uncertainty import RESAMPLES, delong, interval, resampled_metrics
 
 
-def _hits(reader, keep):
-    """``(correct, labelled)``: top-1 hits of the classifier and the number of labelled,
-    usable rows of an open cache of an ID set."""
-    labels = reader.read_all("labels")
+def _hits(reader, labels, pred, keep):
+    """``(correct, labelled)``: top-1 hits ``pred`` against ``labels`` (both (N,) int) and
+    the number of labelled, usable rows of the open cache of an ID set (``reader``)."""
     k = int(reader.attrs["num_classes"])
     beyond = np.unique(labels[(labels >= k) & keep])
     if len(beyond):
@@ -29,7 +28,6 @@ def _hits(reader, keep):
                          f"ID set's labels are the head's classes, 0..{k - 1}): its folder holds more class "
                          "folders than the head has classes; re-extract it with the right --num-classes or "
                          "from a folder with exactly the head's classes")
-    pred = np.concatenate([reader.read("logits", a, b).argmax(axis=1) for a, b in reader.blocks()])
     labelled = (labels >= 0) & keep
     return int((pred[labelled] == labels[labelled]).sum()), int(labelled.sum())
 
@@ -65,8 +63,11 @@ def _describe_sets(out, engine, datasets):
                                      for i, p in enumerate(paths) if skipped[i]}
         if reader.partial:
             out.partial.append(dataset)
+        out.labels[dataset] = reader.read_all("labels").astype(np.int64)
+        out.predicted[dataset] = np.concatenate([reader.read("logits", a, b).argmax(axis=1)
+                                                 for a, b in reader.blocks()]).astype(np.int64)
         if dataset == out.id or dataset in out.csid:
-            out.hits[dataset] = _hits(reader, keep[dataset])
+            out.hits[dataset] = _hits(reader, out.labels[dataset], out.predicted[dataset], keep[dataset])
             correct, labelled = out.hits[dataset]
             out.accuracy[dataset] = correct / labelled if labelled else None
             if dataset in out.csid and not labelled:
@@ -117,7 +118,7 @@ def run_evaluation(cache_dir, id_name, ood_names, names, convention="sklearn", a
     datasets = [id_name, *csid, *ood_names]
     with Engine(cache_dir, id_name, fit_on, fitted_dir, allow_partial) as engine:
         out = Evaluation(id=id_name, ood=ood_names, convention=convention, csid=csid,
-                         fit_caches=engine.fit_caches(names, params))
+                         fit_caches=engine.fit_caches(names, params), cache_dir=cache_dir)
         id_attrs = engine.reader(id_name).attrs          # a strict open: refuses an unfinished ID cache
         if not allow_overlap:
             evaluated = [engine.path(d) for d in datasets]
@@ -173,16 +174,19 @@ def _full_spectrum(out, scored, keep, names, convention):
     sides = [out.id, *out.csid]
     fs = Evaluation(id="", ood=out.ood, convention=convention, csid=out.csid, full_spectrum=True,
                     fit_caches=out.fit_caches, settings=out.settings, groups=out.groups, partial=out.partial,
-                    failed=out.failed, accuracy=out.accuracy, hits=out.hits)
+                    failed=out.failed, accuracy=out.accuracy, hits=out.hits, cache_dir=out.cache_dir)
     for name in names:
         widened, key = full_spectrum(scored[name], out.id, out.csid)
         fs.results[name] = metric_summary(widened, key, out.ood, convention, out.groups)
     fs.id = key
     for d in out.ood:
         fs.scores[d], fs.paths[d] = out.scores[d], out.paths[d]
+        fs.predicted[d], fs.labels[d] = out.predicted[d], out.labels[d]
         fs.n_rows[d], fs.skipped[d], fs.skip_reasons[d] = out.n_rows[d], out.skipped[d], out.skip_reasons[d]
     fs.scores[key] = {n: np.concatenate([out.scores[d][n] for d in sides]) for n in names}
     fs.paths[key] = np.concatenate([out.paths[d] for d in sides])
+    fs.predicted[key] = np.concatenate([out.predicted[d] for d in sides])
+    fs.labels[key] = np.concatenate([out.labels[d] for d in sides])
     fs.n_rows[key] = sum(out.n_rows[d] for d in sides)
     fs.skipped[key] = sum(out.skipped[d] for d in sides)
     fs.skip_reasons[key] = {p: r for d in sides for p, r in out.skip_reasons[d].items()}

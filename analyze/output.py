@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from .plots import layer_contribution, method_comparison, roc_curves, score_histograms
+from .report import GALLERY, report_problem, write_html, write_sweep_html
 from .tables import (caption, checkpoints_caption, checkpoints_csv_table, checkpoints_table, comparison_table,
                      csv_text, grouped_table, markdown, openood_csv_rows, plain, score_table, summary_csv_table,
                      summary_table, sweep_caption, sweep_table, table_rows, title)
@@ -100,11 +101,14 @@ def write_checkpoints_report(ce, out_dir):
     return stage
 
 
-def write_report(evaluation, out_dir, plots=False):
-    """Write the evaluation's tables (per score and summary: CSV, Markdown, JSON) and, with
-    ``plots``, its figures (``plots/``) into ``out_dir`` as one set (``staged``); with csid
-    sets the full-spectrum tables go to ``fsood/`` (the same files). Returns the Stage
-    (``text`` to print: the standard tables, then the FS-OOD ones; ``figures`` written)."""
+def write_report(evaluation, out_dir, plots=False, gallery=GALLERY):
+    """Write the evaluation's tables (per score and summary: CSV, Markdown, JSON), its HTML
+    report (``report.html`` and ``report_files/``, ``analyze.report``; ``gallery`` images
+    per gallery) and, with ``plots``, its figures (``plots/``) into ``out_dir`` as one set
+    (``staged``); with csid sets the full-spectrum tables go to ``fsood/`` (the same
+    files). Returns the Stage (``text`` to print: the standard tables, then the FS-OOD
+    ones; ``figures`` written; ``report``: the report's path, or ``note`` why there is
+    none: the plots extra is missing)."""
     with staged(out_dir) as stage:
         files, text = _write_tables(evaluation, stage)
         if evaluation.fsood:
@@ -117,6 +121,10 @@ def write_report(evaluation, out_dir, plots=False):
             stage.figures = (score_histograms(evaluation, where) + roc_curves(evaluation, where)
                              + method_comparison(evaluation, where))
             files.append("plots")
+        missing = report_problem()
+        if not missing:
+            write_html(evaluation, os.path.join(stage, "report.html"), gallery)
+            files += ["report.html", "report_files"]
         fs = evaluation.fsood
         _write_json(os.path.join(stage, "results.json"), {
             "id": evaluation.id, "ood": evaluation.ood, "convention": evaluation.convention,
@@ -131,6 +139,8 @@ def write_report(evaluation, out_dir, plots=False):
                                               "intervals": fs.intervals, "comparisons": fs.comparisons},
             "files": files})
     stage.text = text + stage.note
+    stage.report = "" if missing else os.path.join(out_dir, "report.html")
+    stage.report_note = missing
     return stage
 
 
@@ -173,7 +183,9 @@ def _write_tables(evaluation, where):
 def write_sweep(sweep, out_dir, plots=False):
     """Write ``sweep.md``, ``sweep.csv``, ``sweep.json`` and, with ``plots``, the per-layer
     charts into ``out_dir`` as one set (``staged``, manifest ``sweep.json``); returns the
-    Stage (its ``figures`` list the charts, its ``note`` what moved to ``previous/``)."""
+    Stage (its ``figures`` list the charts, its ``note`` what moved to ``previous/``). The
+    HTML report (``report.html``: the ranking table and the charts) is written beside them
+    when the plots extra is installed (else ``report_note`` says so)."""
     header, rows = sweep_table(sweep)
     with staged(out_dir, "sweep.json") as stage:
         write_csv(os.path.join(stage, "sweep.csv"), header, rows)
@@ -185,6 +197,10 @@ def write_sweep(sweep, out_dir, plots=False):
         stage.figures = layer_contribution(sweep, stage) if plots else []
         files = ["sweep.md", "sweep.csv", *(os.path.relpath(f, stage) for f in stage.figures)]
         files += [os.path.splitext(f)[0] + ".pdf" for f in files if f.endswith(".png")]
+        stage.report_note = report_problem()
+        if not stage.report_note:
+            write_sweep_html(sweep, os.path.join(stage, "report.html"), stage.figures)
+            files.append("report.html")
         _write_json(os.path.join(stage, "sweep.json"), {**sweep.to_json(), "files": files})
     return stage
 
@@ -200,6 +216,8 @@ class Stage(str):
     note = ""
     text = ""
     figures = ()
+    report = ""
+    report_note = ""
 
 
 @contextlib.contextmanager

@@ -5,7 +5,10 @@ written as PNG and, for papers, as vector PDF beside it.
 * ``roc_curves``: per score, the ROC curve (ID positive) against each OOD set.
 * ``method_comparison``: per OOD set, the AUROC and FPR95 of every method side by side.
 * ``layer_contribution``: from a sweep, average AUROC of every single-layer variant.
+* ``score_panel`` and ``channel_strip``: the small figures of the HTML report, as PNG
+  bytes (``analyze.report``).
 """
+import io
 import os
 
 import numpy as np
@@ -44,7 +47,7 @@ def score_histograms(evaluation, out_dir):
     plt = _pyplot()
     os.makedirs(out_dir, exist_ok=True)
     id_name = evaluation.id
-    oods = [n for n in evaluation.scores if n != id_name]
+    oods = evaluation.ood
     paths = []
     for score in evaluation.results:
         fig, axes = plt.subplots(1, len(oods), figsize=(3.2 * len(oods), 2.8), squeeze=False)
@@ -76,9 +79,8 @@ def roc_curves(evaluation, out_dir):
     for score in evaluation.results:
         fig, ax = plt.subplots(figsize=(4, 4))
         ref = evaluation.scores[id_name][score]
-        for name, values in evaluation.scores.items():
-            if name == id_name:
-                continue
+        for name in evaluation.ood:
+            values = evaluation.scores[name]
             s = np.nan_to_num(np.concatenate([ref, values[score]]), nan=-1e300, posinf=1e300, neginf=-1e300)
             y = np.r_[np.ones(len(ref)), np.zeros(len(values[score]))]
             fpr, tpr, _ = roc_curve(y, s)
@@ -140,3 +142,67 @@ def layer_contribution(sweep, out_dir):
         ax.set_title(f"{title(score)}: one layer at a time", fontsize=10)
         paths.append(_save(plt, fig, out_dir, f"layers_{score}.png"))
     return paths
+
+
+def _png(plt, fig, dpi=72):
+    """The figure as PNG bytes (laid out, then closed)."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def score_panel(evaluation, score):
+    """PNG bytes of one score's report figure: the ID score histogram against each OOD
+    set's (outlines, density) and the ROC curves (ID positive) side by side."""
+    plt = _pyplot()
+    fig, (hist, roc) = plt.subplots(1, 2, figsize=(7.0, 2.4))
+    ref = _finite(evaluation.scores[evaluation.id][score])
+    values = {d: _finite(evaluation.scores[d][score]) for d in evaluation.ood}
+    both = np.concatenate([ref, *values.values()])
+    bins = np.linspace(both.min(), both.max(), 40) if len(both) and np.ptp(both) > 0 else 10
+    hist.hist(ref, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color="black",
+              label=f"{evaluation.id} (ID)")
+    for d, v in values.items():
+        hist.hist(v, bins=bins, density=True, histtype="step", lw=1.2, label=d)
+        y = np.r_[np.ones(len(ref)), np.zeros(len(v))]
+        fpr, tpr, _ = roc_curve(y, np.r_[ref, v])
+        roc.plot(fpr, tpr, lw=1.2, label=f"{d} ({100 * evaluation.results[score][d]['AUROC']:.1f})")
+    hist.set_xlabel("score (higher = more in-distribution)", fontsize=7)
+    hist.set_ylabel("density", fontsize=7)
+    hist.legend(fontsize=6)
+    roc.axhline(0.95, color="grey", lw=0.5, ls="--")
+    roc.set_xlabel("false positive rate (OOD accepted)", fontsize=7)
+    roc.set_ylabel("true positive rate (ID accepted)", fontsize=7)
+    roc.legend(fontsize=6, loc="lower right")
+    for ax in (hist, roc):
+        ax.tick_params(labelsize=6)
+    return _png(plt, fig)
+
+
+def channel_strip(id_means, ood_means, id_label, ood_label, objective):
+    """PNG bytes of GAIA's figure from a cache: the channel-wise gradient means (rows:
+    images, columns: channels) of ID images beside those of OOD images, one colour scale
+    symmetric about zero. id_means, ood_means: (n, C) float arrays."""
+    plt = _pyplot()
+    scale = float(max(np.abs(id_means).max(initial=0), np.abs(ood_means).max(initial=0))) or 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 2.4), sharey=False)
+    for ax, means, label in zip(axes, (id_means, ood_means), (id_label, ood_label)):
+        image = ax.imshow(means, aspect="auto", cmap="coolwarm", vmin=-scale, vmax=scale, interpolation="nearest")
+        ax.set_title(label, fontsize=7)
+        ax.set_xlabel("channel", fontsize=6)
+        ax.set_ylabel("image", fontsize=6)
+        ax.tick_params(labelsize=5)
+    fig.colorbar(image, ax=axes, fraction=0.03, label=f"mean of the {objective} gradient").ax.tick_params(labelsize=5)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def heat_colors(values):
+    """(H, W, 3) uint8 colours of ``values`` (H, W) in [0, 1] on the ``inferno`` colour map."""
+    _pyplot()
+    import matplotlib
+    return (255 * matplotlib.colormaps["inferno"](np.clip(values, 0, 1))[..., :3]).astype(np.uint8)

@@ -40,6 +40,9 @@ class Evaluation:
     ``{set: (correct, labelled)}``; fsood: the full-spectrum ``Evaluation`` (its
     ``full_spectrum`` True, its ``id`` "<id>+csid", the ID test set's rows followed by each
     csid set's) or None.
+
+    For reports: cache_dir: the folder of the caches; predicted / labels: ``{dataset: (N,)
+    int64}`` the classifier's top-1 class and the stored label (-1: none) of every row.
     """
     id: str
     ood: list
@@ -66,6 +69,9 @@ class Evaluation:
     hits: dict = field(default_factory=dict)
     full_spectrum: bool = False
     fsood: Optional["Evaluation"] = None
+    cache_dir: str = ""
+    predicted: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
 
     def frame(self):
         """One row per (score, set), columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT,
@@ -96,8 +102,8 @@ class Evaluation:
             out = asdict(self)
         finally:
             self.fsood = fs
-        out.pop("scores")
-        out.pop("paths")
+        for name in ("scores", "paths", "predicted", "labels"):
+            out.pop(name)
         out["fsood"] = fs.to_json() if fs else None
         return out
 
