@@ -3,7 +3,7 @@
 Nothing in this package imports torch, directly or indirectly (a test enforces it).
 Inside it, imports run one way: compute (registry, scores, fitting, engine, evaluator,
 sweep, tuning, checkpoints) -> data (``results``) -> text (``tables``) -> files
-(``output``, ``plots``); ``api`` is the door that joins them.
+(``plots``, ``report``, ``output``); ``api`` is the door that joins them.
 
 Public API (``from gradood import analyze``; see the README, "Python"):
     open_cache(path)                          a cache, read-only (context manager)
@@ -14,6 +14,7 @@ Public API (``from gradood import analyze``; see the README, "Python"):
     evaluate_checkpoints(cache_dirs, id, ...) pandas.DataFrame of mean and std over checkpoints
     to_markdown(result), to_latex(result), to_csv(result, path=None)
                                               an Evaluation, SweepResult or CheckpointsEvaluation as text
+    to_html(result, path, gallery=8)          an Evaluation's (or SweepResult's) HTML report (plots extra)
     register_score(name, ...)                 decorator: add a score (function or class)
     load_plugin(path)                         import a file of register_score calls
     requirements(scores)                      (needs, passes) for gradood.extract.ExtractConfig
@@ -26,6 +27,7 @@ from .data import CacheData
 from .output import to_csv
 from .registry import ScoreError, load_plugin, register_score, requirements
 from .registry import all_entries as list_scores
+from .report import to_html
 from .request import AnalysisRequest
 from .results import CheckpointsEvaluation, Evaluation, SweepResult
 from .tables import paper_table, to_latex, to_markdown
@@ -33,4 +35,4 @@ from .tables import paper_table, to_latex, to_markdown
 __all__ = ["AnalysisRequest", "CacheData", "CheckpointsEvaluation", "Evaluation", "ScoreError", "SweepResult",
            "checkpoint_evaluation", "compare", "evaluate", "evaluate_checkpoints", "evaluation", "list_scores",
            "load_plugin", "open_cache", "paper_table", "register_score", "requirements", "score", "to_csv",
-           "to_latex", "to_markdown"]
+           "to_html", "to_latex", "to_markdown"]

@@ -5,8 +5,8 @@ written as PNG and, for papers, as vector PDF beside it.
 * ``roc_curves``: per score, the ROC curve (ID positive) against each OOD set.
 * ``method_comparison``: per OOD set, the AUROC and FPR95 of every method side by side.
 * ``layer_contribution``: from a sweep, average AUROC of every single-layer variant.
-* ``score_panel`` and ``channel_strip``: the small figures of the HTML report, as PNG
-  bytes (``analyze.report``).
+* ``channel_strip`` and ``heat_colors``: GAIA's channel strip (PNG bytes) and the colour
+  map of the HTML report's attribution overlays (``analyze.report``).
 """
 import io
 import os
@@ -144,43 +144,6 @@ def layer_contribution(sweep, out_dir):
     return paths
 
 
-def _png(plt, fig, dpi=72):
-    """The figure as PNG bytes (laid out, then closed)."""
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def score_panel(evaluation, score):
-    """PNG bytes of one score's report figure: the ID score histogram against each OOD
-    set's (outlines, density) and the ROC curves (ID positive) side by side."""
-    plt = _pyplot()
-    fig, (hist, roc) = plt.subplots(1, 2, figsize=(7.0, 2.4))
-    ref = _finite(evaluation.scores[evaluation.id][score])
-    values = {d: _finite(evaluation.scores[d][score]) for d in evaluation.ood}
-    both = np.concatenate([ref, *values.values()])
-    bins = np.linspace(both.min(), both.max(), 40) if len(both) and np.ptp(both) > 0 else 10
-    hist.hist(ref, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color="black",
-              label=f"{evaluation.id} (ID)")
-    for d, v in values.items():
-        hist.hist(v, bins=bins, density=True, histtype="step", lw=1.2, label=d)
-        y = np.r_[np.ones(len(ref)), np.zeros(len(v))]
-        fpr, tpr, _ = roc_curve(y, np.r_[ref, v])
-        roc.plot(fpr, tpr, lw=1.2, label=f"{d} ({100 * evaluation.results[score][d]['AUROC']:.1f})")
-    hist.set_xlabel("score (higher = more in-distribution)", fontsize=7)
-    hist.set_ylabel("density", fontsize=7)
-    hist.legend(fontsize=6)
-    roc.axhline(0.95, color="grey", lw=0.5, ls="--")
-    roc.set_xlabel("false positive rate (OOD accepted)", fontsize=7)
-    roc.set_ylabel("true positive rate (ID accepted)", fontsize=7)
-    roc.legend(fontsize=6, loc="lower right")
-    for ax in (hist, roc):
-        ax.tick_params(labelsize=6)
-    return _png(plt, fig)
-
-
 def channel_strip(id_means, ood_means, id_label, ood_label, objective):
     """PNG bytes of GAIA's figure from a cache: the channel-wise gradient means (rows:
     images, columns: channels) of ID images beside those of OOD images, one colour scale
@@ -194,7 +157,8 @@ def channel_strip(id_means, ood_means, id_label, ood_label, objective):
         ax.set_xlabel("channel", fontsize=6)
         ax.set_ylabel("image", fontsize=6)
         ax.tick_params(labelsize=5)
-    fig.colorbar(image, ax=axes, fraction=0.03, label=f"mean of the {objective} gradient").ax.tick_params(labelsize=5)
+    fig.colorbar(image, ax=axes, fraction=0.03).ax.tick_params(labelsize=5)
+    fig.suptitle(f"channel-wise means of the {objective} gradient", fontsize=8, y=0.995)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)

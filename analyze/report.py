@@ -14,7 +14,7 @@ The page holds:
 * the paper table, one number per cell as ``summary.csv`` (with its interval columns
   under ``--ci``); a click on a column header sorts it (the page reads without the
   script); the near/far table and, with csid sets, the full-spectrum table;
-* per score, its histogram and ROC curves, and its failure galleries: per OOD set the
+* per score, its histogram and ROC curves (inline SVG), and its failure galleries: per OOD set the
   ``k`` OOD images it ranks most in-distribution, and once the ``k`` ID images it ranks
   least in-distribution (``gallery_rows``: skipped rows left out, ties broken by the
   lower row index first). Captions give the file name, the score, the rank within the
@@ -36,12 +36,14 @@ import os
 import shutil
 
 import numpy as np
+from sklearn.metrics import roc_curve
 
 from gradood.store.reader import CacheReader, cache_path
 from gradood.store.schema import MAP, stat_path
 
 from .attribution import channel_means, gradcam, map_layer
-from .plots import channel_strip, heat_colors, score_panel
+from .plots import channel_strip, heat_colors
+from .results import Evaluation, SweepResult
 from .tables import CONVENTION_TEXT, caption, grouped_table, summary_csv_table, sweep_caption, sweep_table, title
 
 GALLERY = 8         # images per gallery (--gallery)
@@ -113,12 +115,20 @@ def attribution_maps(cache_file, layer, objective, rows):
 
 
 class _Assets:
-    """The report's sibling folder: each file written once, named by its content."""
+    """The report's sibling folder: each file written once, named by its content; each
+    image read once (``thumbnail``)."""
 
     def __init__(self, folder):
-        self.folder, self.count = folder, 0
+        self.folder, self.count, self.thumbs = folder, 0, {}
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
+
+    def thumbnail(self, path):
+        """``(rgb (H, W, 3) uint8, relative file)`` of the image at ``path``, or (None, None)."""
+        if path not in self.thumbs:
+            rgb = _thumbnail(path)
+            self.thumbs[path] = (rgb, None if rgb is None else self.add(_png(_pillow().fromarray(rgb))))
+        return self.thumbs[path]
 
     def add(self, data, ext=".png"):
         name = hashlib.sha256(data).hexdigest()[:20] + ext
@@ -175,6 +185,73 @@ def _e(text):
     return html.escape(str(text), quote=True)
 
 
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+PANEL_W, PANEL_H, MARGIN = 320, 190, 34
+
+
+def _frame(x0, label_x, label_y, ticks_x, ticks_y):
+    """SVG axes of one panel at horizontal offset ``x0``: box, tick labels, axis labels."""
+    w, h = PANEL_W - MARGIN - 8, PANEL_H - MARGIN - 8
+    parts = [f'<rect x="{x0 + MARGIN}" y="8" width="{w}" height="{h}" fill="none" stroke="#999"/>']
+    for frac, text in ticks_x:
+        parts.append(f'<text x="{x0 + MARGIN + frac * w:.1f}" y="{8 + h + 11}" font-size="8" '
+                     f'text-anchor="middle">{_e(text)}</text>')
+    for frac, text in ticks_y:
+        parts.append(f'<text x="{x0 + MARGIN - 3}" y="{8 + h - frac * h + 3:.1f}" font-size="8" '
+                     f'text-anchor="end">{_e(text)}</text>')
+    parts.append(f'<text x="{x0 + MARGIN + w / 2}" y="{PANEL_H - 4}" font-size="9" text-anchor="middle">'
+                 f'{_e(label_x)}</text>')
+    parts.append(f'<text x="{x0 + 9}" y="{8 + h / 2}" font-size="9" text-anchor="middle" '
+                 f'transform="rotate(-90 {x0 + 9} {8 + h / 2})">{_e(label_y)}</text>')
+    return parts, w, h
+
+
+def score_svg(evaluation, score):
+    """Inline SVG of one score: the ID score histogram (grey) against each OOD set's
+    (outlines, density, 40 bins over the range of every set) and the ROC curves (ID
+    positive; dashed: TPR 95 %), with the AUROC of each set in its legend."""
+    ref = evaluation.scores[evaluation.id][score]
+    ref = ref[np.isfinite(ref)]
+    sets = {d: evaluation.scores[d][score][np.isfinite(evaluation.scores[d][score])] for d in evaluation.ood}
+    every = np.concatenate([ref, *sets.values()])
+    lo, hi = (float(every.min()), float(every.max())) if len(every) else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    edges = np.linspace(lo, hi, 41)
+    density = {d: np.histogram(v, edges, density=True)[0] if len(v) else np.zeros(40)
+               for d, v in [(evaluation.id, ref), *sets.items()]}
+    top = max(float(h.max(initial=0)) for h in density.values()) or 1.0
+    parts, w, h = _frame(0, "score (higher = more in-distribution)", "density",
+                         [(0, f"{lo:.3g}"), (1, f"{hi:.3g}")], [(0, "0"), (1, f"{top:.2g}")])
+
+    def steps(heights):
+        points = []
+        for i, v in enumerate(heights):
+            y = 8 + h - v / top * h
+            points += [(MARGIN + i / 40 * w, y), (MARGIN + (i + 1) / 40 * w, y)]
+        return " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+    base = f"{MARGIN + w:.1f},{8 + h} {MARGIN},{8 + h}"
+    parts.append(f'<polygon points="{steps(density[evaluation.id])} {base}" fill="#000" fill-opacity="0.25"/>')
+    roc_parts, _, _ = _frame(PANEL_W, "false positive rate (OOD accepted)", "true positive rate",
+                             [(0, "0"), (1, "1")], [(0, "0"), (0.95, ".95")])
+    parts += roc_parts
+    parts.append(f'<line x1="{PANEL_W + MARGIN}" x2="{PANEL_W + MARGIN + w}" y1="{8 + h * 0.05:.1f}" '
+                 f'y2="{8 + h * 0.05:.1f}" stroke="#999" stroke-dasharray="3,3"/>')
+    legend = [f'<text x="{MARGIN + 4}" y="18" font-size="8">{_e(evaluation.id)} (ID)</text>']
+    for n, (d, v) in enumerate(sets.items()):
+        colour = COLOURS[n % len(COLOURS)]
+        parts.append(f'<polyline points="{steps(density[d])}" fill="none" stroke="{colour}" stroke-width="1.2"/>')
+        fpr, tpr, _ = roc_curve(np.r_[np.ones(len(ref)), np.zeros(len(v))], np.r_[ref, v])
+        line = " ".join(f"{PANEL_W + MARGIN + a * w:.1f},{8 + h - b * h:.1f}" for a, b in zip(fpr, tpr))
+        parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.2"/>')
+        auroc = 100 * evaluation.results[score][d]["AUROC"]
+        legend.append(f'<text x="{PANEL_W + MARGIN + w - 4}" y="{8 + h - 6 - 10 * n}" font-size="8" '
+                      f'text-anchor="end" fill="{colour}">{_e(d)} (AUROC {auroc:.1f})</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * PANEL_W}" height="{PANEL_H}" '
+            f'viewBox="0 0 {2 * PANEL_W} {PANEL_H}" role="img" aria-label="histogram and ROC of {_e(score)}">'
+            + "".join(parts + legend) + "</svg>")
+
+
 def _table(header, rows, sortable=True, cls=""):
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -219,11 +296,11 @@ def _gallery(evaluation, assets, name, dataset, rows, is_id):
     items = []
     for rank, i in enumerate(rows, 1):
         path = str(evaluation.paths[dataset][i])
-        rgb = _thumbnail(path)
+        rgb, src = assets.thumbnail(path)
         if rgb is None:
             picture = f'<span class="missing">not found: {_e(path)}</span>'
         else:
-            picture = f'<img src="{assets.add(_png(_pillow().fromarray(rgb)))}" alt="{_e(os.path.basename(path))}">'
+            picture = f'<img src="{src}" alt="{_e(os.path.basename(path))}">'
         label = int(evaluation.labels[dataset][i])
         lines = [_e(os.path.basename(path)), f"score {values[i]:.4g} · rank {rank}",
                  f"predicted {int(evaluation.predicted[dataset][i])}"
@@ -262,7 +339,7 @@ def _attribution(evaluation, assets, lead, k):
         for dataset, chosen, maps in ((evaluation.id, typical, id_cams), (d, rows, cams)):
             for i, cam in zip(chosen, maps):
                 path = str(evaluation.paths[dataset][i])
-                rgb = _thumbnail(path)
+                rgb, _ = assets.thumbnail(path)
                 if rgb is None:
                     rgb = np.full((THUMB, THUMB, 3), 128, np.uint8)       # the map alone, on grey
                 items.append(f'<figure class="item" data-dataset="{_e(dataset)}" data-index="{int(i)}">'
@@ -296,6 +373,7 @@ def write_html(evaluation, path, gallery=GALLERY):
     gallery (k)."""
     if not isinstance(gallery, int) or isinstance(gallery, bool) or gallery < 1:
         raise ValueError(f"gallery={gallery!r}: the number of images per gallery, an integer of at least 1")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     assets = _Assets(os.path.splitext(path)[0] + "_files")
     names = list(evaluation.results)
     nav = "".join(f'<a href="#score-{_e(n)}">{_e(title(n))}</a>' for n in names)
@@ -312,9 +390,7 @@ def write_html(evaluation, path, gallery=GALLERY):
              f"<h2 id=\"scores\">Scores</h2><nav>{nav}</nav>"]
     id_usable = usable_rows(evaluation, evaluation.id)
     for name in names:
-        figure = assets.add(score_panel(evaluation, name))
-        section = [f'<section id="score-{_e(name)}"><h3>{_e(title(name))}</h3>',
-                   f'<img class="figure" src="{figure}" alt="histogram and ROC of {_e(name)}">']
+        section = [f'<section id="score-{_e(name)}"><h3>{_e(title(name))}</h3>', score_svg(evaluation, name)]
         for d in evaluation.ood:
             rows = gallery_rows(evaluation.scores[d][name], usable_rows(evaluation, d), gallery, highest=True)
             section.append(f'<div class="gallery" data-score="{_e(name)}" data-ood="{_e(d)}">'
@@ -355,3 +431,19 @@ def report_problem():
         return "no report.html: the HTML report needs the plots extra (pip install -e '.[plots]')"
     return ""
 
+
+
+def to_html(result, path, gallery=GALLERY):
+    """Write the HTML report of ``result`` to ``path`` (an ``Evaluation``: ``write_html``,
+    with ``<stem>_files/`` beside it; a ``SweepResult``: ``write_sweep_html``, without its
+    charts); returns ``path``. The Python door of ``analyze``'s and ``sweep``'s
+    ``report.html``, like ``to_markdown`` and ``to_csv``: results stay plain data."""
+    problem = report_problem()
+    if problem:
+        raise RuntimeError(problem)
+    if isinstance(result, SweepResult):
+        return write_sweep_html(result, path)
+    if not isinstance(result, Evaluation):
+        raise TypeError(f"to_html renders an Evaluation or a SweepResult, not {type(result).__name__}")
+    write_html(result, path, gallery)
+    return path

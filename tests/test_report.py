@@ -5,6 +5,7 @@ attribution map against a direct numpy computation from the stored maps."""
 import csv
 import json
 import os
+import re
 import shutil
 from urllib.parse import unquote, urlparse
 
@@ -172,3 +173,15 @@ def test_statistics_only_say_what_to_extract_and_a_sweep_has_its_report(analysed
     page = open(tmp_path / "s" / "report.html").read()
     assert "table class=\"sortable\"" in page and "Energy" in page and "<script>" in page
     assert "report.html" in json.load(open(tmp_path / "s" / "sweep.json"))["files"]
+
+
+def test_the_python_door_writes_the_same_report(analysed, tmp_path):
+    from gradood import analyze
+    _, cache, results, _, _ = analysed
+    ev = analyze.evaluation(cache_dir=cache, id="digits", scores=SCORES, ci=95)
+    page = analyze.to_html(ev, str(tmp_path / "mine.html"), gallery=K)
+    strip = re.compile(r'(src|href)="[^"]*"')          # the asset folder's name differs, nothing else
+    assert strip.sub("", open(page).read()) == strip.sub("", open(os.path.join(results, "report.html")).read())
+    assert sorted(os.listdir(tmp_path / "mine_files")) == sorted(os.listdir(os.path.join(results, "report_files")))
+    with pytest.raises(ValueError, match="gallery=0"):
+        analyze.to_html(ev, str(tmp_path / "x.html"), gallery=0)
