@@ -88,7 +88,7 @@ def test_sigterm_in_the_write_phase_leaves_the_folder_as_it_was(caches, tmp_path
     assert code == 0, text
     assert_lists_exactly_its_own_files(out)
     assert sorted(os.listdir(out)) == sorted(["fitted", "previous", "results.json", "msp.csv", "msp.md",
-                                              "summary.md", "summary.csv", "ood"])
+                                              "summary.md", "summary.csv", "ood", "report.html", "report_files"])
     (kept,) = os.listdir(os.path.join(out, "previous"))
     assert snapshot(os.path.join(out, "previous", kept)) == before
 
@@ -170,7 +170,8 @@ def test_a_sweep_writes_its_folder_as_one_set(caches, tmp_path):
     assert {r["score"] for r in sweep["rows"]} >= {"knn"} and "energy" not in {r["score"] for r in sweep["rows"]
                                                                               if not r.get("paper")}
     (kept,) = os.listdir(os.path.join(out, "previous"))
-    assert sorted(os.listdir(os.path.join(out, "previous", kept))) == ["sweep.csv", "sweep.json", "sweep.md"]
+    assert sorted(os.listdir(os.path.join(out, "previous", kept))) == ["report.html", "sweep.csv", "sweep.json",
+                                                                      "sweep.md"]
 
 
 # ------------------------------------------------------------------ no orphans

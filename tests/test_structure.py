@@ -92,16 +92,19 @@ def test_the_analyze_import_graph_has_no_circle():
 def test_the_layers_of_analyze_run_one_way():
     """compute -> data -> text -> files: ``results`` (data) imports no other analyze
     module, ``tables`` (text) imports no file writer, and nothing below the door imports
-    the door (``api``) or the writers (``output``, ``plots``)."""
+    the door (``api``) or the writers (``output``, ``report``, ``plots``; among them,
+    ``output`` calls ``report``, which calls ``plots``)."""
     imports = {_module_name(p): {m for m, _ in _imports(p)} for p in _analyze_files()}
+    writers = {"gradood.analyze.output", "gradood.analyze.report", "gradood.analyze.plots"}
     assert not {m for m in imports["gradood.analyze.results"] if m.startswith("gradood.analyze")}
-    assert not imports["gradood.analyze.tables"] & {"gradood.analyze.output", "gradood.analyze.plots"}
+    assert not imports["gradood.analyze.tables"] & writers
+    assert not imports["gradood.analyze.plots"] & {"gradood.analyze.output", "gradood.analyze.report"}
+    assert "gradood.analyze.output" not in imports["gradood.analyze.report"]
     for module, used in imports.items():
         if module not in ("gradood.analyze", "gradood.analyze.api"):
             assert "gradood.analyze.api" not in used, module
-        if module not in ("gradood.analyze", "gradood.analyze.api", "gradood.analyze.output",
-                          "gradood.analyze.plots"):
-            assert not used & {"gradood.analyze.output", "gradood.analyze.plots"}, module
+        if module not in ("gradood.analyze", "gradood.analyze.api", *writers):
+            assert not used & writers, module
 
 
 def test_an_extraction_pass_is_one_declaration(monkeypatch):
