@@ -155,17 +155,16 @@ def _png(image):
 
 
 def _thumbnail(path):
-    """(H, W, 3) uint8 of the image at ``path`` fitted into THUMB x THUMB (smaller images
-    enlarged, pixels kept sharp), or None when it is not there (or not readable)."""
+    """(H, W, 3) uint8 of the image at ``path`` shrunk to fit THUMB x THUMB (a smaller
+    image is kept as it is; the page shows it at THUMB px, pixels sharp), or None when it
+    is not there (or not readable)."""
     Image = _pillow()
     if not os.path.isfile(str(path)):
         return None
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
-            scale = THUMB / max(img.size)
-            size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
-            img = img.resize(size, Image.NEAREST if scale >= 1 else Image.LANCZOS)
+            img.thumbnail((THUMB, THUMB), Image.LANCZOS)
             return np.asarray(img)
     except OSError:
         return None
@@ -207,6 +206,18 @@ def _frame(x0, label_x, label_y, ticks_x, ticks_y):
     return parts, w, h
 
 
+def _polyline(points):
+    """SVG ``points`` of a line through ``points`` (x, y) at whole pixels, keeping only
+    the corners: a point on a straight run between its neighbours draws nothing."""
+    pixels = list(dict.fromkeys((round(x), round(y)) for x, y in points))
+    kept = pixels[:1]
+    for before, here, after in zip(pixels, pixels[1:], pixels[2:]):
+        if (here[0] - before[0]) * (after[1] - here[1]) != (here[1] - before[1]) * (after[0] - here[0]):
+            kept.append(here)
+    kept += pixels[-1:] if len(pixels) > 1 else []
+    return " ".join(f"{x},{y}" for x, y in kept)
+
+
 def score_svg(evaluation, score):
     """Inline SVG of one score: the ID score histogram (grey) against each OOD set's
     (outlines, density, 40 bins over the range of every set) and the ROC curves (ID
@@ -229,7 +240,7 @@ def score_svg(evaluation, score):
         for i, v in enumerate(heights):
             y = 8 + h - v / top * h
             points += [(MARGIN + i / 40 * w, y), (MARGIN + (i + 1) / 40 * w, y)]
-        return " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        return _polyline(points)
     base = f"{MARGIN + w:.1f},{8 + h} {MARGIN},{8 + h}"
     parts.append(f'<polygon points="{steps(density[evaluation.id])} {base}" fill="#000" fill-opacity="0.25"/>')
     roc_parts, _, _ = _frame(PANEL_W, "false positive rate (OOD accepted)", "true positive rate",
@@ -242,7 +253,7 @@ def score_svg(evaluation, score):
         colour = COLOURS[n % len(COLOURS)]
         parts.append(f'<polyline points="{steps(density[d])}" fill="none" stroke="{colour}" stroke-width="1.2"/>')
         fpr, tpr, _ = roc_curve(np.r_[np.ones(len(ref)), np.zeros(len(v))], np.r_[ref, v])
-        line = " ".join(f"{PANEL_W + MARGIN + a * w:.1f},{8 + h - b * h:.1f}" for a, b in zip(fpr, tpr))
+        line = _polyline([(PANEL_W + MARGIN + a * w, 8 + h - b * h) for a, b in zip(fpr, tpr)])
         parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.2"/>')
         auroc = 100 * evaluation.results[score][d]["AUROC"]
         legend.append(f'<text x="{PANEL_W + MARGIN + w - 4}" y="{8 + h - 6 - 10 * n}" font-size="8" '
@@ -305,8 +316,8 @@ def _gallery(evaluation, assets, name, dataset, rows, is_id):
         lines = [_e(os.path.basename(path)), f"score {values[i]:.4g} · rank {rank}",
                  f"predicted {int(evaluation.predicted[dataset][i])}"
                  + (f" · label {label}" if is_id and label >= 0 else "")]
-        items.append(f'<figure class="item" data-dataset="{_e(dataset)}" data-index="{int(i)}" '
-                     f'data-score="{float(values[i])!r}">{picture}<figcaption>{"<br>".join(lines)}</figcaption></figure>')
+        items.append(f'<figure class="item" data-dataset="{_e(dataset)}" data-index="{int(i)}">'
+                     f'{picture}<figcaption>{"<br>".join(lines)}</figcaption></figure>')
     return f'<div class="row">{"".join(items)}</div>'
 
 
