@@ -173,6 +173,7 @@ def cli():
 @click.option("--arch", default=None, help="Architecture: torchvision:NAME (any torchvision classifier), timm:NAME (needs gradood[timm]), or the state-dict layout of an author's release (resnet18, wrn_40_2, BiT-S-R101x1, ...: the table in docs/models.md; an unknown name lists them all). Weights always come from --checkpoint.")
 @click.option("--model-file", default=None, help="Your own model: FILE.py:FUNC, where FUNC(num_classes) returns an nn.Module (instead of --arch). The file's path and SHA-256 are recorded.")
 @click.option("--head", default=None, help="Module name of the linear head. [default: found by tracing: the last nn.Linear / 1x1 nn.Conv2d whose output is the model's output]")
+@click.option("--output", "output", default=None, help="For a model returning a tuple, dict or dataclass: the index or key of its (N, K) logits. [default: its 'logits' entry, else the first (N, K) tensor]")
 @click.option("--hook-set", "hook_sets", multiple=True, help="Replace a hook set by module names or globs, NAME=PATTERN[,PATTERN...], e.g. bn='features.*.norm*' or nac=encoder.layers.encoder_layer_9,encoder.layers.encoder_layer_10. Repeatable.")
 @click.option("--checkpoint", default=None, type=click.Path(), help="Checkpoint file (bare state dict, {'state_dict':...} or {'model':...}, 'module.' prefixes allowed). [default: the demo preset's]")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="Classes of the head.")
@@ -198,7 +199,7 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="Replace existing caches of the same names (default: skip those that are complete and equal, refuse those that differ).")
 @click.option("--dry-run", is_flag=True, help="Print passes, layers, shapes, stored statistics and the size estimate, then stop.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, checkpoint, num_classes, preprocess, image_size,
+def extract(bench, datasets, data_root, arch, model_file, head, output, hook_sets, checkpoint, num_classes, preprocess, image_size,
             cache_dir, hooks, scores, param_items, plugins, policy, store_overrides, odin_pairs, maha_fit,
             maha_magnitudes, maha_adversarial, split, limit, balanced, batch_size, device, skip_bad,
             overwrite, dry_run, quiet):
@@ -229,7 +230,7 @@ def extract(bench, datasets, data_root, arch, model_file, head, hook_sets, check
         needs, passes = requirements(names, params)
         config = ExtractConfig(
             needs=needs, passes=passes, benchmark=bench, datasets=datasets, data_root=data_root, arch=arch,
-            model_file=model_file, head=head, hook_sets=hook_sets, checkpoint=checkpoint, num_classes=num_classes,
+            model_file=model_file, head=head, output=output, hook_sets=hook_sets, checkpoint=checkpoint, num_classes=num_classes,
             preprocess=preprocess, image_size=image_size, cache_dir=cache_dir, hooks=hooks, policy=policy,
             store=store_overrides, odin=odin_pairs, maha_fit=maha_fit, maha_magnitudes=maha_magnitudes,
             maha_adversarial=maha_adversarial, split=split, limit=limit, balanced=balanced, batch_size=batch_size,
@@ -416,8 +417,9 @@ def inspect(cache_file):
 @click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True, help="With --arch: classes of the head.")
 @click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True, help="With --arch: side of the square input the model is traced at.")
 @click.option("--head", default=None, help="With --arch: module name of the linear head (as extract --head).")
+@click.option("--output", "output", default=None, help="With --arch: the index or key of the logits in the model's output (as extract --output).")
 @click.option("--hook-set", "hook_sets", multiple=True, help="With --arch: hook-set overrides, as extract --hook-set.")
-def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_sets):
+def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_sets, output=None):
     """The registered scores: title, what each reads, what it is fitted on and the memory
     its fit needs, its parameters;
     with --arch, whether that model serves each one.
@@ -431,7 +433,8 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
     if arch or model_file:
         stage = _extract_stage()
         try:
-            rows, title = model_serving(stage, names, arch, model_file, num_classes, image_size, head, hook_sets)
+            rows, title = model_serving(stage, names, arch, model_file, num_classes, image_size, head, hook_sets,
+                                        output)
         except ERRORS as err:
             _fail(err)
         click.echo(title)
@@ -456,7 +459,7 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
                "D features, K classes, C channels, M intervals; float64 entries unless the score says)")
 
 
-def model_serving(stage, names, arch, model_file, num_classes, image_size, head=None, hook_sets=()):
+def model_serving(stage, names, arch, model_file, num_classes, image_size, head=None, hook_sets=(), output=None):
     """``(rows, title)``: per score in ``names`` ``[name, title, "yes" | "no", backward
     objectives, bytes per image, reason or note]`` on a random-weight copy of the model,
     traced at ``image_size`` (the costs of the score extracted alone:
@@ -464,7 +467,7 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
     place that joins what a score reads (analysis) with what the model has (extraction)."""
     from gradood.extract.adapters import adapter_for
     from gradood.extract.adapters.serves import model_attrs, unserved
-    model = stage.build_model(arch, num_classes, model_file)
+    model = stage.build_model(arch, num_classes, model_file, output)
     adapter = adapter_for(model, (3, image_size, image_size), head, parse_hook_sets(hook_sets))
     stage.check_num_classes(adapter.num_classes, num_classes, model_file)
     rows = []

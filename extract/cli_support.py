@@ -135,7 +135,7 @@ def extract_command(config, log=print):
     specs = dataset_specs(config.benchmark, config.datasets, data_root, config.split)
     shard, device = init_shard(config.device)
     dev = select_device(device)
-    model = build_model(arch, num_classes, config.model_file)
+    model = build_model(arch, num_classes, config.model_file, config.output)
     if checkpoint and (os.path.exists(checkpoint) or not config.dry_run):
         sha, weights = load_checkpoint(model, checkpoint)
     elif config.dry_run:

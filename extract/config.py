@@ -101,7 +101,9 @@ class ExtractConfig:
     score names the caches must serve (for messages).
 
     Which model: arch: architecture name (``extract.models``: a release layout,
-    ``torchvision:NAME``, ``timm:NAME``), recorded in the cache; model_file: your own
+    ``torchvision:NAME``, ``timm:NAME``), recorded in the cache; output: the index or key
+    of the logits in a model that returns a tuple, dict or dataclass (``--output``; default
+    ``extract.models.logits_of``'s choice); model_file: your own
     ``FILE.py:FUNC`` instead; head: module name of the linear head (default: found by
     tracing, ``extract.adapters``); hook_sets: ``{set name: [module name or glob, ...]}``
     replacing the adapter's sets; checkpoint, num_classes, preprocess, image_size.
@@ -137,6 +139,7 @@ class ExtractConfig:
     datasets: tuple = ()
     data_root: Optional[str] = None
     model_file: Optional[str] = None
+    output: Optional[str] = None
     checkpoint: Optional[str] = None
     num_classes: Optional[int] = None
     preprocess: Optional[str] = None

@@ -259,7 +259,7 @@ def cache_attrs(plan, provenance, n, device, world_size=1):
         "torchvision_version": torchvision.__version__, "device": str(device),
         "tool_version": TOOL_VERSION, "family": plan.adapter.family,
         "layer_layouts": plan.layer_layouts, "layer_types": plan.layer_types, "head": plan.adapter.head_name,
-        "batch_size": int(config.batch_size),
+        "batch_size": int(config.batch_size), **({"output": str(config.output)} if config.output else {}),
         **({"odin_std": plan.odin_std} if plan.odin_std else {}),
         **{attr: recipe for attr, recipe in plan.pass_recipes().items() if recipe is not None},
         "world_size": world_size, **provenance.attrs(),

@@ -88,6 +88,7 @@ ROOT_ATTRS = {
     "arch": Attr(str, False, True, "architecture name (extract.models): NAME, torchvision:NAME, timm:NAME, file:FILE:FUNC"),
     "family": Attr(str, False, False, "model adapter that defined the hook sets: generic, wrn, bit"),
     "head": Attr(str, False, False, "module name of the linear head"),
+    "output": Attr(str, False, False, "--output: index or key of the logits in the model's tuple, dict or dataclass output"),
     "model_file": Attr(str, False, False, "the user's model file (--model-file)"),
     "model_file_sha256": Attr(str, False, False, "SHA-256 of that file"),
     "num_classes": Attr(int, False, True, "K"),

@@ -436,3 +436,86 @@ def test_token_maps_and_count_above_on_a_vit(tmp_path):
         np.testing.assert_allclose(maps[..., 0], tokens.transpose(0, 2, 1), rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(data.count_above(layer, "act", 0.5), (np.abs(tokens) > 0.5).sum(axis=1))
         close(data.stat(layer, "act", "mean"), tokens.mean(axis=1))
+
+
+# ------------------------------------------------------------------ models that return more than logits
+class _Body(nn.Module):
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, classes)
+
+    def features(self, x):
+        return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+
+
+class TupleNet(_Body):
+    """OpenOOD's ``return_feature`` shape: (logits, features)."""
+    def forward(self, x):
+        f = self.features(x)
+        return self.fc(f), f
+
+
+class FeaturesFirstNet(_Body):
+    """(features, logits): both 2-D; the logits are the (N, K) one."""
+    def forward(self, x):
+        f = self.features(x)
+        return f, self.fc(f)
+
+
+class DictNet(_Body):
+    """A Hugging Face-like output: a dict with "logits"."""
+    def forward(self, x):
+        f = self.features(x)
+        return {"hidden": f, "logits": self.fc(f)}
+
+
+@pytest.mark.parametrize("net", [TupleNet, FeaturesFirstNet, DictNet], ids=["tuple", "features-first", "dict"])
+def test_a_model_returning_a_tuple_or_dict_serves_every_score_per_sample(net, tmp_path):
+    from gradood.extract.models import select_logits
+    model = select_logits(net(), classes=5)
+    check_model(model, 16, {"bn": "NCHW"}, tmp_path)          # logits, features, GradNorm, BN stats vs autograd
+
+
+def test_output_picks_the_logits_and_names_what_the_output_holds(tmp_path):
+    from bench.helpers import run_cli
+    from gradood.extract.models import logits_of, select_logits
+    source = tmp_path / "nets.py"
+    source.write_text("import torch, torch.nn as nn\n"
+                      "class Two(nn.Module):\n"
+                      "    def __init__(self, k):\n        super().__init__()\n        self.fc = nn.Linear(3, k)\n"
+                      "    def forward(self, x):\n        f = x.mean(dim=(2, 3))\n        return f, self.fc(f)\n"
+                      "def two(num_classes):\n    return Two(num_classes)\n")
+    code, out = run_cli(["scores", "--model-file", f"{source}:two", "--num-classes", "4", "--image-size", "16"])
+    assert code == 0 and "head fc, 3 features" in out, out                   # the (N, 4) entry, automatically
+    # with K = 3 both entries are (N, 3): the first is taken, and no linear head makes it; --output 1 picks the logits
+    code, out = run_cli(["scores", "--model-file", f"{source}:two", "--num-classes", "3", "--image-size", "16"])
+    assert code == 2 and "no nn.Linear or 1x1 nn.Conv2d produces the model's output" in out, out
+    code, out = run_cli(["scores", "--model-file", f"{source}:two", "--num-classes", "3", "--image-size", "16",
+                         "--output", "1"])
+    assert code == 0 and "head fc, 3 features" in out, out
+    with pytest.raises(ValueError, match=r"holding 0: \(2, 3\), 1: \(2, 7\), with no \(N, 5\) logits.*--output"):
+        logits_of((torch.zeros(2, 3), torch.zeros(2, 7)), classes=5)
+    with pytest.raises(ValueError, match="--output logits: the model returns one tensor"):
+        logits_of(torch.zeros(2, 5), "logits")
+    with pytest.raises(ValueError, match="--output score: the model's dict holds logits: \\(2, 5\\)"):
+        logits_of({"logits": torch.zeros(2, 5)}, "score")
+    net = select_logits(TupleNet(), "0")
+    assert net(torch.zeros(2, 3, 8, 8)).shape == (2, 5)
+    # extraction through the same door records the choice
+    import importlib.util
+    from PIL import Image
+    spec = importlib.util.spec_from_file_location("nets_for_output", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.two(3).state_dict(), tmp_path / "two.pt")
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for j in range(2):
+        Image.fromarray(np.full((16, 16, 3), 50 * j, np.uint8)).save(tmp_path / "imgs" / "a" / f"{j}.png")
+    code, out = run_cli(["extract", "--model-file", f"{source}:two", "--num-classes", "3", "--output", "1",
+                         "--checkpoint", str(tmp_path / "two.pt"), "--preprocess", "totensor", "--score", "msp",
+                         "--dataset", f"x={tmp_path / 'imgs'}", "--cache-dir", str(tmp_path / "c"), "--quiet"])
+    assert code == 0, out
+    with CacheReader(str(tmp_path / "c" / "x.h5")) as r:
+        assert r.attrs["output"] == "1" and r.attrs["head"] == "fc" and r.read_all("logits").shape == (2, 3)

@@ -13,12 +13,15 @@ torchvision names. Nothing is downloaded: weights always come from ``--checkpoin
 extraction needs to know of the built model (head, norms, stages, hook sets) is found on
 the module itself (``extract.adapters``).
 """
+import dataclasses
 import hashlib
 import importlib.util
 import inspect
 import os
 import traceback
+import types
 
+import torch
 import torch.nn as nn
 
 from . import bit_resnetv2, cifar_resnet, densenet, resnet20, wide_resnet
@@ -159,9 +162,69 @@ def _timm(name, num_classes):
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
-def build_model(arch, num_classes, model_file=None):
+def logits_of(output, key=None, classes=None):
+    """The (N, K) logits in a model's ``output``: ``output`` itself when it is a tensor;
+    with ``key`` (``--output``), ``output[key]`` (an integer index of a tuple or list, or a
+    key of a dict, or an attribute of a dataclass or named tuple); otherwise the
+    ``logits`` entry of a dict or dataclass (Hugging Face's classifiers), or the first
+    (N, ``classes``) tensor of a tuple or list (OpenOOD's ``(logits, features)``). Raises
+    ValueError naming what the output holds and the option."""
+    if torch.is_tensor(output):
+        if key is not None:
+            raise ValueError(f"--output {key}: the model returns one tensor {tuple(output.shape)}, the logits "
+                             "themselves; leave --output out")
+        return output
+    fields = _fields(output)
+    if key is not None:
+        chosen = fields.get(int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key)
+        if chosen is None:
+            raise ValueError(f"--output {key}: the model's {type(output).__name__} holds "
+                             f"{_describe(fields)}; give one of those indices or keys")
+    else:
+        chosen = fields.get("logits")
+        if chosen is None:
+            chosen = next((v for v in fields.values() if torch.is_tensor(v) and v.dim() == 2
+                           and (classes is None or v.shape[1] == classes)), None)
+        if chosen is None:
+            raise ValueError(f"the model returns a {type(output).__name__} holding {_describe(fields)}, with no "
+                             f"(N, {classes or 'K'}) logits among them: pick them with --output INDEX or KEY")
+    if not torch.is_tensor(chosen) or chosen.dim() != 2:
+        raise ValueError(f"--output {key}: {_describe({key: chosen})} is not (N, K) logits")
+    return chosen
+
+
+def _fields(output):
+    """``{index or key: value}`` of a tuple, list, dict, dataclass or named tuple."""
+    if isinstance(output, (tuple, list)) and not hasattr(output, "_fields"):
+        return dict(enumerate(output))
+    if hasattr(output, "_fields"):                                      # named tuple
+        return {**dict(enumerate(output)), **output._asdict()}
+    if isinstance(output, dict):
+        return dict(output)
+    if dataclasses.is_dataclass(output):
+        return {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+    return {}
+
+
+def _describe(fields):
+    return ", ".join(f"{k}: {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}"
+                     for k, v in fields.items()) or "nothing this tool reads"
+
+
+def select_logits(model, key=None, classes=None):
+    """Make ``model`` return its logits (``logits_of`` its output, ``key`` = ``--output``,
+    ``classes`` = K) whatever its forward returns: the forward is wrapped on the instance,
+    so module names, hooks and gradients are the model's own. Returns ``model``."""
+    def forward(self, *args, **kwargs):
+        return logits_of(type(self).forward(self, *args, **kwargs), key, classes)
+    model.forward = types.MethodType(forward, model)
+    return model
+
+
+def build_model(arch, num_classes, model_file=None, output=None):
     """The classifier ``arch`` (see the module docstring) with a ``num_classes``-way head,
-    randomly initialised, in eval mode. Unknown names list the valid ones."""
+    randomly initialised, in eval mode, returning its (N, K) logits (``select_logits``,
+    ``output`` = ``--output``). Unknown names list the valid ones."""
     if num_classes < 2:
         raise ValueError(f"--num-classes must be at least 2, got {num_classes}")
     arch = canonical_arch(arch, model_file)
@@ -178,4 +241,4 @@ def build_model(arch, num_classes, model_file=None):
         model = BUILTIN[arch][0](num_classes)
     else:
         raise ValueError(f"unknown architecture {arch!r}; use {ARCH_HELP}")
-    return model.eval()
+    return select_logits(model.eval(), output, num_classes)
