@@ -415,11 +415,12 @@ def inspect(cache_file):
 @click.option("--arch", default=None, help="Also say, per score, whether this model serves it and why not (a random-weight copy is built and traced; nothing is downloaded). Same names as extract --arch.")
 @click.option("--model-file", default=None, help="As --arch, for your own FILE.py:FUNC model.")
 @click.option("--num-classes", type=click.IntRange(min=2), default=10, show_default=True, help="With --arch: classes of the head.")
-@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True, help="With --arch: side of the square input the model is traced at.")
+@click.option("--image-size", type=click.IntRange(min=1), default=None, help="With --arch: side of the square input the model is traced at (with --preprocess: its size override). [default: 224, or the preprocessing's]")
 @click.option("--head", default=None, help="With --arch: module name of the linear head (as extract --head).")
 @click.option("--output", "output", default=None, help="With --arch: the index or key of the logits in the model's output (as extract --output).")
+@click.option("--preprocess", default=None, help="With --arch: trace at this preprocessing's input shape (its channels and size, as extract --preprocess) instead of 3 x --image-size.")
 @click.option("--hook-set", "hook_sets", multiple=True, help="With --arch: hook-set overrides, as extract --hook-set.")
-def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_sets, output=None):
+def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_sets, output=None, preprocess=None):
     """The registered scores: title, what each reads, what it is fitted on and the memory
     its fit needs, its parameters;
     with --arch, whether that model serves each one.
@@ -434,7 +435,7 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
         stage = _extract_stage()
         try:
             rows, title = model_serving(stage, names, arch, model_file, num_classes, image_size, head, hook_sets,
-                                        output)
+                                        output, preprocess)
         except ERRORS as err:
             _fail(err)
         click.echo(title)
@@ -459,16 +460,19 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
                "D features, K classes, C channels, M intervals; float64 entries unless the score says)")
 
 
-def model_serving(stage, names, arch, model_file, num_classes, image_size, head=None, hook_sets=(), output=None):
+def model_serving(stage, names, arch, model_file, num_classes, image_size, head=None, hook_sets=(), output=None,
+                  preprocess=None):
     """``(rows, title)``: per score in ``names`` ``[name, title, "yes" | "no", backward
     objectives, bytes per image, reason or note]`` on a random-weight copy of the model,
-    traced at ``image_size`` (the costs of the score extracted alone:
+    traced at the input shape of ``preprocess`` or at 3 x ``image_size`` (default 224) (the
+    costs of the score extracted alone:
     ``extract.cli_support.extraction_cost``); ``stage``: ``extract.cli_support``. The one
     place that joins what a score reads (analysis) with what the model has (extraction)."""
     from gradood.extract.adapters import adapter_for
     from gradood.extract.adapters.serves import model_attrs, unserved
     model = stage.build_model(arch, num_classes, model_file, output)
-    adapter = adapter_for(model, (3, image_size, image_size), head, parse_hook_sets(hook_sets))
+    shape = stage.input_shape(preprocess, image_size, model)
+    adapter = adapter_for(model, shape, head, parse_hook_sets(hook_sets))
     stage.check_num_classes(adapter.num_classes, num_classes, model_file)
     rows = []
     for name in names:
@@ -487,13 +491,13 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
                     note = e.describe(params, attrs)
                 except (KeyError, TypeError, ValueError, CacheError):
                     note = ""
-        cost = None if reasons else stage.extraction_cost(model, adapter, (3, image_size, image_size), needs, passes)
+        cost = None if reasons else stage.extraction_cost(model, adapter, shape, needs, passes)
         objectives = ", ".join(cost[0]) or "-" if cost else "-"
         size = f"{cost[1]:,}" if cost else ("needs --maha-fit" if not reasons else "-")
         rows.append([name, e.title, "no" if reasons else "yes", objectives, size, "; ".join(reasons) or note])
     title = (f"{stage.canonical_arch(arch, model_file)} ({type(model).__name__}, adapter "
              f"{adapter.family}): head {adapter.head_name}, {adapter.feature_dim} features, "
-             f"traced at {image_size}x{image_size}")
+             f"traced at {'x'.join(map(str, shape))}")
     return rows, title
 
 

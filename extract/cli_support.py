@@ -159,6 +159,16 @@ def extract_command(config, log=print):
     shard.close()
 
 
+def input_shape(preprocess, image_size, model):
+    """(C, H, W) of one preprocessed image: that of the ``preprocess`` preset (its
+    ``image_size`` override applied), else a 3 x ``image_size`` x ``image_size`` input
+    (default 224)."""
+    if not preprocess:
+        return (3, image_size or 224, image_size or 224)
+    transform, _ = D.build_transform(preprocess, image_size, model)
+    return D.probe_shape(transform)
+
+
 def _check_class_folders(config, k, log, name, ds):
     """An ImageFolder set with more class folders than the ``k``-class head: refused for a
     labelled ID set (a ``_train``/``_val`` cache, the preset's ID sets), whose folder i must

@@ -35,7 +35,14 @@ PREPROCESS = {
                          ("Normalize", (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))],
     # gengandrew/Open_OOD (gradient tracking) feeds CIFAR images through ToTensor() alone
     "totensor": [("ToTensor",)],
+    # one-channel models (MNIST, FashionMNIST, medical images): grey levels, 28 px, the
+    # datasets' usual mean and std (torchvision's MNIST examples: 0.1307 / 0.3081;
+    # FashionMNIST: 0.2860 / 0.3530)
+    "mnist": [("Grayscale", 1), ("Resize", 28), ("CenterCrop", 28), ("ToTensor",), ("Normalize", (0.1307,), (0.3081,))],
+    "fashion_mnist": [("Grayscale", 1), ("Resize", 28), ("CenterCrop", 28), ("ToTensor",),
+                      ("Normalize", (0.2860,), (0.3530,))],
 }
+GRAYSCALE = ("mnist", "fashion_mnist")     # the presets that give one-channel inputs
 # "timm": the model's own data config (timm.data.resolve_data_config): Resize of the
 # shorter side to size / crop_pct with its interpolation, CenterCrop, its mean and std.
 PRESETS_HELP = ", ".join(PREPROCESS) + ", timm (the timm model's data config)"

@@ -179,11 +179,11 @@ def close(got, want, rtol=2e-5, scale=None):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
 
 
-def check_model(model, side, layouts, tmp_path, arch="test"):
+def check_model(model, side, layouts, tmp_path, arch="test", channels=3):
     torch.manual_seed(0)
     model = randomize(model).requires_grad_(False)
-    x = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(1))
-    adapter = adapter_for(model, (3, side, side))
+    x = torch.randn(3, channels, side, side, generator=torch.Generator().manual_seed(1))
+    adapter = adapter_for(model, (channels, side, side))
     served, refused = served_defaults(adapter)
     assert {"gaia_z", "gradnorm", "msp", "knn", "nac"} <= set(served), refused
     path = str(tmp_path / "cache.h5")
@@ -519,3 +519,48 @@ def test_output_picks_the_logits_and_names_what_the_output_holds(tmp_path):
     assert code == 0, out
     with CacheReader(str(tmp_path / "c" / "x.h5")) as r:
         assert r.attrs["output"] == "1" and r.attrs["head"] == "fc" and r.read_all("logits").shape == (2, 3)
+
+
+ONE_CHANNEL = """
+import torch.nn as nn
+
+
+def build(num_classes):
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, num_classes))
+"""
+
+
+def test_a_one_channel_model_takes_the_grayscale_preset(tmp_path):
+    """An MNIST-like model: per sample against autograd on one-channel inputs; the error on
+    three-channel inputs names the channels and the grayscale presets; `--preprocess mnist`
+    extracts it, and the cached logits are the model's on the preset's tensors."""
+    from PIL import Image
+
+    from bench.helpers import run_cli
+    from gradood.extract.datasets import build_transform, load_rgb
+    source = tmp_path / "one.py"
+    source.write_text(ONE_CHANNEL)
+    model = build_model(None, 10, f"{source}:build")
+    check_model(model, 28, {"1": "NCHW"}, tmp_path, channels=1)
+    code, out = run_cli(["scores", "--model-file", f"{source}:build", "--num-classes", "10"])
+    assert code == 2 and "expects 1-channel images, and the preprocessing gives 3" in out
+    assert "grayscale presets: mnist, fashion_mnist" in out and "Traceback" not in out
+    code, out = run_cli(["scores", "--model-file", f"{source}:build", "--num-classes", "10", "--preprocess", "mnist"])
+    assert code == 0 and "traced at 1x28x28" in out, out
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    for j in range(3):
+        Image.fromarray(np.full((28, 28, 3), (40 * j, 90, 200), np.uint8)).save(tmp_path / "imgs" / "a" / f"{j}.png")
+    model = randomize(build_model(None, 10, f"{source}:build"))
+    torch.save(model.state_dict(), tmp_path / "one.pt")
+    code, out = run_cli(["extract", "--model-file", f"{source}:build", "--num-classes", "10", "--checkpoint",
+                         str(tmp_path / "one.pt"), "--preprocess", "mnist", "--score", "msp,gaia_z",
+                         "--dataset", f"x={tmp_path / 'imgs'}", "--cache-dir", str(tmp_path / "c"), "--quiet"])
+    assert code == 0, out
+    transform, _ = build_transform("mnist")
+    x = torch.stack([transform(load_rgb(str(tmp_path / "imgs" / "a" / f"{j}.png"))) for j in range(3)])
+    assert x.shape == (3, 1, 28, 28)
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    with CacheReader(str(tmp_path / "c" / "x.h5")) as r:
+        close(r.read_all("logits"), want)

@@ -33,6 +33,7 @@ otherwise. Any set may be replaced by module names or globs (``hook_sets`` overr
 returns a tensor can be hooked by name.
 """
 import fnmatch
+import re
 
 import torch.nn as nn
 
@@ -83,9 +84,17 @@ class ModelAdapter:
             self.trace = trace(model, image_shape)
         except RuntimeError as err:         # shapes that do not fit: another input size or channel count
             size = "x".join(map(str, image_shape))
+            first = str(err).splitlines()[0]
+            channels = re.search(r"to have (\d+) channels, but got (\d+) channels", first)
+            if channels:
+                want = int(channels.group(1))
+                raise HookSetError(
+                    f"{type(model).__name__} expects {want}-channel images, and the preprocessing gives "
+                    f"{image_shape[0]} ({size}): give a --preprocess of {want} channel(s)"
+                    + (" (grayscale presets: mnist, fashion_mnist)" if want == 1 else "")) from None
             raise HookSetError(f"{type(model).__name__} fails on a {size} input (channels x height x width): "
-                               f"{str(err).splitlines()[0]}; if it expects another input size, give "
-                               "--image-size (or a --preprocess preset of its size)") from None
+                               f"{first}; if it expects another input size, give --image-size (or a --preprocess "
+                               "preset of its size)") from None
         self.overrides = {k: list(v) for k, v in (hook_sets or {}).items()}
         if head is not None:
             module = self.modules.get(head)
