@@ -235,3 +235,15 @@ def test_a_training_limit_that_leaves_classes_out_says_so(work, tmp_path):
     code, out = extract(base, "--dataset", f"y={images}", "--cache-dir", str(tmp_path / "c"), "--split", "train",
                         "--limit", "4", "--balanced")
     assert code == 0 and "note" not in out, out
+
+
+def test_a_hook_set_the_model_lacks_names_the_override_that_defines_it(work):
+    base, _ = work
+    code, out = run(["scores", "--model-file", f"{base / 'models.py'}:build", "--num-classes", "10",
+                     "--image-size", "32"])
+    assert code == 0 and "gaia_a: not served: hook set 'before_head' is not defined" in out
+    assert "define it for this model with --hook-set before_head=MODULE" in out
+    code, out = run(["scores", "--model-file", f"{base / 'models.py'}:build", "--num-classes", "10",
+                     "--image-size", "32", "--hook-set", "before_head=1,4"])   # the BN, then the pooled features
+    row = next(line for line in out.splitlines() if line.startswith("gaia_a "))
+    assert code == 0 and " yes " in row, out

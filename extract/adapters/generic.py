@@ -238,10 +238,14 @@ class ModelAdapter:
         if name in self.overrides:
             return self._matching(name, self.overrides[name])
         if name in HOOK_SETS:
-            layers = self.define(name)
+            override = f"; define it for this model with --hook-set {name}=MODULE[,MODULE...] (module names or globs)"
+            try:
+                layers = self.define(name)
+            except HookSetError as err:
+                raise HookSetError(f"{err}{override}") from None
             bad = [(l, self.why_not_hookable(l)) for l in layers if self.why_not_hookable(l)]
             if bad:
-                raise HookSetError(f"hook set {name!r}: {bad[0][1]}")
+                raise HookSetError(f"hook set {name!r}: {bad[0][1]}{override}")
             return layers
         reason = self.why_not_hookable(name)
         if reason:

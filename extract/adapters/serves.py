@@ -18,7 +18,7 @@ def unserved(adapter, needs, passes):
             continue
         if sel and not SELECTORS[sel](layers):
             reasons.append(f"hook set {base!r} has {len(layers)} layer(s) on this model; "
-                           f"{hook_set} selects none")
+                           f"{hook_set} selects none (--hook-set {base}=MODULE,MODULE,... redefines it)")
     if "tracking" in passes:
         from ..tracking import tracked_parameters
         try:
