@@ -72,9 +72,10 @@ def is_crash(err):
     return False
 
 
-def check_not_constant(name, scored, params=None):
+def check_not_constant(name, scored, params=None, setting=""):
     """Raise ConstantScore when score ``name`` gives one value to every usable row of every
-    cache of ``scored`` ({dataset: Scored})."""
+    cache of ``scored`` ({dataset: Scored}); ``setting``: the entry's description of its
+    setting on these caches (e.g. GAIA-Z's note on activations without exact zeros)."""
     rows = [s.kept for s in scored.values() if s.usable.any()]
     if not rows:
         return
@@ -83,7 +84,8 @@ def check_not_constant(name, scored, params=None):
         raise ConstantScore(f"{name} gives every ID and OOD row the same value ({low:g}) with parameters "
                             f"{params or 'the defaults'}: its metrics would be a coin toss (AUROC 50), "
                             "not a result. Check the parameters (e.g. energy.temperature, neco.dim, nac.O, "
-                            "react.percentile) and the size of the fitting cache")
+                            "react.percentile) and the size of the fitting cache"
+                            + (f". {name} on these caches: {setting}" if setting else ""))
 
 
 def full_spectrum(scored, id_name, csid):
@@ -319,5 +321,15 @@ class Engine:
             if dataset != self.id_name and against is None:
                 check_compatible(name, params, self.id_attrs, self.path(self.id_name), reader.attrs, reader.path)
             out[dataset] = self._values(reader, name, params, estimator)
-        check_not_constant(name, out, params)
+        check_not_constant(name, out, params, self._setting(name, params))
         return out
+
+    def _setting(self, name, params):
+        """The entry's description of its setting on the ID cache, or "" (``describe``)."""
+        e = entry(name)
+        if not e.describe:
+            return ""
+        try:
+            return e.describe(e.resolve(params), self.id_attrs)
+        except (KeyError, TypeError, ValueError, CacheError):
+            return ""

@@ -124,6 +124,7 @@ class ExtractionPlan:
         self.num_classes, self.feature_dim = self.adapter.num_classes, self.adapter.feature_dim
         self.layer_shapes = {l: self.adapter.shape(l) for l in self.layers}
         self.layer_layouts, self.layer_types = self.adapter.describe(self.layers)
+        self.layer_activations = {l: self.adapter.activation_after(l) for l in self.layers}
         order = [n for n, _ in model.named_modules()]
         # shallow objectives first; the deepest (freeing the most of the graph) last
         self.objectives = sorted(self.objectives, key=lambda o: -H.objective_depth(self.plan, o, order))
@@ -259,6 +260,7 @@ def cache_attrs(plan, provenance, n, device, world_size=1):
         "torchvision_version": torchvision.__version__, "device": str(device),
         "tool_version": TOOL_VERSION, "family": plan.adapter.family,
         "layer_layouts": plan.layer_layouts, "layer_types": plan.layer_types, "head": plan.adapter.head_name,
+        "layer_activations": plan.layer_activations,
         "batch_size": int(config.batch_size), **({"output": str(config.output)} if config.output else {}),
         **({"odin_std": plan.odin_std} if plan.odin_std else {}),
         **{attr: recipe for attr, recipe in plan.pass_recipes().items() if recipe is not None},

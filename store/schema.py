@@ -102,6 +102,7 @@ ROOT_ATTRS = {
     "layer_shapes": Attr(dict, True, True, "{layer: [C, H, W]} of each hooked module's output, channels first"),
     "layer_layouts": Attr(dict, True, False, "{layer: NCHW | NHWC | NTC | NC}: the module's own output layout"),
     "layer_types": Attr(dict, True, False, "{layer: module class name}"),
+    "layer_activations": Attr(dict, True, False, "{layer: class of the activation module applied to its output, or ''}"),
     "hook_sets": Attr(dict, True, True, "{set name: [layer, ...]}, e.g. bn, before_head"),
     "plan": Attr(dict, True, True, '{layer: {"act" | objective: [stat, ...]}}: what was stored'),
     "policies": Attr(dict, True, False, "{layer: policy} (POLICIES)"),
@@ -412,6 +413,8 @@ ATTR_VALUES = {
     "layer_shapes": ("{layer: [C, H, W]} for every layer", lambda v, a: _per_layer(v, a, _shape_problem)),
     "layer_layouts": ("{layer: one of LAYOUTS} for every layer, fitting its shape",
                       lambda v, a: _per_layer(v, a, _layout_problem(a))),
+    "layer_activations": ("{layer: activation class name or ''} for every layer",
+                          lambda v, a: _per_layer(v, a, lambda l, t: "" if isinstance(t, str) else "not a name")),
     "layer_types": ("{layer: module class name} for every layer",
                     lambda v, a: _per_layer(v, a, lambda l, t: "" if isinstance(t, str) and t else "not a name")),
     "hook_sets": ("{set: [hooked layer, ...]}", lambda v, a: next(

@@ -37,6 +37,11 @@ def broken(num_classes):
 
 def flat(num_classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, num_classes))
+
+
+def silu(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
 '''
 
 
@@ -247,3 +252,32 @@ def test_a_hook_set_the_model_lacks_names_the_override_that_defines_it(work):
                      "--image-size", "32", "--hook-set", "before_head=1,4"])   # the BN, then the pooled features
     row = next(line for line in out.splitlines() if line.startswith("gaia_a "))
     assert code == 0 and " yes " in row, out
+
+
+
+def test_gaia_z_behind_an_activation_without_exact_zeros_carries_the_tau_note(work, tmp_path):
+    """BatchNorm + SiLU (EfficientNetV2's blocks): exact zeros of the gradient are rare, the
+    counts near constant; `scores` and the extracted cache's analysis say so and name tau."""
+    base, images = work
+    code, out = run(["scores", "--model-file", f"{base / 'models.py'}:silu", "--num-classes", "10",
+                     "--image-size", "32"])
+    note = next(line for line in out.splitlines() if line.strip().startswith("gaia_z:"))
+    assert code == 0 and "followed by SiLU, not ReLU" in note and "gaia_z.tau=T" in note, out
+    code, out = run(["scores", "--model-file", f"{base / 'models.py'}:build", "--num-classes", "10",
+                     "--image-size", "32"])
+    assert code == 0 and "tau" not in next(line for line in out.splitlines() if line.strip().startswith("gaia_z:"))
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("refusal_models_silu", base / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.silu(10).state_dict(), tmp_path / "silu.pt")
+    cache = str(tmp_path / "c")
+    for name in ("x", "y"):
+        code, out = extract(base, "--dataset", f"{name}={images}", "--cache-dir", cache, "--score", "gaia_z",
+                            func="silu", ckpt=tmp_path / "silu.pt")
+        assert code == 0, out
+    with h5py.File(os.path.join(cache, "x.h5"), "r") as f:
+        assert json.loads(f.attrs["layer_activations"])["1"] == "SiLU"
+    code, out = run(["analyze", "--cache-dir", cache, "--id", "x", "--ood", "y", "--score", "gaia_z",
+                     "--results", str(tmp_path / "r")])
+    assert "followed by SiLU, not ReLU" in out and "gaia_z.tau=T" in out, out

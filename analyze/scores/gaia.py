@@ -40,18 +40,28 @@ def _gaia_z_needs(p):
     return [(p["hooks"], p["objective"], stat)]
 
 
-# GAIA-Z counts exact zeros, which a gradient gets behind ReLU-like activations; the
-# LayerNorm models (ViT, Swin, ConvNeXt) use GELU, so their counts are nearly constant.
+# GAIA-Z counts exact zeros, which a gradient gets behind ReLU-like activations (those
+# that are exactly flat on part of their input). Behind SiLU, GELU and the like, exact
+# zeros are rare and the counts nearly constant. The activation applied to each layer is
+# recorded (``layer_activations``); caches without it: the LayerNorm models (ViT, Swin,
+# ConvNeXt) use GELU.
+_EXACT_ZEROS = ("ReLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid")
 _NO_EXACT_ZEROS = ("LayerNorm", "LayerNorm2d")
 
 
 def _gaia_z_note(p, attrs):
-    kinds = sorted({(attrs.get("layer_types") or {}).get(l, "") for l in attrs["hook_sets"].get(p["hooks"], [])}
-                   & set(_NO_EXACT_ZEROS))
+    layers = attrs["hook_sets"].get(p["hooks"], [])
+    after = attrs.get("layer_activations")
+    if after is not None:
+        kinds = sorted({after.get(l, "") for l in layers} - {"", *_EXACT_ZEROS})
+        what = f"followed by {'/'.join(kinds)}"
+    else:
+        kinds = sorted({(attrs.get("layer_types") or {}).get(l, "") for l in layers} & set(_NO_EXACT_ZEROS))
+        what = f"{'/'.join(kinds)} layers, followed by GELU"
     note = f"{p['hooks']} layers, {p['objective']} gradient"
     if kinds and p["spatial"] == "nonzero" and not p["tau"]:
-        note += (f"; {'/'.join(kinds)} layers are followed by GELU, not ReLU, so exact zeros of "
-                 "their gradients are rare: gaia_z.tau=T counts |g| > T instead (needs raw maps)")
+        note += (f"; its layers are {what}, not ReLU, so exact zeros of their gradients are rare (the counts "
+                 "may be constant): gaia_z.tau=T counts |g| > T instead (needs raw maps)")
     return note
 
 

@@ -46,6 +46,13 @@ _NORM_KINDS = (("BatchNorm", nn.modules.batchnorm._BatchNorm), ("GroupNorm", nn.
                ("LayerNorm", nn.LayerNorm))
 
 
+# Activation modules, by class name; those of ``EXACT_ZEROS`` give exact zeros (and so zero
+# gradients) for part of their input, which GAIA-Z counts.
+ACTIVATIONS = ("ReLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid", "SiLU", "Swish", "GELU", "Mish", "ELU",
+               "SELU", "CELU", "LeakyReLU", "PReLU", "Sigmoid", "Tanh", "Softplus", "GELUTanh", "QuickGELU")
+EXACT_ZEROS = ("ReLU", "ReLU6", "Hardtanh", "Hardswish", "Hardsigmoid")
+
+
 class HookSetError(ValueError):
     """A hook set or module cannot be hooked on this model; the message says why."""
 
@@ -303,3 +310,18 @@ class ModelAdapter:
     def describe(self, layers):
         """``({layer: layout}, {layer: module class})`` of ``layers``."""
         return ({l: self.layout(l) for l in layers}, {l: self.module_type(l) for l in layers})
+
+    def activation_after(self, layer):
+        """Class name of the activation applied to ``layer``'s output: a fused norm's
+        ``act`` (timm), else the activation module that completes right after it in the
+        traced forward; "" when none is seen (a functional activation, or none)."""
+        if layer.endswith(".drop") and _fused_activation(self.modules.get(layer[:-len(".drop")])):
+            return type(self.modules[layer[:-len(".drop")]].act).__name__
+        call = self.trace.calls.get(layer)
+        if call is None:
+            return ""
+        later = sorted((c.order, n) for n, c in self.trace.calls.items() if c.order > call.order)
+        if not later:
+            return ""
+        kind = type(self.modules[later[0][1]]).__name__
+        return kind if kind in ACTIVATIONS else ""

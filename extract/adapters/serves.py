@@ -46,4 +46,5 @@ def model_attrs(adapter, hook_set_names):
     layouts, types = adapter.describe(layers)
     return {"hook_sets": sets, "layer_shapes": {l: adapter.shape(l) for l in layers},
             "layer_layouts": layouts, "layer_types": types, "feature_dim": adapter.feature_dim,
+            "layer_activations": {l: adapter.activation_after(l) for l in layers},
             "num_classes": adapter.num_classes, "family": adapter.family}
