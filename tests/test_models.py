@@ -564,3 +564,31 @@ def test_a_one_channel_model_takes_the_grayscale_preset(tmp_path):
         want = model.eval()(x).numpy()
     with CacheReader(str(tmp_path / "c" / "x.h5")) as r:
         close(r.read_all("logits"), want)
+
+
+@pytest.mark.parametrize("label,factory,side,layouts", MODELS, ids=[m[0] for m in MODELS])
+def test_scores_and_extract_agree_on_every_score(label, factory, side, layouts):
+    """What `pipeline.py scores` predicts (``unserved`` on the model's adapter) is what an
+    extraction can record: for every registered score, its extraction plan builds exactly
+    when the score is predicted served, and a refused one fails naming a reason."""
+    from gradood.extract import ExtractConfig
+    from gradood.extract.runner import ExtractionPlan
+    from gradood.analyze.registry import all_entries
+    model = randomize(factory()).requires_grad_(False)
+    adapter = adapter_for(model, (3, side, side))
+    checked = 0
+    for name in all_entries():
+        needs, passes = requirements([name])
+        if "mahalanobis" in passes:           # needs a fitted training cache (--maha-fit): not a model question
+            continue
+        reasons = unserved(adapter, needs, passes)
+        config = ExtractConfig(needs=needs, passes=passes, arch=label, num_classes=adapter.num_classes,
+                               odin_std=(0.5, 0.5, 0.5) if "iodin" in passes else None)
+        try:
+            ExtractionPlan(model, config, (3, side, side), torch.device("cpu"), adapter)
+            planned = ""
+        except ValueError as err:
+            planned = str(err)
+        assert bool(reasons) == bool(planned), (name, reasons, planned)
+        checked += 1
+    assert checked >= 40
