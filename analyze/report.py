@@ -108,7 +108,7 @@ def usable_rows(evaluation, dataset):
 def attribution_maps(cache_file, layer, objective, rows):
     """(n, H, W) float64 Grad-CAM-style maps (``attribution.gradcam``) of ``rows`` of a
     cache, from its stored activation map and ``objective`` gradient map of ``layer``."""
-    with CacheReader(cache_file) as r:
+    with CacheReader(cache_file, allow_partial=True) as r:       # rows the analysis read, finished ones
         act = np.stack([r.read(stat_path(layer, "act", MAP), i, i + 1)[0] for i in rows])
         grad = np.stack([r.read(stat_path(layer, objective, MAP), i, i + 1)[0] for i in rows])
     return gradcam(act, grad), channel_means(grad)
@@ -252,6 +252,8 @@ def score_svg(evaluation, score):
     for n, (d, v) in enumerate(sets.items()):
         colour = COLOURS[n % len(COLOURS)]
         parts.append(f'<polyline points="{steps(density[d])}" fill="none" stroke="{colour}" stroke-width="1.2"/>')
+        if not len(ref) or not len(v):
+            continue                        # no finite score on one side: no curve
         fpr, tpr, _ = roc_curve(np.r_[np.ones(len(ref)), np.zeros(len(v))], np.r_[ref, v])
         line = _polyline([(PANEL_W + MARGIN + a * w, 8 + h - b * h) for a, b in zip(fpr, tpr)])
         parts.append(f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.2"/>')
