@@ -112,6 +112,8 @@ MODELS = [
     ("densenet_bc_100", lambda: build_model("densenet_bc_100", 5), 32, {"block1.layer.0.bn1": "NCHW", "bn1": "NCHW"}),
     ("wrn_28_10", lambda: build_model("wrn_28_10", 5), 32, {"block1.layer.0.bn1": "NCHW", "relu": "NCHW"}),
     ("BiT", tiny_bit, 32, {"body.block4.unit01.gn1": "NCHW", "before_head.relu": "NCHW"}),
+    # 299 px in its release; 80 px is above its smallest input (75), aux logits off in eval
+    ("torchvision:inception_v3", tv("inception_v3"), 80, {"Conv2d_1a_3x3.bn": "NCHW", "Mixed_7c": "NCHW"}),
 ]
 
 
