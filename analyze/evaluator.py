@@ -63,14 +63,10 @@ def _describe_sets(out, engine, datasets):
                                      for i, p in enumerate(paths) if skipped[i]}
         if reader.partial:
             out.partial.append(dataset)
-        out.labels[dataset] = reader.read_all("labels").astype(np.int64)
-        out.predicted[dataset] = np.concatenate([reader.read("logits", a, b).argmax(axis=1)
-                                                 for a, b in reader.blocks()]).astype(np.int64)
         if dataset == out.id or dataset in out.csid:
-            out.hits[dataset] = _hits(reader, out.labels[dataset], out.predicted[dataset], keep[dataset])
-            correct, labelled = out.hits[dataset]
-            out.accuracy[dataset] = correct / labelled if labelled else None
-            if dataset in out.csid and not labelled:
+            pred = np.concatenate([reader.read("logits", a, b).argmax(axis=1) for a, b in reader.blocks()])
+            out.hits[dataset] = _hits(reader, reader.read_all("labels"), pred, keep[dataset])
+            if dataset in out.csid and not out.hits[dataset][1]:
                 raise ScoreError(f"--csid {dataset}: {reader.path} has no labelled row; a covariate-shifted ID set "
                                  "holds images of the ID classes with their labels (OpenOOD's csid lists)")
     out.id_accuracy = out.accuracy.get(out.id)
@@ -174,19 +170,16 @@ def _full_spectrum(out, scored, keep, names, convention):
     sides = [out.id, *out.csid]
     fs = Evaluation(id="", ood=out.ood, convention=convention, csid=out.csid, full_spectrum=True,
                     fit_caches=out.fit_caches, settings=out.settings, groups=out.groups, partial=out.partial,
-                    failed=out.failed, accuracy=out.accuracy, hits=out.hits, cache_dir=out.cache_dir)
+                    failed=out.failed, hits=out.hits, cache_dir=out.cache_dir)
     for name in names:
         widened, key = full_spectrum(scored[name], out.id, out.csid)
         fs.results[name] = metric_summary(widened, key, out.ood, convention, out.groups)
     fs.id = key
     for d in out.ood:
         fs.scores[d], fs.paths[d] = out.scores[d], out.paths[d]
-        fs.predicted[d], fs.labels[d] = out.predicted[d], out.labels[d]
         fs.n_rows[d], fs.skipped[d], fs.skip_reasons[d] = out.n_rows[d], out.skipped[d], out.skip_reasons[d]
     fs.scores[key] = {n: np.concatenate([out.scores[d][n] for d in sides]) for n in names}
     fs.paths[key] = np.concatenate([out.paths[d] for d in sides])
-    fs.predicted[key] = np.concatenate([out.predicted[d] for d in sides])
-    fs.labels[key] = np.concatenate([out.labels[d] for d in sides])
     fs.n_rows[key] = sum(out.n_rows[d] for d in sides)
     fs.skipped[key] = sum(out.skipped[d] for d in sides)
     fs.skip_reasons[key] = {p: r for d in sides for p, r in out.skip_reasons[d].items()}

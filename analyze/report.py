@@ -105,23 +105,43 @@ def usable_rows(evaluation, dataset):
     return np.array([str(p) not in skipped for p in evaluation.paths[dataset]], dtype=bool)
 
 
-def attribution_maps(cache_file, layer, objective, rows):
-    """(n, H, W) float64 Grad-CAM-style maps (``attribution.gradcam``) of ``rows`` of a
-    cache, from its stored activation map and ``objective`` gradient map of ``layer``."""
+def attribution_maps(cache_file, layer, objective, rows, strip=None):
+    """``(maps, means)`` of ``rows`` of a cache: (n, H, W) float64 Grad-CAM-style maps
+    (``attribution.gradcam``) from its stored activation map and ``objective`` gradient map
+    of ``layer``, and (n, C) channel-wise means (``attribution.channel_means``) of the
+    ``strip`` gradient map (default ``objective``)."""
     with CacheReader(cache_file, allow_partial=True) as r:       # rows the analysis read, finished ones
-        act = np.stack([r.read(stat_path(layer, "act", MAP), i, i + 1)[0] for i in rows])
-        grad = np.stack([r.read(stat_path(layer, objective, MAP), i, i + 1)[0] for i in rows])
-    return gradcam(act, grad), channel_means(grad)
+        return _maps(r, layer, objective, strip or objective, rows)
+
+
+def _maps(reader, layer, objective, strip, rows):
+    """``attribution_maps`` on an open cache: each stored map read once."""
+    def rows_of(source):
+        return np.stack([reader.read(stat_path(layer, source, MAP), i, i + 1)[0] for i in rows])
+    grad = rows_of(objective)
+    return gradcam(rows_of("act"), grad), channel_means(grad if strip == objective else rows_of(strip))
 
 
 class _Assets:
     """The report's sibling folder: each file written once, named by its content; each
-    image read once (``thumbnail``)."""
+    image read once (``thumbnail``); each cache opened once (``reader``, closed by
+    ``close``)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, cache_dir):
         self.folder, self.count, self.thumbs = folder, 0, {}
+        self.cache_dir, self.readers = cache_dir, {}
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)
+
+    def reader(self, dataset):
+        """The open cache of ``dataset`` (its finished rows, as the analysis read them)."""
+        if dataset not in self.readers:
+            self.readers[dataset] = CacheReader(cache_path(self.cache_dir, dataset), allow_partial=True)
+        return self.readers[dataset]
+
+    def close(self):
+        for reader in self.readers.values():
+            reader.close()
 
     def thumbnail(self, path):
         """``(rgb (H, W, 3) uint8, relative file)`` of the image at ``path``, or (None, None)."""
@@ -303,32 +323,34 @@ def _facts(evaluation):
     return rows
 
 
+def _predictions(reader, rows):
+    """``[(predicted class, label)]`` of ``rows`` of an open cache (the rows shown only: a
+    report reads no whole set's logits)."""
+    return [(int(reader.read("logits", i, i + 1)[0].argmax()), int(reader.read("labels", i, i + 1)[0])) for i in rows]
+
+
 def _gallery(evaluation, assets, name, dataset, rows, is_id):
     """HTML of one gallery row: ``rows`` of ``dataset`` with their captions."""
     values = evaluation.scores[dataset][name]
     items = []
-    for rank, i in enumerate(rows, 1):
+    for rank, (i, (predicted, label)) in enumerate(zip(rows, _predictions(assets.reader(dataset), rows)), 1):
         path = str(evaluation.paths[dataset][i])
         rgb, src = assets.thumbnail(path)
         if rgb is None:
             picture = f'<span class="missing">not found: {_e(path)}</span>'
         else:
             picture = f'<img src="{src}" alt="{_e(os.path.basename(path))}">'
-        label = int(evaluation.labels[dataset][i])
         lines = [_e(os.path.basename(path)), f"score {values[i]:.4g} · rank {rank}",
-                 f"predicted {int(evaluation.predicted[dataset][i])}"
-                 + (f" · label {label}" if is_id and label >= 0 else "")]
+                 f"predicted {predicted}" + (f" · label {label}" if is_id and label >= 0 else "")]
         items.append(f'<figure class="item" data-dataset="{_e(dataset)}" data-index="{int(i)}">'
                      f'{picture}<figcaption>{"<br>".join(lines)}</figcaption></figure>')
     return f'<div class="row">{"".join(items)}</div>'
 
 
-def _attribution(evaluation, assets, lead, k):
-    """HTML of the attribution section (see the module docstring)."""
-    attrs = {}
-    for d in [evaluation.id, *evaluation.ood]:
-        with CacheReader(cache_path(evaluation.cache_dir, d), allow_partial=True) as r:
-            attrs[d] = r.attrs
+def _attribution(evaluation, assets, lead, k, usable):
+    """HTML of the attribution section (see the module docstring); ``usable``: ``{dataset:
+    (N,) bool}`` of the scored rows."""
+    attrs = {d: assets.reader(d).attrs for d in [evaluation.id, *evaluation.ood]}
     found = map_layer(attrs[evaluation.id])
     if found is None or any(map_layer(attrs[d]) != found for d in evaluation.ood):
         return "<p>" + _e(_what_to_extract(attrs[evaluation.id])) + "</p>"
@@ -338,16 +360,12 @@ def _attribution(evaluation, assets, lead, k):
            f"shows the channel-wise means of the {_e(strip_objective)} gradient, GAIA-A's statistic. Images: the "
            f"OOD gallery of {_e(title(lead))} and {TYPICAL} typical ID images (scores nearest the ID median).</p>"]
     ref = evaluation.scores[evaluation.id][lead]
-    usable = usable_rows(evaluation, evaluation.id)
-    centre = np.median(ref[usable])
-    typical = np.flatnonzero(usable)[np.lexsort((np.flatnonzero(usable), np.abs(ref[usable] - centre)))][:TYPICAL]
-    id_file = cache_path(evaluation.cache_dir, evaluation.id)
-    id_cams, _ = attribution_maps(id_file, layer, cam_objective, typical)
-    _, id_means = attribution_maps(id_file, layer, strip_objective, typical)
+    kept = np.flatnonzero(usable[evaluation.id])
+    typical = kept[np.lexsort((kept, np.abs(ref[kept] - np.median(ref[kept]))))][:TYPICAL]
+    id_cams, id_means = _maps(assets.reader(evaluation.id), layer, cam_objective, strip_objective, typical)
     for d in evaluation.ood:
-        rows = gallery_rows(evaluation.scores[d][lead], usable_rows(evaluation, d), k, highest=True)
-        cams, _ = attribution_maps(cache_path(evaluation.cache_dir, d), layer, cam_objective, rows)
-        _, means = attribution_maps(cache_path(evaluation.cache_dir, d), layer, strip_objective, rows)
+        rows = gallery_rows(evaluation.scores[d][lead], usable[d], k, highest=True)
+        cams, means = _maps(assets.reader(d), layer, cam_objective, strip_objective, rows)
         items = []
         for dataset, chosen, maps in ((evaluation.id, typical, id_cams), (d, rows, cams)):
             for i, cam in zip(chosen, maps):
@@ -387,8 +405,20 @@ def write_html(evaluation, path, gallery=GALLERY):
     if not isinstance(gallery, int) or isinstance(gallery, bool) or gallery < 1:
         raise ValueError(f"gallery={gallery!r}: the number of images per gallery, an integer of at least 1")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    assets = _Assets(os.path.splitext(path)[0] + "_files")
+    assets = _Assets(os.path.splitext(path)[0] + "_files", evaluation.cache_dir)
+    try:
+        body = _report_body(evaluation, assets, gallery)
+    finally:
+        assets.close()
+    with open(path, "w") as f:
+        f.write(_page(f"OOD detection report: {evaluation.id} vs {', '.join(evaluation.ood)}", body))
+    return [path, assets.folder]
+
+
+def _report_body(evaluation, assets, gallery):
+    """The HTML body of ``write_html``."""
     names = list(evaluation.results)
+    usable = {d: usable_rows(evaluation, d) for d in [evaluation.id, *evaluation.ood]}
     nav = "".join(f'<a href="#score-{_e(n)}">{_e(title(n))}</a>' for n in names)
     body = [f'<p class="caption">{_e(caption(evaluation))}</p>',
             _table(["fact", "value"], _facts(evaluation), sortable=False, cls="facts"),
@@ -399,25 +429,22 @@ def write_html(evaluation, path, gallery=GALLERY):
         body += ["<h3>Full-spectrum OOD (FS-OOD)</h3>", f'<p class="caption">{_e(caption(evaluation.fsood))}</p>',
                  _table(*summary_csv_table(evaluation.fsood))]
     lead = "gaia_a" if "gaia_a" in names else names[0]
-    body += ["<h2 id=\"attribution\">Attribution maps</h2>", _attribution(evaluation, assets, lead, gallery),
+    body += ["<h2 id=\"attribution\">Attribution maps</h2>", _attribution(evaluation, assets, lead, gallery, usable),
              f"<h2 id=\"scores\">Scores</h2><nav>{nav}</nav>"]
-    id_usable = usable_rows(evaluation, evaluation.id)
     for name in names:
         section = [f'<section id="score-{_e(name)}"><h3>{_e(title(name))}</h3>', score_svg(evaluation, name)]
         for d in evaluation.ood:
-            rows = gallery_rows(evaluation.scores[d][name], usable_rows(evaluation, d), gallery, highest=True)
+            rows = gallery_rows(evaluation.scores[d][name], usable[d], gallery, highest=True)
             section.append(f'<div class="gallery" data-score="{_e(name)}" data-ood="{_e(d)}">'
                            f"<h4>{_e(d)}: the {len(rows)} OOD images {_e(title(name))} ranks most in-distribution</h4>"
                            + _gallery(evaluation, assets, name, d, rows, is_id=False) + "</div>")
-        rows = gallery_rows(evaluation.scores[evaluation.id][name], id_usable, gallery, highest=False)
+        rows = gallery_rows(evaluation.scores[evaluation.id][name], usable[evaluation.id], gallery, highest=False)
         section.append(f'<div class="gallery" data-score="{_e(name)}" data-id="{_e(evaluation.id)}">'
                        f"<h4>{_e(evaluation.id)}: the {len(rows)} ID images {_e(title(name))} ranks least "
                        "in-distribution</h4>" + _gallery(evaluation, assets, name, evaluation.id, rows, is_id=True)
                        + "</div></section>")
         body.append("\n".join(section))
-    with open(path, "w") as f:
-        f.write(_page(f"OOD detection report: {evaluation.id} vs {', '.join(evaluation.ood)}", "\n".join(body)))
-    return [path, assets.folder]
+    return "\n".join(body)
 
 
 def write_sweep_html(sweep, path, figures=()):

@@ -36,13 +36,11 @@ class Evaluation:
     user (scores left out and why, tuned parameters).
 
     Full-spectrum OOD: csid: the covariate-shifted ID sets (scored; ``scores`` holds them);
-    accuracy: ``{set: fraction or None}`` of the ID test set and each csid set; hits:
-    ``{set: (correct, labelled)}``; fsood: the full-spectrum ``Evaluation`` (its
-    ``full_spectrum`` True, its ``id`` "<id>+csid", the ID test set's rows followed by each
-    csid set's) or None.
+    hits: ``{set: (correct, labelled)}`` of the ID test set and each csid set (``accuracy``
+    derives from them); fsood: the full-spectrum ``Evaluation`` (its ``full_spectrum`` True,
+    its ``id`` "<id>+csid", the ID test set's rows followed by each csid set's) or None.
 
-    For reports: cache_dir: the folder of the caches; predicted / labels: ``{dataset: (N,)
-    int64}`` the classifier's top-1 class and the stored label (-1: none) of every row.
+    For reports: cache_dir: the folder of the caches.
     """
     id: str
     ood: list
@@ -65,13 +63,16 @@ class Evaluation:
     tuned: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     csid: list = field(default_factory=list)
-    accuracy: dict = field(default_factory=dict)
     hits: dict = field(default_factory=dict)
     full_spectrum: bool = False
     fsood: Optional["Evaluation"] = None
     cache_dir: str = ""
-    predicted: dict = field(default_factory=dict)
-    labels: dict = field(default_factory=dict)
+
+    @property
+    def accuracy(self):
+        """``{set: fraction or None}``: the classifier's top-1 accuracy on the labelled rows
+        of the ID test set and of each csid set (from ``hits``)."""
+        return {d: correct / labelled if labelled else None for d, (correct, labelled) in self.hits.items()}
 
     def frame(self):
         """One row per (score, set), columns ``score, ood, FPR95, AUROC, AUPR_IN, AUPR_OUT,
@@ -102,8 +103,9 @@ class Evaluation:
             out = asdict(self)
         finally:
             self.fsood = fs
-        for name in ("scores", "paths", "predicted", "labels"):
-            out.pop(name)
+        out.pop("scores")
+        out.pop("paths")
+        out["accuracy"] = self.accuracy
         out["fsood"] = fs.to_json() if fs else None
         return out
 

@@ -102,6 +102,13 @@ def test_the_report_renders_offline_and_shows_what_the_tables_and_scores_say(ana
             table_rows = [r for r in csv.DictReader(open(os.path.join(scores, score, f"{ood}.csv"))) if r["skipped"] == "0"]
             expected = sorted(table_rows, key=lambda r: (-float(r["score"]), int(r["index"])))[:K]
             assert shown == [int(r["index"]) for r in expected], (score, ood)
+        # captions: the predicted class is the cache's top logit, the label the stored one
+        captions = driver.execute_script(
+            "return Array.from(document.querySelectorAll('.gallery[data-id] figure.item')).slice(0, 3).map(f =>"
+            " [+f.dataset.index, f.querySelector('figcaption').textContent]);")
+        with h5py.File(os.path.join(cache, "digits.h5"), "r") as f:
+            for i, text in captions:
+                assert f"predicted {int(f['logits'][i].argmax())} · label {int(f['labels'][i])}" in text, text
         lowest = driver.execute_script(
             "return Array.from(document.querySelectorAll('.gallery[data-id] figure.item')).map(f => +f.dataset.index);")
         id_rows = list(csv.DictReader(open(os.path.join(scores, "energy", "digits.csv"))))
