@@ -25,7 +25,7 @@ GRID      ?=
 GRID_FILE ?=
 SELECT_ON ?=
 
-.PHONY: install browser demo demo-seeds extract analyze sweep test bench bench-scale bench-peers clean
+.PHONY: install browser demo demo-seeds extract analyze sweep test bench model-table bench-scale bench-peers clean
 
 install: .venv/.installed
 
@@ -79,6 +79,10 @@ bench: install
 	$(PY) bench/run.py
 	$(PY) bench/models.py
 	$(PY) bench/ci.py
+
+# docs/model_table.md: which scores each tried model serves (bench/model_table.py)
+model-table: install
+	$(PY) bench/model_table.py
 
 bench-scale: install
 	$(PY) bench/scale.py

@@ -181,7 +181,7 @@ def cli():
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override the crop/resize size of --preprocess.")
 @click.option("--cache-dir", default=None, help="Folder of the caches, one <dataset>.h5 each. [default: caches/<benchmark>-<arch>]")
 @click.option("--hook", "hooks", multiple=True, help=f"Hook set ({', '.join(HOOK_SETS)}) or module name to record besides what the scores need (with --policy/--store). Repeatable.")
-@click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = every score (mahalanobis_ens only with --maha-fit). Repeatable. [default: every score marked default, see `pipeline.py scores`; with --split train the default scores fitted on training data, which is what a training cache serves]")
+@click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = every score (mahalanobis_ens only with --maha-fit). Repeatable. [default: every score marked default that the model serves, see `pipeline.py scores`, the others named in a note; with --split train the default scores fitted on training data, which is what a training cache serves]")
 @click.option("--param", "param_items", multiple=True, help="Score parameter that changes what is recorded, SCORE.NAME=VALUE (e.g. nac.layers=avgpool,layer3). Repeatable.")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (from gradood.analyze import register_score); their needs are recorded. Repeatable.")
 @click.option("--policy", default="scores", type=click.Choice(list(POLICIES)), show_default=True, help="Storage policy of every hooked layer (scores: only what the scores read; pooled; stats; raw = full maps).")
@@ -235,7 +235,8 @@ def extract(bench, datasets, data_root, arch, model_file, head, output, hook_set
             store=store_overrides, odin=odin_pairs, maha_fit=maha_fit, maha_magnitudes=maha_magnitudes,
             maha_adversarial=maha_adversarial, split=split, limit=limit, balanced=balanced, batch_size=batch_size,
             device=device, scores=tuple(names), skip_bad=skip_bad, dry_run=dry_run, progress=not quiet,
-            overwrite=overwrite)
+            overwrite=overwrite, head_scores=tuple(n for n in names if entry(n).reads_head(params.get(n))),
+            score_needs={} if scores else {n: requirements([n], params) for n in names})
         stage.extract_command(config, click.echo)
     except KeyboardInterrupt as err:
         _interrupted(err)
@@ -483,7 +484,7 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
         if not reasons:
             attrs = model_attrs(adapter, [split_selector(h)[0] for h, _, _ in needs])
             params = e.resolve()
-            why = e.defined_on(params, attrs) if e.defined_on else ""
+            why = e.model_problem(params, attrs)
             if why:
                 reasons = [why]
             elif e.describe:
@@ -496,7 +497,8 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
         size = f"{cost[1]:,}" if cost else ("needs --maha-fit" if not reasons else "-")
         rows.append([name, e.title, "no" if reasons else "yes", objectives, size, "; ".join(reasons) or note])
     title = (f"{stage.canonical_arch(arch, model_file)} ({type(model).__name__}, adapter "
-             f"{adapter.family}): head {adapter.head_name}, {adapter.feature_dim} features, "
+             f"{adapter.family}): head {adapter.head_name or '(none: logits not a linear map)'}, "
+             f"{adapter.feature_dim} features{'' if adapter.head_name else ' from ' + adapter.features.module}, "
              f"traced at {'x'.join(map(str, shape))}")
     return rows, title
 

@@ -27,6 +27,7 @@ import sys
 from typing import Callable, NamedTuple, Optional
 
 from gradood.store.recipes import PASSES, check_needs, missing
+from gradood.store.schema import has_linear_head
 
 SCORES = {}
 ALIASES = {}
@@ -66,7 +67,11 @@ class ScoreEntry(NamedTuple):
     fit_requires: optional ``fit_requires(attrs) -> str``, the reason a fitting cache (its
     root ``attrs``) cannot fit the score although it holds what ``needs`` names, empty
     where it can. fit_memory: what a fit holds in memory (``pipeline.py scores``).
-    plugin: the file that registered it (None for built-ins).
+    plugin: the file that registered it (None for built-ins). linear_head: True when the
+    score reads the head's weight and bias, or assumes the logits are ``W x + b`` of the
+    cached features (closed-form last-layer gradients): refused on a model without a
+    linear head (a cosine classifier, SqueezeNet, two averaged heads); or a callable
+    ``linear_head(params) -> bool`` when the parameters decide it.
     """
     name: str
     title: str
@@ -88,6 +93,7 @@ class ScoreEntry(NamedTuple):
     defined_on: Optional[Callable] = None
     fit_memory: str = ""
     fit_requires: Optional[Callable] = None
+    linear_head: object = False
 
     @property
     def fit_grows(self):
@@ -108,12 +114,23 @@ class ScoreEntry(NamedTuple):
     def problems(self, attrs, params=None):
         """What keeps a cache (its root ``attrs``) from serving this score with ``params``:
         the parts it lacks (``store.recipes.missing``), then ``defined_on``'s reason."""
-        out = []
-        if self.defined_on is not None:
-            reason = self.defined_on(self.resolve(params), attrs)
-            if reason:
-                out.append(f"{self.name} is not defined on this model: {reason}")
+        reason = self.model_problem(params, attrs)
+        out = [f"{self.name} is not defined on this model: {reason}"] if reason else []
         return out + missing(self.needs_for(params), self.passes, attrs)
+
+    def reads_head(self, params=None):
+        """True when the score, with ``params``, needs the model's linear head (``linear_head``)."""
+        return bool(self.linear_head(self.resolve(params)) if callable(self.linear_head) else self.linear_head)
+
+    def model_problem(self, params, attrs):
+        """Why the model a cache (its root ``attrs``, or a model's description,
+        ``extract.adapters.serves.model_attrs``) comes from cannot serve this score with
+        ``params``, or "": no linear head for a ``linear_head`` score, then ``defined_on``."""
+        if self.reads_head(params) and not has_linear_head(attrs):
+            return ("it reads the linear head (logits = W x + b of the features), and the model computes its "
+                    "logits otherwise; if one of its nn.Linear or 1x1 nn.Conv2d layers maps the features to "
+                    "the logits, name it with --head MODULE")
+        return self.defined_on(self.resolve(params), attrs) if self.defined_on is not None else ""
 
     def resolve(self, params=None):
         """Defaults updated by ``params``; unknown names or values outside ``choices`` raise."""
@@ -189,7 +206,7 @@ def _parameters(impl):
 def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_on=None,
                    fit_params=None, choices=None, grid=None, paper=None, default=False,
                    layer_set=None, family="custom", describe=None, aliases=(), replace=False,
-                   defined_on=None, fit_memory=None, fit_requires=None):
+                   defined_on=None, fit_memory=None, fit_requires=None, linear_head=False):
     """Decorator registering a score function or class under ``name``; returns it unchanged.
 
     See ``ScoreEntry`` for the fields. A function's first argument (a class's ``fit`` and
@@ -235,7 +252,8 @@ def register_score(name, *, title=None, reference="", needs=(), passes=(), fit_o
             params=params, choices=dict(choices or {}), grid=list(grid or []), paper=dict(paper or {}),
             default=default, layer_set=layer_set, family=family, describe=describe,
             plugin=None if builtin else plugin, defined_on=defined_on, fit_requires=fit_requires,
-            fit_memory=(fit_memory or "n D") if is_class else "")
+            fit_memory=(fit_memory or "n D") if is_class else "",
+            linear_head=linear_head if callable(linear_head) else bool(linear_head))
         for alias in aliases:
             ALIASES[alias] = name
         return impl

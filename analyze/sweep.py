@@ -62,7 +62,9 @@ class MemoReader:
         yield 0, self.n_samples
 
     def head(self):
-        return self.read("head/weight").astype(np.float64), self.read("head/bias").astype(np.float64)
+        if "head" not in self._memo:
+            self._memo["head"] = self._reader.head()
+        return self._memo["head"]
 
     def has(self, name):
         return self._reader.has(name)

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 
 def head_of(model):
     """The head as the authors' code names it (``head_name`` of the zoo's layouts), else
-    the last ``nn.Linear`` in module order (torchvision's and timm's classifiers)."""
+    the last ``nn.Linear`` in module order (torchvision's and timm's classifiers), else the
+    last ``nn.Conv2d`` (a 1x1 conv head: timm's BiT ``head.fc``)."""
     if hasattr(model, "head_name"):
         return model.get_submodule(model.head_name)
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return linear[-1] if linear else [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
 
 
 class OutputGradHook:
@@ -49,7 +51,7 @@ def authors_forward(model, x):
         out = model.AdaptAvgPool(model.relu(model.bn1(out)))
         feat = out.view(-1, model.nChannels)
         return model.fc(feat), feat
-    if kind == "ResNetV2":
+    if kind == "ResNetV2" and hasattr(model, "before_head"):      # the release's layout, not timm's ResNetV2
         feat = model.before_head(model.body(model.root(x)))
         return model.head(feat)[..., 0, 0], feat
     # Architectures the GAIA release does not ship (OpenOOD, torchvision): the plain forward,

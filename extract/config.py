@@ -98,7 +98,12 @@ class ExtractConfig:
     training cache the multi-layer Mahalanobis pass's Gaussians are fitted on, with
     maha_magnitudes (default the release's) and maha_adversarial (pseudo-OOD copies);
     maha: the fitted ``{"gaussians", "recipe"}`` (set when the run starts). scores: the
-    score names the caches must serve (for messages).
+    score names the caches must serve (for messages). head_scores: those of them that
+    read the linear head (``analyze`` entries' ``linear_head``): the plan refuses a model
+    without one when any is named. score_needs: ``{score: (needs, passes)}`` when the
+    scores are the default ones rather than named: those the model cannot serve (a hook
+    set it lacks, no linear head) are then left out with a note
+    (``cli_support.served_defaults``) instead of stopping the run.
 
     Which model: arch: architecture name (``extract.models``: a release layout,
     ``torchvision:NAME``, ``timm:NAME``), recorded in the cache; output: the index or key
@@ -155,6 +160,8 @@ class ExtractConfig:
     dry_run: bool = False
     overwrite: bool = False
     scores: tuple = ()
+    head_scores: tuple = ()
+    score_needs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.needs = [tuple(n) for n in self.needs]
@@ -168,6 +175,7 @@ class ExtractConfig:
         self.hook_sets = parse_hook_sets(self.hook_sets)
         self.store = parse_policies(self.store)
         self.hooks, self.datasets, self.scores = tuple(self.hooks), tuple(self.datasets), tuple(self.scores)
+        self.head_scores = tuple(self.head_scores)
         self.maha_magnitudes = tuple(float(m) for m in self.maha_magnitudes)
         for layer, policy in {"*": self.policy, **self.store}.items():
             if policy not in POLICIES:

@@ -90,6 +90,11 @@ class ExtractionPlan:
         config.check_runnable()
         self.config = config
         self.adapter = adapter or adapter_for(model, image_shape, config.head, config.hook_sets)
+        if config.head_scores and not self.adapter.head_name:
+            raise ValueError(f"{', '.join(config.head_scores)} read(s) the linear head (logits = W x + b of the "
+                             f"features), and {type(model).__name__} computes its logits otherwise (no nn.Linear "
+                             "or 1x1 nn.Conv2d produces them); leave these scores out, or name the head with "
+                             "--head MODULE if one of its layers maps the features to the logits")
         self.hook_sets = resolve_hooks(self.adapter, config.hooks, config.needs)
         self.maha = config.maha if "mahalanobis" in config.passes else None
         self.odin_passes = [list(p) for p in config.odin] if "odin" in config.passes else []
@@ -188,7 +193,7 @@ class ExtractionPlan:
     def describe(self, n_images):
         """Lines of text for ``--dry-run``: passes, layers, shapes, stored statistics, sizes."""
         a = self.adapter
-        lines = [f"model: {type(a.model).__name__} ({a.family} adapter), head {a.head_name}, "
+        lines = [f"model: {type(a.model).__name__} ({a.family} adapter), head {a.head_name or '(none: not linear)'}, "
                  f"{a.num_classes} classes, {a.feature_dim} features",
                  f"passes per batch: {self.passes_per_batch()}",
                  f"objectives: {', '.join(self.objectives) or '(none: logits and features only)'}",
@@ -295,11 +300,11 @@ def extract_to_cache(model, dataset, cache_path, config, provenance, indices=Non
     n = len(indices)
     if n == 0:
         raise ValueError(f"{provenance.dataset}: no images to extract")
-    weight, bias = plan.adapter.head_weight_bias()
+    head = plan.adapter.head_weight_bias()
     attrs = cache_attrs(plan, provenance, n, device, shard.world_size)
-    writer = CacheWriter(cache_path, attrs, plan.layout(),
-                         {"head/weight": weight.cpu().numpy().astype(np.float32),
-                          "head/bias": bias.cpu().numpy().astype(np.float32)}, n)
+    constants = {} if head is None else {"head/weight": head[0].cpu().numpy().astype(np.float32),
+                                         "head/bias": head[1].cpu().numpy().astype(np.float32)}
+    writer = CacheWriter(cache_path, attrs, plan.layout(), constants, n)
     try:
         return _run(model, dataset, cache_path, config, provenance, indices, plan, shard, device, writer, attrs)
     finally:
@@ -332,8 +337,7 @@ def _run(model, dataset, cache_path, config, provenance, indices, plan, shard, d
         pin_memory=device.type == "cuda")
     recorder = H.Recorder(model, plan.plan, plan.start_module, plan.layer_layouts)
     captured = {}
-    head_handle = plan.adapter.head.register_forward_pre_hook(
-        lambda m, args: captured.__setitem__("x", args[0]))
+    head_handle = plan.adapter.capture_features(captured)
     bar = tqdm(total=hi - lo, initial=hi - lo - todo, unit="img", desc=f"extract {provenance.dataset}",
                disable=not (config.progress and shard.is_main), dynamic_ncols=True)
     background = BackgroundWriter(writer)
@@ -397,7 +401,7 @@ def _extract_batch(model, recorder, captured, plan, x, labels):
         recorder.leaf = x
     with torch.set_grad_enabled(bool(plan.objectives) or plan.graph_from_input):
         logits = model(x)
-        head_input = captured["x"].flatten(1)
+        head_input = captured["x"]
         for i, objective in enumerate(plan.objectives):
             last = i == len(plan.objectives) - 1 and not grad_temps and not plan.adascale
             recorder.backward(objective, objective_value(objective, logits, head_input),
@@ -425,7 +429,7 @@ def _extract_batch(model, recorder, captured, plan, x, labels):
         if plan.adascale:
             with torch.no_grad():
                 model(perturbed(x.detach(), ada_grad))
-            out[ADASCALE_FEATURES] = captured["x"].flatten(1).float().cpu().numpy()
+            out[ADASCALE_FEATURES] = captured["x"].float().cpu().numpy()
         if plan.tracked:
             from .tracking import per_sample_grad_norms
             out[TRACKING_PATH] = per_sample_grad_norms(model, x.detach(), plan.tracked).cpu().numpy()

@@ -5,7 +5,7 @@ import os
 import h5py
 import numpy as np
 
-from .schema import JSON_ATTRS, STRING_DATASETS, CacheError, check_values, validate
+from .schema import JSON_ATTRS, STRING_DATASETS, CacheError, check_values, has_linear_head, validate
 from .writer import contiguous_rows, covered_rows, list_parts, parts_dir
 
 BLOCK_ROWS = 4096
@@ -127,10 +127,14 @@ class CacheReader:
         if self._file is not None:
             return name in self._file
         with h5py.File(self._parts[0][2], "r") as f:
-            return name in f or name in self._constants
+            return name in f or (name.startswith("head/") and name[5:] in self._constants)
 
     def head(self):
-        """Head weight (K, D) and bias (K,) as float64 arrays."""
+        """Head weight (K, D) and bias (K,) as float64 arrays. Raises CacheError for a
+        model without a linear head."""
+        if not has_linear_head(self.attrs):
+            raise CacheError(f"{self.path}: the model has no linear head (its logits are not W x + b of "
+                             "the features), so the cache holds no head weight")
         if self._file is not None:
             return self.read("head/weight").astype(np.float64), self.read("head/bias").astype(np.float64)
         return (self._constants["weight"].astype(np.float64), self._constants["bias"].astype(np.float64))

@@ -28,7 +28,9 @@ token sequence (N, T, C) or a vector (N, C). Every statistic and stored map is o
 channels-first form, (N, C, H, W), with a token sequence as (N, C, T, 1);
 ``layer_layouts`` records each layer's own layout (``NCHW``, ``NHWC``, ``NTC``, ``NC``).
 
-Versions: 3 added ``layer_layouts``, ``layer_types``, ``head``, ``feature_dim``, the
+Versions: 4 allows a model without a linear head: ``head`` is "" and the cache holds no
+``head/weight`` or ``head/bias``; ``features`` is then the vector the adapter found
+(``extract.adapters.trace.FeatureSource``). 3 added ``layer_layouts``, ``layer_types``, ``head``, ``feature_dim``, the
 model file of ``--model-file`` and ``content_hash``; caches without them are channels first throughout. 2 added ``weights_sha256`` (the fingerprint of the loaded tensors), ``family``
 and ``subset`` as declared attributes and ODIN passes with the original ODIN's division
 by the normalisation std. Version 1 caches are still read (their ODIN passes are the
@@ -37,8 +39,8 @@ GradNorm release's, their weights are identified by the checkpoint file's hash).
 import json
 from typing import Callable, NamedTuple
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 CHANNEL_STATS = ("nonzero", "mean", "abs_mean", "sq_mean", "abs_max")
 GRAM_POWERS = tuple(range(1, 11))
@@ -87,7 +89,7 @@ ROOT_ATTRS = {
     "subset": Attr(dict, True, False, '{"limit": int or null, "balanced": bool}'),
     "arch": Attr(str, False, True, "architecture name (extract.models): NAME, torchvision:NAME, timm:NAME, file:FILE:FUNC"),
     "family": Attr(str, False, False, "model adapter that defined the hook sets: generic, wrn, bit"),
-    "head": Attr(str, False, False, "module name of the linear head"),
+    "head": Attr(str, False, False, 'module name of the linear head; "" when the model has none (no head/ datasets)'),
     "output": Attr(str, False, False, "--output: index or key of the logits in the model's tuple, dict or dataclass output"),
     "model_file": Attr(str, False, False, "the user's model file (--model-file)"),
     "model_file_sha256": Attr(str, False, False, "SHA-256 of that file"),
@@ -141,7 +143,8 @@ VALUE_RULES = {"finite": "finite floats", "count": "counts in [0, H*W] of the la
 
 DATASETS = {
     "logits": Dataset(("K",), "float32", True, "logits", "finite"),
-    "features": Dataset(("D",), "float32", True, "pooled penultimate vector, the input of the head", "finite"),
+    "features": Dataset(("D",), "float32", True, "pooled penultimate vector, the input of the head (without a "
+                        "linear head: the input of the last module with parameters, pooled over positions)", "finite"),
     "labels": Dataset((), "int64", True, "class label, -1 where the dataset has none"),
     "paths": Dataset((), "str", True, "source file, or <set>:<index> for array datasets"),
     "content_hash": Dataset((), "str", True, "SHA-1 of the preprocessed image tensor's bytes (16 hex digits): "
@@ -170,7 +173,8 @@ DATASETS = {
     "iodin/logits": Dataset(("K",), "float32", True, "logits of the iODIN-perturbed input (not divided by T)",
                             "finite"),
 }
-REQUIRED_DATASETS = ("logits", "features", "labels", "paths", "skipped", "head/weight", "head/bias")
+REQUIRED_DATASETS = ("logits", "features", "labels", "paths", "skipped")
+HEAD_DATASETS = ("head/weight", "head/bias")     # required unless the ``head`` attribute is ""
 STRING_DATASETS = ("paths", "skip_reasons", "content_hash")
 TRACKING_PATH = "tracking/norms"
 MAHA_SCORES = "mahalanobis/scores"
@@ -330,15 +334,17 @@ def validate(attrs, datasets, where):
         if found:
             raise CacheError(f"{where}: attribute {name!r} should be {what}: {found}; the file was edited "
                              "or not written by this tool (re-extract it)")
-    if "head/weight" not in datasets:
+    linear = has_linear_head(attrs)
+    if linear and "head/weight" not in datasets:
         raise CacheError(f"{where}: damaged cache, datasets missing: head/weight")
-    k, d = attrs["num_classes"], datasets["head/weight"][0][1]
+    k = attrs["num_classes"]
+    d = datasets["head/weight"][0][1] if linear else attrs["feature_dim"]
     want = layout(k, d, attrs["plan"], attrs["layer_shapes"], pass_recipes(attrs))
     optional = [o for p in EXTRA_PASSES.values() for o in p.optional]
     for optional in ("skip_reasons", "content_hash", *optional):
         if optional not in datasets:
             want.pop(optional, None)
-    absent = [p for p in [*REQUIRED_DATASETS, *want] if p not in datasets]
+    absent = [p for p in [*REQUIRED_DATASETS, *(HEAD_DATASETS if linear else ()), *want] if p not in datasets]
     if absent:
         raise CacheError(f"{where}: damaged cache, datasets missing: {', '.join(absent[:5])}")
     n = attrs["n_samples"]
@@ -348,10 +354,18 @@ def validate(attrs, datasets, where):
             raise CacheError(f"{where}: dataset {path} is {got} {tuple(shape)}, the schema says "
                              f"{dtype} {(n, *row_shape)}; the file was not written by this tool "
                              "or is damaged")
+    if not linear:
+        return
     weight_shape = tuple(datasets["head/weight"][0])
     if weight_shape[0] != k or tuple(datasets.get("head/bias", ((),))[0]) != (k,):
         raise CacheError(f"{where}: head/weight {weight_shape} and head/bias do not fit "
                          f"num_classes = {k}; the file is damaged")
+
+
+def has_linear_head(attrs):
+    """True when a cache (its root ``attrs``) holds its model's linear head: every cache
+    but those of a model without one (``head`` "", schema version 4)."""
+    return attrs.get("head") != ""
 
 
 def _names(value):

@@ -188,8 +188,7 @@ class CacheWriter:
             _atomic_write(os.path.join(self.dir, "attrs.json"),
                           lambda f: f.write(dumps({**self.attrs, "complete": False}).encode()))
             _atomic_write(os.path.join(self.dir, "head.npz"),
-                          lambda f: np.savez(f, weight=self.constants["head/weight"],
-                                             bias=self.constants["head/bias"]))
+                          lambda f: np.savez(f, **{k.rpartition("/")[2]: v for k, v in self.constants.items()}))
             _atomic_write(run_file, lambda f: f.write(dumps(self.identity).encode()))
         if prepare:
             for name in os.listdir(self.dir):

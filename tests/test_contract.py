@@ -13,7 +13,10 @@ for every score at once, a CIFAR ResNet-20 with random norm layers, 120 training
   whose rounding depends on the query block's size;
 * ``fit`` returns self and sets only attributes whose names end in ``_``;
 * a saved fit reloads (memory-mapped) to identical scores and holds what it needs:
-  scoring opens no cache but the one scored.
+  scoring opens no cache but the one scored;
+* a score that reads the head's weight or bias declares ``linear_head`` (so a model
+  without a linear head refuses it by name); a declared one that does not read them is a
+  closed-form last-layer gradient, which assumes logits = W x + b (``CLOSED_FORM``).
 
 And on synthetic caches whose OOD rows are far from every class (trivially separable),
 every score they can serve ranks the ID rows higher (AUROC above 0.9): higher means more
@@ -41,6 +44,8 @@ from gradood.store.synthetic import write_synthetic
 from bench.helpers import extract_tensor, randomize_norms
 
 SCORES = list(all_entries())
+# declare ``linear_head`` without reading the head: their closed forms hold for logits W x + b only
+CLOSED_FORM = {"gradnorm", "gradnorm_kl", "grad_uncertainty", "gradorth"}
 
 
 def contract_params(name, folder):
@@ -119,6 +124,9 @@ def test_both_worlds_are_used(caches, world):
 def test_score_contract(caches, name, monkeypatch, tmp_path):
     folder, params = caches[name]
     e = entry(name)
+    reads = []
+    original = CacheData._head
+    monkeypatch.setattr(CacheData, "_head", lambda self: reads.append(1) or original(self))
     engine = Engine(folder, "test")
     source = engine.fit_source(name, params)
     with CacheReader(os.path.join(folder, "shifted.h5")) as shifted:
@@ -154,6 +162,7 @@ def test_score_contract(caches, name, monkeypatch, tmp_path):
         blocked = score_cache(shifted, name, many, params)
         np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
         monkeypatch.undo()
+    assert bool(reads) == (e.reads_head(params) and name not in CLOSED_FORM), (name, len(reads))
     if not e.fitted:
         return
     # a saved fit reloads to identical scores and opens no cache but the one scored

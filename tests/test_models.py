@@ -114,6 +114,16 @@ MODELS = [
     ("BiT", tiny_bit, 32, {"body.block4.unit01.gn1": "NCHW", "before_head.relu": "NCHW"}),
     # 299 px in its release; 80 px is above its smallest input (75), aux logits off in eval
     ("torchvision:inception_v3", tv("inception_v3"), 80, {"Conv2d_1a_3x3.bn": "NCHW", "Mixed_7c": "NCHW"}),
+    # maxvit_t's classes at a tiny width: 112 px keeps every stage's grid a multiple of the 7x7 partition
+    ("MaxVit", lambda: torchvision.models.MaxVit(
+        input_size=(112, 112), stem_channels=8, partition_size=7, block_channels=[8, 16], block_layers=[1, 1],
+        head_dim=4, stochastic_depth_prob=0.0, num_classes=5), 112, {"stem.0.1": "NCHW", "blocks.1": "NCHW"}),
+    ("vit_b_32's patching", lambda: torchvision.models.VisionTransformer(
+        image_size=64, patch_size=32, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5), 64,
+     {"encoder.layers.encoder_layer_0.ln_1": "NTC", "encoder": "NTC"}),
+    ("timm:mobilevit_xxs", lambda: build_model("timm:mobilevit_xxs", 5), 64, {"stem": "NCHW", "final_conv": "NCHW"}),
+    ("timm:regnetx_002", lambda: build_model("timm:regnetx_002", 5), 64, {"stem": "NCHW", "final_conv": "NCHW"}),
+    ("timm:resnetv2_50x1_bit", lambda: build_model("timm:resnetv2_50x1_bit", 5), 64, {"stem": "NCHW", "norm": "NCHW"}),
 ]
 
 
@@ -288,9 +298,10 @@ def test_truncated_backward_bit_identical(factory, side, tmp_path):
 def test_refusals_name_the_score_layer_and_reason():
     vit = adapter_for(small_vit().eval(), (3, 32, 32))
     assert any("class_token" in r for r in unserved(vit, *requirements(["tracking"])))
-    squeeze = build_model("torchvision:squeezenet1_1", 5)
-    with pytest.raises(ValueError, match="no nn.Linear or 1x1 nn.Conv2d produces the model's output"):
-        adapter_for(squeeze, (3, 64, 64))
+    # MobileViT's transformer runs on patches folded into the batch axis: rows that are not images
+    mobilevit = adapter_for(build_model("timm:mobilevit_xxs", 5), (3, 64, 64))
+    assert "rows that are not images" in mobilevit.why_not_hookable("stages.2.1.transformer.0.norm1")
+    assert not any("transformer" in n for n in mobilevit.hook_set("bn"))
     resnet = adapter_for(build_model("resnet18", 5), (3, 32, 32))
     with pytest.raises(ValueError, match="runs 2 times per forward"):
         adapter_for(build_model("torchvision:resnet18", 5), (3, 64, 64)).hook_set("layer1.0.relu")
@@ -491,9 +502,10 @@ def test_output_picks_the_logits_and_names_what_the_output_holds(tmp_path):
                       "def two(num_classes):\n    return Two(num_classes)\n")
     code, out = run_cli(["scores", "--model-file", f"{source}:two", "--num-classes", "4", "--image-size", "16"])
     assert code == 0 and "head fc, 3 features" in out, out                   # the (N, 4) entry, automatically
-    # with K = 3 both entries are (N, 3): the first is taken, and no linear head makes it; --output 1 picks the logits
+    # with K = 3 both entries are (N, 3): refused as ambiguous; --output 1 picks the logits
     code, out = run_cli(["scores", "--model-file", f"{source}:two", "--num-classes", "3", "--image-size", "16"])
-    assert code == 2 and "no nn.Linear or 1x1 nn.Conv2d produces the model's output" in out, out
+    assert code == 2 and "holding 0: (2, 3), 1: (2, 3): more than one could be the (N, 3) logits; pick them " \
+        "with --output INDEX or KEY" in out, out
     code, out = run_cli(["scores", "--model-file", f"{source}:two", "--num-classes", "3", "--image-size", "16",
                          "--output", "1"])
     assert code == 0 and "head fc, 3 features" in out, out

@@ -28,7 +28,8 @@ from gradood.pipeline import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The order the pages run in: later pages use the caches the README's commands extract.
-PAGES = ["README.md", "docs/README.md", "docs/data.md", "docs/models.md", "docs/scores.md", "docs/metrics.md",
+PAGES = ["README.md", "docs/README.md", "docs/data.md", "docs/models.md", "docs/model_table.md", "docs/scores.md",
+         "docs/metrics.md",
          "docs/sweeps.md", "docs/report.md", "docs/openood.md", "docs/cache.md", "docs/clusters.md",
          "docs/benchmarks.md"]
 RUN, SHOWN = ("bash", "python"), ("sh", "text")

@@ -33,7 +33,7 @@ from gradood.analyze.registry import register_score
 from gradood.analyze.streaming import gram
 
 
-@register_score("gradnorm_kl", default=True, title="GradNorm (KL)", family="gradient",
+@register_score("gradnorm_kl", linear_head=True, default=True, title="GradNorm (KL)", family="gradient",
                 reference="Huang et al., NeurIPS 2021 (KL form)", paper={"GradNorm KL": {}})
 def gradnorm_kl(data, temperature=1.0):
     """(n,) float64 (1/T) sum_k |p_k - 1/K| * ||x||_1."""
@@ -44,7 +44,7 @@ def gradnorm_kl(data, temperature=1.0):
     return np.abs(p - 1.0 / z.shape[1]).sum(axis=1) * np.abs(data.features).sum(axis=1) / temperature
 
 
-@register_score("grad_uncertainty", default=True, title="GradUncertainty", family="gradient",
+@register_score("grad_uncertainty", linear_head=True, default=True, title="GradUncertainty", family="gradient",
                 reference="Lee & AlRegib, ICIP 2020", paper={"GradUncertainty (head)": {}})
 def grad_uncertainty(data, bias=True):
     """(n,) float64 squared norm of the head's gradient of -sum_k log p_k."""
@@ -53,7 +53,7 @@ def grad_uncertainty(data, bias=True):
     return (g ** 2).sum(axis=1) * ((data.features ** 2).sum(axis=1) + (1.0 if bias else 0.0))
 
 
-@register_score("gradorth", default=True, title="GradOrth", family="gradient", fit_params=("threshold",),
+@register_score("gradorth", linear_head=True, default=True, title="GradOrth", family="gradient", fit_params=("threshold",),
                 fit_memory="2 D^2",
                 reference="Behpour et al., NeurIPS 2023 (paper description)", paper={"GradOrth (0.97)": {}},
                 grid=[{"threshold": [0.9, 0.95, 0.97, 0.99]}])

@@ -17,7 +17,7 @@ from gradood.analyze.logits import log_softmax
 from gradood.analyze.registry import register_score
 
 
-@register_score("gradnorm", title="GradNorm", family="gradient", default=True,
+@register_score("gradnorm", linear_head=True, title="GradNorm", family="gradient", default=True,
                 reference="Huang et al., NeurIPS 2021; deeplearning-wisc/gradnorm_ood test_ood.py",
                 paper={"GradNorm (paper)": {}})
 def gradnorm(data, temperature=1.0):

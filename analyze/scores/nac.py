@@ -131,6 +131,7 @@ def _nac_layer_set(attrs):
 @register_score(
     "nac", title="NAC-UE", family="gradient", default=True, needs=_needs, fit_on="train",
     defined_on=_layers_defined, fit_memory="M C per layer",
+    linear_head=lambda p: AVGPOOL in _as_list(p["layers"]),     # its avgpool gradient is (p - 1/K) W
     fit_params=("layers", "hyper", "M", "alpha"),
     reference="Liu et al., ICLR 2024 (NAC-UE); BierOne/ood_coverage",
     layer_set=_nac_layer_set, paper={"NAC-UE (paper, CIFAR-10 config)": {}},

@@ -4,7 +4,13 @@ forward pass (``extract.adapters.trace``).
 What it finds, and how:
     head         the last ``nn.Linear`` / 1x1 ``nn.Conv2d`` whose output is the model's
                  output (``--head MODULE`` names another); its input is the cached
-                 feature vector (D) and its weight the cached head (K, D).
+                 feature vector (D) and its weight the cached head (K, D). A model
+                 without one (a cosine classifier, ``F.linear`` in ``forward``, SqueezeNet,
+                 two averaged heads) has head "" and no cached head: it serves every
+                 score but those that read the head or assume logits = W x + b, which
+                 are refused by name. Its features are found as ``trace._feature_source``
+                 says: the input of the last module with its own parameters that
+                 outputs K channels, averaged over positions when it is a map.
     norms        the normalisation layers of the first kind the model has, in this order:
                  BatchNorm (any dimension), GroupNorm, LayerNorm (``LayerNorm2d`` too). A
                  norm with a fused activation (timm's ``BatchNormAct2d``: BN, then ``drop``,
@@ -39,7 +45,7 @@ import torch.nn as nn
 
 from gradood.store.recipes import HOOK_SETS  # the names are data, shared with the torch-free CLI
 
-from .trace import canonical_shape, named_head_problem, trace
+from .trace import FeatureSource, canonical_shape, feature_vector, named_head_problem, trace
 
 
 _NORM_KINDS = (("BatchNorm", nn.modules.batchnorm._BatchNorm), ("GroupNorm", nn.GroupNorm),
@@ -112,26 +118,48 @@ class ModelAdapter:
             if problem:
                 raise HookSetError(f"--head {head}: {problem}")
             self.head_name = head
-        elif self.trace.head is None:
+            given = self.trace.input_shapes[head]
+            self.features = FeatureSource(head, "input", "NCHW" if len(given) > 1 else "NC", False,
+                                          int(module.weight[0].numel()))
+        elif self.trace.num_classes == 0:
             raise HookSetError(f"{type(model).__name__}: {self.trace.head_problem}")
+        elif self.trace.features is None:
+            raise HookSetError(f"{type(model).__name__}: no module with parameters runs before its "
+                               "logits and no submodule outputs a feature vector or map")
         else:
-            self.head_name = self.trace.head
-        weight = self.head.weight
-        self.num_classes, self.feature_dim = int(weight.shape[0]), int(weight[0].numel())
+            self.head_name = self.trace.head or ""
+            self.features = self.trace.features
+        self.num_classes, self.feature_dim = self.trace.num_classes, self.features.dim
+        # the module the hook sets end before: the head, else the module whose input is the
+        # features (None: the model applies its own weights last, so only the root holds it)
+        self._boundary = self.head_name or (self.features.module if self.features.side == "input" else None)
 
     # ------------------------------------------------------------------ the head
     @property
     def head(self):
-        """The head module (``nn.Linear`` or 1x1 ``nn.Conv2d``)."""
-        return self.modules[self.head_name]
+        """The linear head module (``nn.Linear`` or 1x1 ``nn.Conv2d``), None without one."""
+        return self.modules[self.head_name] if self.head_name else None
 
     def head_weight_bias(self):
         """Head weight (K, D) and bias (K,) tensors, detached, on the model's device (a
-        head without bias gets zeros)."""
+        head without bias gets zeros); None for a model without a linear head."""
         head = self.head
+        if head is None:
+            return None
         weight = head.weight.detach().reshape(head.weight.shape[0], -1)
         bias = head.bias.detach() if head.bias is not None else weight.new_zeros(weight.shape[0])
         return weight, bias
+
+    def capture_features(self, captured):
+        """Register the hook that puts the (N, D) features of each forward pass in
+        ``captured["x"]`` (in the autograd graph, so objectives may read them); returns the
+        handle, which the caller removes in a ``finally``."""
+        source, module = self.features, self.modules[self.features.module]
+        if source.side == "input":
+            return module.register_forward_pre_hook(
+                lambda m, args: captured.__setitem__("x", feature_vector(args[0], source)))
+        return module.register_forward_hook(
+            lambda m, args, out: captured.__setitem__("x", feature_vector(out, source)))
 
     # ------------------------------------------------------------------ layers
     def why_not_hookable(self, name):
@@ -146,6 +174,9 @@ class ModelAdapter:
         if call.calls != 1:
             return (f"module {name} runs {call.calls} times per forward pass (a shared module); "
                     "hook a module that runs once")
+        if call.folded:
+            return (f"module {name} outputs rows that are not images (its input's axes are folded into the "
+                    "batch axis, as LeViT's BatchNorm1d over tokens); hook a module whose output is batch first")
         return ""
 
     def layout(self, name):
@@ -166,7 +197,7 @@ class ModelAdapter:
         return [n for n in self.order if n in wanted]
 
     def _is_ancestor_of_head(self, name):
-        return name == "" or self.head_name.startswith(name + ".")
+        return name == "" or (self._boundary is not None and self._boundary.startswith(name + "."))
 
     def norms(self, under=None):
         """Recorded names of the norm layers of the model's first norm kind (see the
@@ -175,7 +206,7 @@ class ModelAdapter:
         kinds = {}
         for name in self.order:
             kind = norm_kind(self.modules[name])
-            if kind and name in self.trace.calls:
+            if kind and name in self.trace.calls and not self.trace.calls[name].folded:
                 kinds.setdefault(kind, []).append(name)
         kind = next((k for k, _ in _NORM_KINDS if k in kinds), None)
         out = []
@@ -195,7 +226,8 @@ class ModelAdapter:
     def stages(self):
         """Module names of the model's top-level blocks (see the module docstring)."""
         counts = {n: sum(p.numel() for p in m.parameters()) for n, m in self.modules.items()}
-        head_params = counts[self.head_name]
+        head_params = (counts[self._boundary] if self._boundary is not None
+                       else sum(p.numel() for p in self.model.parameters(recurse=False)))
 
         def size(name):
             return counts[name] - (head_params if self._is_ancestor_of_head(name) else 0)
@@ -205,7 +237,7 @@ class ModelAdapter:
             prefix = f"{node}." if node else ""
             kids = [prefix + n for n, m in self.modules[node].named_children()]
             blocks = [k for k in kids if size(k) > 0 and not self._is_ancestor_of_head(k)
-                      and k != self.head_name and self._has_parametric_children(k)
+                      and k != self._boundary and self._has_parametric_children(k)
                       and k in self.trace.calls]
             if not blocks:
                 return []
@@ -223,7 +255,7 @@ class ModelAdapter:
         position: the input of the global pool, or the token sequence. Its channels are
         usually D; a model with a hidden layer in its classifier (MobileNetV3) has
         another count, which scores that pool this map into the head refuse."""
-        head_order = self.trace.calls[self.head_name].order
+        head_order = self.trace.calls[self._boundary if self._boundary is not None else ""].order
         best = None
         for call in self.trace.calls.values():
             if call.order >= head_order or self.why_not_hookable(call.name) or \
@@ -234,7 +266,7 @@ class ModelAdapter:
                 best = call
         if best is None:
             raise HookSetError(f"{type(self.model).__name__}: no module before the head "
-                               f"{self.head_name} outputs a map over more than one position "
+                               f"{self._boundary or '(the model itself)'} outputs a map over more than one position "
                                "(the input of a global pool)")
         return best.name
 
@@ -285,7 +317,7 @@ class ModelAdapter:
         if name == "penultimate":
             return [self.penultimate()]
         if name == "gram":
-            layers = [n for n in self.order if n and n != self.head_name and not self.why_not_hookable(n)
+            layers = [n for n in self.order if n and n != self._boundary and not self.why_not_hookable(n)
                       and isinstance(self.modules[n], (nn.Conv2d, nn.ReLU))]
             if not layers:
                 raise HookSetError(f"hook set 'gram' is not defined for {what}: no nn.Conv2d or "

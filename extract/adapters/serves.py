@@ -47,4 +47,4 @@ def model_attrs(adapter, hook_set_names):
     return {"hook_sets": sets, "layer_shapes": {l: adapter.shape(l) for l in layers},
             "layer_layouts": layouts, "layer_types": types, "feature_dim": adapter.feature_dim,
             "layer_activations": {l: adapter.activation_after(l) for l in layers},
-            "num_classes": adapter.num_classes, "family": adapter.family}
+            "num_classes": adapter.num_classes, "family": adapter.family, "head": adapter.head_name}

@@ -6,7 +6,9 @@ random batch of two images, with a forward hook on every module. Each module tha
 described by a ``Call``: its call position (post-order: a container after its children),
 how often it ran, its output shape and its layout. The head is the last ``nn.Linear`` or
 1x1 ``nn.Conv2d`` that ran once and whose output, flattened per sample, is exactly the
-model's output.
+model's output. A model without one (a cosine classifier, ``F.linear`` in ``forward``,
+SqueezeNet's conv-ReLU-pool classifier, two averaged heads) still has logits, and its
+features are found by ``_feature_source`` (see ``FeatureSource``).
 
 Layouts (of one module's output, batch first):
     NC    (N, C) vectors
@@ -41,25 +43,47 @@ class Call(NamedTuple):
     name: module name (``named_modules``). order: position of its (last) completion.
     calls: how often it ran in one forward. shape: output shape without the batch axis
     (None when the output is not a tensor). layout: one of ``LAYOUTS`` (None: no tensor).
+    folded: True when the output's first axis is not the batch (LeViT's BatchNorm1d over
+    ``x.flatten(0, 1)``: N x T rows), so its rows are not samples.
     """
     name: str
     order: int
     calls: int
     shape: Optional[tuple]
     layout: Optional[str]
+    folded: bool = False
+
+
+class FeatureSource(NamedTuple):
+    """Where the cached feature vector (D per image) is taken.
+
+    module: module name. side: "input" (its first tensor input, captured by a forward
+    pre-hook) or "output". layout: that tensor's layout (``LAYOUTS``). pooled: True when
+    the tensor holds more than one position per image (a map or tokens), averaged over
+    them in channels-first form; False when it is flattened per image. dim: D.
+    """
+    module: str
+    side: str
+    layout: str
+    pooled: bool
+    dim: int
 
 
 class Trace(NamedTuple):
     """What one forward pass showed. calls: ``{name: Call}`` of the modules that ran.
-    head: name of the head module (None when none was found, see ``head_problem``).
-    feature_dim: D, the flattened size of the head input per sample. num_classes: K.
-    input_shapes: ``{name: shape of one sample of the module's first tensor input}``."""
+    head: name of the linear head module (None when none was found, see ``head_problem``).
+    feature_dim: D, the size of the feature vector per sample (0 when none is found).
+    num_classes: K (0 when the output is not (N, K)).
+    input_shapes: ``{name: shape of one sample of the module's first tensor input}``.
+    features: the ``FeatureSource`` (None when the output is not (N, K) or no feature
+    vector is found)."""
     calls: dict
     head: Optional[str]
     head_problem: str
     feature_dim: int
     num_classes: int
     input_shapes: dict = {}
+    features: Optional[FeatureSource] = None
 
 
 def _layout_from_shape(ndim):
@@ -102,6 +126,7 @@ def trace(model, image_shape, device=None):
     keep = []
     seen = {}          # name -> [order, calls, shape, layout]
     inputs = {}        # name -> first tensor input (head input)
+    input_layouts = {}
     outputs = {}
     last_inside = {}   # name -> [(order, shape, layout)] of tensors produced inside it
     counter = [0]
@@ -111,7 +136,7 @@ def trace(model, image_shape, device=None):
         counter[0] += 1
         x = args[0] if args and torch.is_tensor(args[0]) else None
         if not torch.is_tensor(output):
-            seen[name] = [counter[0], seen.get(name, [0, 0])[1] + 1, None, None]
+            seen[name] = [counter[0], seen.get(name, [0, 0])[1] + 1, None, None, False]
             return
         ndim = output.dim()
         layout = produced.get(id(output))
@@ -129,28 +154,78 @@ def trace(model, image_shape, device=None):
             produced[id(output)] = layout
             keep.append(output)
         last_inside[name] = (counter[0], tuple(output.shape), layout)
-        seen[name] = [counter[0], seen.get(name, [0, 0])[1] + 1, tuple(output.shape[1:]), layout]
+        seen[name] = [counter[0], seen.get(name, [0, 0])[1] + 1, tuple(output.shape[1:]), layout,
+                      ndim == 0 or output.shape[0] != batch]
         if x is not None:
             inputs[name] = x
+            input_layouts[name] = produced.get(id(x), _layout_from_shape(x.dim()))
         outputs[name] = output
 
     handles = [m.register_forward_hook(hook) for m in names]
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((2, *image_shape), generator=generator).to(device)
+    batch = 2
+    x = torch.randn((batch, *image_shape), generator=generator).to(device)
     try:
         with torch.no_grad():
             out = model(x)
     finally:
         for h in handles:
             h.remove()
-    calls = {n: Call(n, o, c, s, l) for n, (o, c, s, l) in seen.items()}
+    calls = {n: Call(n, o, c, s, l, f) for n, (o, c, s, l, f) in seen.items()}
     shapes = {n: tuple(x.shape[1:]) for n, x in inputs.items()}
     if not torch.is_tensor(out) or out.dim() != 2:
         what = type(out).__name__ if not torch.is_tensor(out) else f"a tensor of shape {tuple(out.shape)}"
         return Trace(calls, None, f"the model's output is {what}, not (N, K) logits", 0, 0, shapes)
     head, problem = _find_head(model, calls, outputs, out)
-    dim = int(inputs[head][0].numel()) if head else 0
-    return Trace(calls, head, problem, dim, int(out.shape[1]), shapes)
+    if head:
+        source = FeatureSource(head, "input", input_layouts[head], False, int(inputs[head][0].numel()))
+    else:
+        source = _feature_source(model, calls, shapes, input_layouts, int(out.shape[1]))
+    dim = source.dim if source else 0
+    return Trace(calls, head, problem, dim, int(out.shape[1]), shapes, source)
+
+
+def _feature_source(model, calls, input_shapes, input_layouts, num_classes):
+    """The features of a model without a linear head, or None when it has none.
+
+    L is the last submodule with parameters of its own that outputs K channels (K the
+    class count) to finish in the forward pass: the module whose weights make the logits
+    (a cosine classifier, SqueezeNet's 1x1 conv, the second of two averaged heads). The
+    features are L's input, as is when it is one vector per image, averaged over positions
+    when it is a map or a token sequence. Without such a submodule (``F.linear(x,
+    self.weight)`` in the model's own ``forward``) they are the last one-vector-per-image
+    output of a submodule, else the last map's average over positions."""
+    modules = dict(model.named_modules())
+    own = [c for n, c in calls.items() if n and c.shape is not None and c.calls == 1 and not c.folded and n in input_shapes
+           and any(True for _ in modules[n].parameters(recurse=False))
+           and canonical_shape(c.shape, c.layout)[0] == num_classes]
+    last = max(own, key=lambda c: c.order, default=None)
+    if last is not None:
+        shape, layout = input_shapes[last.name], input_layouts[last.name]
+        return FeatureSource(last.name, "input", layout, len(shape) > 1, _size(shape, layout))
+    ran = sorted((c for c in calls.values() if c.name and c.calls == 1 and c.shape is not None and not c.folded),
+                 key=lambda c: -c.order)
+    vector = next((c for c in ran if c.layout == "NC"), None)
+    if vector is not None:
+        return FeatureSource(vector.name, "output", "NC", False, math.prod(vector.shape))
+    grid = next((c for c in ran if len(c.shape) > 1), None)
+    if grid is not None:
+        return FeatureSource(grid.name, "output", grid.layout, True, _size(grid.shape, grid.layout))
+    return None
+
+
+def _size(shape, layout):
+    """D of a feature tensor of per-image ``shape``: its channels when it is pooled (more
+    than one axis), else its length."""
+    return canonical_shape(shape, layout)[0] if len(shape) > 1 else math.prod(shape)
+
+
+def feature_vector(t, source):
+    """(N, D) feature vectors from the captured tensor ``t`` (batch first) of ``source``:
+    averaged over positions in channels-first form when pooled, else flattened."""
+    if source.pooled:
+        return canonical(t, source.layout).flatten(2).mean(dim=2)
+    return t.flatten(1)
 
 
 def named_head_problem(name, module, trace):

@@ -166,9 +166,10 @@ def logits_of(output, key=None, classes=None):
     """The (N, K) logits in a model's ``output``: ``output`` itself when it is a tensor;
     with ``key`` (``--output``), ``output[key]`` (an integer index of a tuple or list, or a
     key of a dict, or an attribute of a dataclass or named tuple); otherwise the
-    ``logits`` entry of a dict or dataclass (Hugging Face's classifiers), or the first
+    ``logits`` entry of a dict or dataclass (Hugging Face's classifiers), or the one
     (N, ``classes``) tensor of a tuple or list (OpenOOD's ``(logits, features)``). Raises
-    ValueError naming what the output holds and the option."""
+    ValueError naming what the output holds and the option, also when several tensors
+    are (N, ``classes``)."""
     if torch.is_tensor(output):
         if key is not None:
             raise ValueError(f"--output {key}: the model returns one tensor {tuple(output.shape)}, the logits "
@@ -183,8 +184,13 @@ def logits_of(output, key=None, classes=None):
     else:
         chosen = fields.get("logits")
         if chosen is None:
-            chosen = next((v for v in fields.values() if torch.is_tensor(v) and v.dim() == 2
-                           and (classes is None or v.shape[1] == classes)), None)
+            fits = {k: v for k, v in fields.items() if torch.is_tensor(v) and v.dim() == 2
+                    and (classes is None or v.shape[1] == classes)}
+            if len({id(v) for v in fits.values()}) > 1:
+                raise ValueError(f"the model returns a {type(output).__name__} holding {_describe(fits)}: more "
+                                 f"than one could be the (N, {classes or 'K'}) logits; pick them with --output "
+                                 "INDEX or KEY")
+            chosen = next(iter(fits.values()), None)
         if chosen is None:
             raise ValueError(f"the model returns a {type(output).__name__} holding {_describe(fields)}, with no "
                              f"(N, {classes or 'K'}) logits among them: pick them with --output INDEX or KEY")

@@ -89,7 +89,7 @@ FIT = dict(family="features", passes=("adascale",), fit_memory="num_samples",
            fit_params=("k1", "k2", "lmbda", "num_samples", "seed"), reference=REFERENCE, grid=GRID)
 
 
-@register_score("adascale_a", title="AdaScale-A", paper={"AdaScale-A (75, 85)": {}}, **FIT)
+@register_score("adascale_a", title="AdaScale-A", paper={"AdaScale-A (75, 85)": {}}, linear_head=True, **FIT)
 class AdaScaleA(AdaScale):
     """AdaScale-A: the features scaled by exp(r)."""
 

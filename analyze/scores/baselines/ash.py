@@ -64,7 +64,7 @@ def _check(percentile):
         raise ValueError(f"ASH percentile must be in [0, 100), got {percentile}")
 
 
-@register_score("ash", title="ASH", family="features", default=True, reference=REFERENCE,
+@register_score("ash", linear_head=True, title="ASH", family="features", default=True, reference=REFERENCE,
                 choices={"variant": ASH_VARIANTS}, paper={"ASH-S (release placement)": {}},
                 describe=lambda p, attrs: f"{p['variant'].upper().replace('_', '-')} at p={p['percentile']:g}, after pooling",
                 grid=[{"variant": list(ASH_VARIANTS), "percentile": [65, 80, 90, 95]}])
@@ -92,7 +92,7 @@ def pooled_map_defined(params, attrs):
     return ""
 
 
-@register_score("ash_map", title="ASH on the map (ablation)", family="features", reference=REFERENCE,
+@register_score("ash_map", linear_head=True, title="ASH on the map (ablation)", family="features", reference=REFERENCE,
                 needs=[("penultimate", "act", "map")], choices={"variant": ASH_VARIANTS},
                 defined_on=pooled_map_defined,
                 describe=lambda p, attrs: f"{p['variant']} at p={p['percentile']:g} on the map before pooling (not the release's placement)")

@@ -12,7 +12,7 @@ from gradood.analyze.registry import register_score
 from gradood.analyze.streaming import feature_mean
 
 
-@register_score("dice", default=True, fit_memory="D", title="DICE", family="features", fit_params=(),
+@register_score("dice", linear_head=True, default=True, fit_memory="D", title="DICE", family="features", fit_params=(),
                 reference="Sun & Li, ECCV 2022; deeplearning-wisc/dice", paper={"DICE (p=90)": {}},
                 grid=[{"p": [10, 30, 50, 70, 90]}])
 class DICE:

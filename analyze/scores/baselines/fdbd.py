@@ -11,7 +11,7 @@ from gradood.analyze.registry import register_score
 from gradood.analyze.streaming import feature_mean
 
 
-@register_score("fdbd", default=True, fit_memory="D", title="fDBD", family="features", fit_params=(),
+@register_score("fdbd", linear_head=True, default=True, fit_memory="D", title="fDBD", family="features", fit_params=(),
                 reference="Liu & Qin, ICML 2024; litianliu/fDBD-OOD", paper={"fDBD": {}},
                 grid=[{"distance_as_normalizer": [True, False]}])
 class FDBD:

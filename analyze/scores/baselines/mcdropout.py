@@ -29,7 +29,7 @@ def dropout_masks(rows, T, D, p, seed):
     return out / (1.0 - p)
 
 
-@register_score("mcdropout", title="MC-Dropout", family="features",
+@register_score("mcdropout", linear_head=True, title="MC-Dropout", family="features",
                 reference="Gal & Ghahramani, ICML 2016; OpenOOD dropout_postprocessor.py",
                 paper={"MC-Dropout (p=0.5, T=5)": {}}, grid=[{"p": [0.1, 0.25, 0.5], "T": [5, 10, 20]}])
 def mcdropout(data, p=0.5, T=5, seed=0):

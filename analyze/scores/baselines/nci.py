@@ -12,7 +12,7 @@ from gradood.analyze.registry import register_score
 from gradood.analyze.streaming import feature_mean
 
 
-@register_score("nci", default=True, title="NCI", family="features", fit_params=(), fit_memory="D",
+@register_score("nci", linear_head=True, default=True, title="NCI", family="features", fit_params=(), fit_memory="D",
                 reference="Liu & Qin (neural collapse); OpenOOD nci_postprocessor", paper={"NCI (alpha=1e-4)": {}},
                 grid=[{"alpha": [1e-4, 1e-3, 1e-2, 0.1]}])
 class NCI:

@@ -7,7 +7,7 @@ import numpy as np
 from gradood.analyze.registry import register_score
 
 
-@register_score("nusa", title="NuSA", family="features", default=True,
+@register_score("nusa", linear_head=True, title="NuSA", family="features", default=True,
                 reference="Cook et al., 2020 (null space analysis), as stated in the ViM paper",
                 paper={"NuSA": {}})
 def nusa(data):

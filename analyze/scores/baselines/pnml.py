@@ -28,7 +28,7 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@register_score("pnml", default=True, title="pNML", family="features", fit_params=(), fit_memory="2 D^2",
+@register_score("pnml", linear_head=True, default=True, title="pNML", family="features", fit_params=(), fit_memory="2 D^2",
                 reference="Bibas et al., NeurIPS 2021; kobybibas/pnml_ood_detection", paper={"pNML": {}})
 class PNML:
     """Fitted: ``inverse_`` (D, D), pinv of the Gram matrix of the normalised training features."""

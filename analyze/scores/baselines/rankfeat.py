@@ -11,7 +11,7 @@ from gradood.analyze.registry import register_score
 from gradood.analyze.scores.baselines.ash import pooled_map_defined
 
 
-@register_score("rankfeat", title="RankFeat (block 4)", family="features",
+@register_score("rankfeat", linear_head=True, title="RankFeat (block 4)", family="features",
                 reference="Song et al., NeurIPS 2022; KingJamesSong/RankFeat",
                 needs=[("penultimate", "act", "map")], defined_on=pooled_map_defined)
 def rankfeat(data):

@@ -12,7 +12,7 @@ from gradood.analyze.registry import register_score
 from gradood.analyze.streaming import exact_percentile
 
 
-@register_score("react", title="ReAct", family="features", default=True, fit_memory="65,536 counts",
+@register_score("react", linear_head=True, title="ReAct", family="features", default=True, fit_memory="65,536 counts",
                 reference="Sun et al., NeurIPS 2021", paper={"ReAct (p=90)": {}},
                 grid=[{"percentile": [70, 80, 85, 90, 95, 99]}])
 class ReAct:

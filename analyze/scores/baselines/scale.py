@@ -12,7 +12,7 @@ from gradood.analyze.registry import register_score
 from .ash import kept_entries
 
 
-@register_score("scale", default=True, title="SCALE", family="features", reference="Xu et al., ICLR 2024; kai422/SCALE",
+@register_score("scale", linear_head=True, default=True, title="SCALE", family="features", reference="Xu et al., ICLR 2024; kai422/SCALE",
                 paper={"SCALE (p=85)": {}}, grid=[{"percentile": [65, 70, 75, 80, 85, 90, 95]}])
 def scale(data, percentile=85.0):
     """(n,) float64 energy of the head on the scaled (not pruned) pooled features."""

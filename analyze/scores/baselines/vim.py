@@ -24,7 +24,7 @@ def vim_default_dim(feature_dim):
     return feature_dim // 2
 
 
-@register_score("vim", title="ViM", family="features", default=True, fit_memory="2 D^2",
+@register_score("vim", linear_head=True, title="ViM", family="features", default=True, fit_memory="2 D^2",
                 reference="Wang et al., CVPR 2022", paper={"ViM (paper dim)": {}},
                 grid=[{"dim": [16, 64, 128, 256]}])
 class ViM:
@@ -62,7 +62,7 @@ class ViM:
         return energy(x @ data.head_weight.T + data.head_bias) - vlogit
 
 
-@register_score("residual", title="Residual", family="features", default=True,
+@register_score("residual", linear_head=True, title="Residual", family="features", default=True,
                 reference="Wang et al., CVPR 2022 (the ViM release's Residual baseline)",
                 paper={"Residual (paper dim)": {}}, fit_memory="2 D^2", grid=[{"dim": [16, 64, 128, 256]}])
 class Residual(ViM):

@@ -18,7 +18,7 @@ from gradood.analyze.registry import register_score
 from gradood.analyze.streaming import exact_percentile
 
 
-@register_score("vra", title="VRA", family="features", fit_memory="65,536 counts",
+@register_score("vra", linear_head=True, title="VRA", family="features", fit_memory="65,536 counts",
                 reference="Xu et al., NeurIPS 2023; OpenOOD vra_postprocessor.py",
                 paper={"VRA (10, 90)": {}},
                 grid=[{"percentile_high": [85, 90, 95, 99], "percentile_low": [1, 5, 10, 15]}])

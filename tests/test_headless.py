@@ -1,0 +1,323 @@
+"""Models whose logits are not a linear map of one feature vector: a cosine classifier, an
+``F.linear`` head in the model's own ``forward``, SqueezeNet (1x1 conv, ReLU, pool), and
+two averaged heads (timm's distilled DeiT and LeViT).
+
+Each is extracted with random weights on tiny inputs and checked per sample against a
+batch-size-1 autograd loop: the logits, the features (taken where the test says they are,
+not where the tracing finds them), and the activation and max-logit gradient statistics
+of one hooked layer. Every score that reads the linear head is refused by name, by
+``pipeline.py scores``' prediction, by extraction when named, and by analysis; the
+others are computed.
+"""
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bench.helpers import compute_score, extract_tensor, image_set
+from gradood.analyze.engine import Engine
+from gradood.analyze.registry import all_entries, default_scores, entry, requirements
+from gradood.extract import ExtractConfig, Provenance
+from gradood.extract.adapters import HookSetError, adapter_for
+from gradood.extract.adapters.serves import model_attrs, unserved
+from gradood.extract.runner import ExtractionPlan, extract_to_cache
+from gradood.store.reader import CacheReader
+from gradood.store.schema import stat_path
+
+timm = pytest.importorskip("timm")
+import torchvision  # noqa: E402
+
+from tests.test_models import close, randomize  # noqa: E402
+
+
+class CosineHead(nn.Module):
+    """s * normalize(f) @ normalize(W).T, the head of many OOD training methods."""
+    def __init__(self, d, k, s=16.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(k, d))
+        self.s = s
+
+    def forward(self, f):
+        return self.s * F.normalize(f, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+class _Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class CosineNet(_Body):
+    def __init__(self, k=5):
+        super().__init__()
+        self.head = CosineHead(12, k)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class FunctionalLinearNet(_Body):
+    """The head's weight is the model's own parameter, applied with ``F.linear``."""
+    def __init__(self, k=5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(k, 12))
+        self.bias = nn.Parameter(torch.zeros(k))
+
+    def forward(self, x):
+        return F.linear(self.body(x), self.weight, self.bias)
+
+
+def deit():
+    return timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=5, img_size=32,
+                             patch_size=8, depth=2)
+
+
+# label, factory, image side, (feature module, "input"/"output", pooled over positions),
+# {hooked module: its output layout, as the test knows it}
+HEADLESS = [
+    ("cosine head", CosineNet, 16, ("head", "input", False), {"body.1": "NCHW"}),
+    ("F.linear head", FunctionalLinearNet, 16, ("body", "output", False), {"body.4": "NCHW"}),
+    ("torchvision:squeezenet1_1", lambda: torchvision.models.squeezenet1_1(num_classes=5), 64,
+     ("classifier.1", "input", True), {"features.3": "NCHW"}),
+    ("timm deit_tiny_distilled", deit, 32, ("head_dist", "input", False), {"blocks.1.norm1": "NTC"}),
+    ("timm levit_128s", lambda: timm.create_model("levit_128s", pretrained=False, num_classes=5, img_size=64), 64,
+     ("head_dist.linear", "input", False), {"stages.0": "NTC"}),
+]
+
+
+def reference(model, x, feature, layouts):
+    """Per sample (batch size 1): logits, the features at ``feature`` (module, side,
+    pooled), and per module of ``layouts`` the activation mean and the max-logit gradient
+    mean and nonzero count per channel (from a clone handed on to the network)."""
+    modules = dict(model.named_modules())
+    name, side, pooled = feature
+    out = {"logits": [], "features": [], "layers": {n: {"act": [], "grad": [], "nonzero": []} for n in layouts}}
+
+    def channels(t, layout):
+        t = t[0]
+        t = t.permute(2, 0, 1) if layout == "NHWC" else t.transpose(0, 1) if layout == "NTC" else t
+        return t.reshape(t.shape[0], -1).double()
+
+    for i in range(len(x)):
+        captured, handles = {}, []
+        for layer in layouts:
+            def hook(m, a, o, layer=layer):
+                captured[layer] = o
+                return o.clone()
+            handles.append(modules[layer].register_forward_hook(hook))
+        if side == "input":
+            handles.append(modules[name].register_forward_pre_hook(lambda m, a: captured.__setitem__("f", a[0])))
+        else:
+            handles.append(modules[name].register_forward_hook(lambda m, a, o: captured.__setitem__("f", o)))
+        try:
+            with torch.enable_grad():
+                z = model(x[i:i + 1].clone().requires_grad_(True))
+                grads = torch.autograd.grad(z.max(dim=1).values.sum(), [captured[n] for n in layouts])
+        finally:
+            for h in handles:
+                h.remove()
+        f = captured["f"].detach()
+        out["logits"].append(z.detach()[0].numpy())
+        out["features"].append((f.flatten(2).mean(2) if pooled else f.flatten(1))[0].numpy())
+        for (layer, layout), g in zip(layouts.items(), grads):
+            a, g = channels(captured[layer].detach(), layout), channels(g, layout)
+            rec = out["layers"][layer]
+            rec["act"].append(a.mean(1).numpy())
+            rec["grad"].append(g.mean(1).numpy())
+            rec["nonzero"].append((g != 0).sum(1).numpy())
+    return {k: (np.stack(v) if k != "layers" else {n: {s: np.stack(r[s]) for s in r} for n, r in v.items()})
+            for k, v in out.items()}
+
+
+def served_by_prediction(adapter):
+    """Default scores `pipeline.py scores` predicts served on ``adapter``, and the refused
+    ones with their reasons (the hook sets, then the model: ``model_problem``)."""
+    served, refused = [], {}
+    for name in default_scores():
+        needs, passes = requirements([name])
+        reasons = unserved(adapter, needs, passes)
+        if not reasons:
+            why = entry(name).model_problem(None, model_attrs(adapter, [n[0].split(":")[0] for n in needs]))
+            reasons = [why] if why else []
+        (refused.__setitem__(name, reasons) if reasons else served.append(name))
+    return served, refused
+
+
+@pytest.mark.parametrize("label,factory,side,feature,layouts", HEADLESS, ids=[m[0] for m in HEADLESS])
+def test_a_model_without_a_linear_head_serves_what_does_not_read_one(label, factory, side, feature, layouts,
+                                                                     tmp_path):
+    torch.manual_seed(0)
+    model = randomize(factory()).eval().requires_grad_(False)
+    x = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(1))
+    adapter = adapter_for(model, (3, side, side))
+    assert adapter.head_name == "" and adapter.head_weight_bias() is None
+    assert (adapter.features.module, adapter.features.side, adapter.features.pooled) == feature
+    served, refused = served_by_prediction(adapter)
+    head_scores = {n for n in default_scores() if entry(n).reads_head()}
+    assert {"gradnorm", "react", "vim", "ash", "dice", "scale", "nac"} <= head_scores
+    for name in head_scores:
+        assert name in refused and "reads the linear head" in refused[name][0], (name, refused.get(name))
+    assert {"msp", "energy", "maxlogit", "knn", "mahalanobis", "odin"} <= set(served), refused
+
+    path = str(tmp_path / "cache.h5")
+    needs, passes = requirements(served)
+    needs += [(layer, source, stat) for layer in layouts for source, stat in
+              (("act", "mean"), ("max_logit", "mean"), ("max_logit", "nonzero"))]
+    config = ExtractConfig(arch=label, needs=needs, passes=passes, hooks=tuple(layouts), odin_std=(0.5, 0.5, 0.5),
+                           batch_size=3, device="cpu", progress=False)
+    extract_to_cache(model, image_set(x), path, config, Provenance(dataset="cache"))
+    want = reference(model, x, feature, layouts)
+    with torch.no_grad():
+        logits = model(x).numpy()
+    with CacheReader(path) as r:
+        assert r.attrs["head"] == "" and not r.has("head/weight")
+        assert r.attrs["feature_dim"] == want["features"].shape[1]
+        close(r.read_all("logits"), logits)
+        close(r.read_all("logits"), want["logits"])
+        close(r.read_all("features"), want["features"])
+        for layer, layout in layouts.items():
+            assert r.attrs["layer_layouts"][layer] == layout
+            rec = want["layers"][layer]
+            close(r.read(stat_path(layer, "act", "mean")), rec["act"])
+            close(r.read(stat_path(layer, "max_logit", "mean")), rec["grad"], rtol=1e-4,
+                  scale=np.abs(rec["grad"]).max())
+            np.testing.assert_array_equal(r.read(stat_path(layer, "max_logit", "nonzero")), rec["nonzero"])
+        for name in ("msp", "energy", "maxlogit"):
+            assert np.all(np.isfinite(compute_score(r, name)))
+        z = want["logits"].astype(np.float64)
+        np.testing.assert_allclose(compute_score(r, "maxlogit"), z.max(axis=1), rtol=1e-5)
+
+    # analysis refuses the head readers by name (the same reason as the prediction)
+    engine = Engine(str(tmp_path), "cache")
+    try:
+        assert "reads the linear head" in engine.why_not("gradnorm")
+        assert engine.why_not("msp") == ""
+    finally:
+        engine.close()
+
+
+def test_extraction_refuses_a_named_head_reader_and_analysis_has_no_head(tmp_path):
+    model = randomize(CosineNet()).eval().requires_grad_(False)
+    needs, passes = requirements(["msp", "gradnorm"])
+    config = ExtractConfig(arch="cos", needs=needs, passes=passes, device="cpu", head_scores=("gradnorm",))
+    with pytest.raises(ValueError, match=r"gradnorm read\(s\) the linear head .* CosineNet computes its logits "
+                                         r"otherwise.*--head MODULE"):
+        ExtractionPlan(model, config, (3, 16, 16), torch.device("cpu"))
+    # a plugin score that reads the head without declaring it gets the cache's reason
+    path = extract_tensor(model, "cos", torch.randn(4, 3, 16, 16), str(tmp_path / "c.h5"), ["msp"])
+    from gradood.analyze.data import CacheData
+    from gradood.store.schema import CacheError
+    with CacheReader(path) as r, pytest.raises(CacheError, match="has no linear head"):
+        CacheData(r).head_weight
+
+
+def test_squeezenet_with_head_is_refused_before_anything_runs():
+    model = torchvision.models.squeezenet1_1(num_classes=5).eval()
+    with pytest.raises(HookSetError, match=r"--head classifier.1: its input per image is 512x13x13"):
+        adapter_for(model, (3, 224, 224), head="classifier.1")
+    assert adapter_for(model, (3, 224, 224)).feature_dim == 512      # without --head: pooled as documented
+
+
+@pytest.mark.parametrize("label,factory,side,feature,layouts", HEADLESS, ids=[m[0] for m in HEADLESS])
+def test_scores_and_extract_agree_without_a_linear_head(label, factory, side, feature, layouts):
+    """For every registered score: predicted served exactly when its extraction plan, the
+    score named (``head_scores``), builds."""
+    model = randomize(factory()).eval().requires_grad_(False)
+    adapter = adapter_for(model, (3, side, side))
+    for name in all_entries():
+        needs, passes = requirements([name])
+        if "mahalanobis" in passes:
+            continue
+        reasons = unserved(adapter, needs, passes) + (["reads the head"] if entry(name).reads_head() else [])
+        config = ExtractConfig(needs=needs, passes=passes, arch=label, num_classes=5,
+                               odin_std=(0.5, 0.5, 0.5) if "iodin" in passes else None,
+                               head_scores=(name,) if entry(name).reads_head() else ())
+        try:
+            ExtractionPlan(model, config, (3, side, side), torch.device("cpu"), adapter)
+            planned = ""
+        except ValueError as err:
+            planned = str(err)
+        assert bool(reasons) == bool(planned), (name, reasons, planned)
+
+
+def test_the_docs_model_table_is_the_generators_output():
+    """docs/model_table.md lists every model of ``bench/model_table.py`` and its rows are
+    what the generator writes (checked on two cheap rows: one with a head, one without)."""
+    import os
+    from bench import model_table
+    with open(model_table.OUT) as f:
+        text = f.read()
+    names, total = model_table.score_names()
+    assert text.startswith(model_table.HEADER.format(total=total))
+    for arch, _, side in model_table.MODELS:
+        assert f"| `{arch}` | {side} |" in text, arch
+    for arch, classes, side in [m for m in model_table.MODELS if m[0] in ("resnet20", "torchvision:squeezenet1_1")]:
+        assert model_table.row(arch, classes, side, names) + "\n" in text, arch
+    assert os.path.basename(model_table.OUT) in open(os.path.join(os.path.dirname(model_table.OUT), "models.md")).read()
+
+
+COSINE_FILE = '''
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Cosine(nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.weight = nn.Parameter(torch.randn(k, 8))
+
+    def forward(self, x):
+        f = F.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+        return 10 * F.normalize(f, dim=1) @ F.normalize(self.weight, dim=1).T
+
+
+def build(num_classes):
+    return Cosine(num_classes)
+'''
+
+
+def test_the_cli_serves_a_cosine_model_and_names_what_it_refuses(tmp_path):
+    """``scores``, ``extract`` and ``analyze`` on a model file whose cosine head is computed
+    in its own ``forward``: the head readers are refused by name at each door, the rest run."""
+    from PIL import Image
+    from bench.helpers import run_cli
+    source = tmp_path / "cos.py"
+    source.write_text("import torch\n" + COSINE_FILE)
+    model = f"{source}:build"
+    code, out = run_cli(["scores", "--model-file", model, "--num-classes", "3", "--image-size", "16"])
+    assert code == 0 and "head (none: logits not a linear map), 8 features from bn" in out, out
+    assert "gradnorm: not served: it reads the linear head" in out and "msp" in out, out
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cos_for_cli", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    torch.save(module.build(3).state_dict(), tmp_path / "cos.pt")
+    rng = np.random.default_rng(0)
+    for name in ("id", "ood"):
+        (tmp_path / name / "a").mkdir(parents=True)
+        for j in range(6):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / name / "a" / f"{j}.png")
+    common = ["--model-file", model, "--num-classes", "3", "--checkpoint", str(tmp_path / "cos.pt"),
+              "--preprocess", "totensor", "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    code, out = run_cli(["extract", *common, "--score", "msp", "--score", "gradnorm", "--dataset", f"id={tmp_path / 'id'}"])
+    assert code == 2 and "gradnorm read(s) the linear head" in out, out
+    for name in ("id", "ood"):
+        code, out = run_cli(["extract", *common, "--dataset", f"{name}={tmp_path / name}"])   # the default scores
+        assert code == 0, out
+        assert re.search(r"note: left out of the extraction: [a-z_, ]*\bgradnorm\b[a-z_, ]*: they read the linear "
+                         r"head", out), out
+        assert "note: left out of the extraction: gaia_a: hook set 'before_head'" in out, out
+    code, out = run_cli(["analyze", "--cache-dir", str(tmp_path / "c"), "--id", "id", "--ood", "ood",
+                         "--results", str(tmp_path / "r"), "--score", "all"])
+    assert code == 0, out
+    assert "gradnorm left out: gradnorm is not defined on this model: it reads the linear head" in out, out
+    summary = (tmp_path / "r" / "summary.csv").read_text()
+    assert "MSP" in summary and "GradNorm" not in summary
