@@ -100,10 +100,10 @@ def _load_plugins(plugins):
 
 
 def _parse_scores(items, all_means):
-    """Score names from repeatable, comma-separated --score values (``analyze.api.score_names``);
-    ``all`` = ``all_means``."""
+    """``(names, explicit)`` from repeatable, comma-separated --score values
+    (``analyze.api.score_names``); ``all`` = ``all_means``; ``([], [])`` without any."""
     try:
-        return score_names(items, every=all_means)[0] if items else []
+        return score_names(items, every=all_means) if items else ([], [])
     except ScoreError as err:
         _fail(err)
 
@@ -181,7 +181,7 @@ def cli():
 @click.option("--image-size", type=click.IntRange(min=1), default=None, help="Override the crop/resize size of --preprocess.")
 @click.option("--cache-dir", default=None, help="Folder of the caches, one <dataset>.h5 each. [default: caches/<benchmark>-<arch>]")
 @click.option("--hook", "hooks", multiple=True, help=f"Hook set ({', '.join(HOOK_SETS)}) or module name to record besides what the scores need (with --policy/--store). Repeatable.")
-@click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = every score (mahalanobis_ens only with --maha-fit). Repeatable. [default: every score marked default that the model serves, see `pipeline.py scores`, the others named in a note; with --split train the default scores fitted on training data, which is what a training cache serves]")
+@click.option("--score", "scores", multiple=True, help="Scores the cache must serve (decides objectives and stored statistics); 'all' = every score (mahalanobis_ens only with --maha-fit). Repeatable. [default: every score marked default, see `pipeline.py scores`; those the model cannot serve, and those of 'all', are left out with a note, a score named explicitly must be served; with --split train the default scores fitted on training data, which is what a training cache serves]")
 @click.option("--param", "param_items", multiple=True, help="Score parameter that changes what is recorded, SCORE.NAME=VALUE (e.g. nac.layers=avgpool,layer3). Repeatable.")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(), help="Python file registering scores (from gradood.analyze import register_score); their needs are recorded. Repeatable.")
 @click.option("--policy", default="scores", type=click.Choice(list(POLICIES)), show_default=True, help="Storage policy of every hooked layer (scores: only what the scores read; pooled; stats; raw = full maps).")
@@ -217,7 +217,8 @@ def extract(bench, datasets, data_root, arch, model_file, head, output, hook_set
     """
     _load_plugins(plugins)
     everything = [n for n in all_entries() if n != "mahalanobis_ens" or maha_fit]
-    names = _parse_scores(scores, everything) or (training_scores() if split == "train" else default_scores())
+    names, explicit = _parse_scores(scores, everything)
+    names = names or (training_scores() if split == "train" else default_scores())
     if "mahalanobis_ens" in names and not maha_fit:
         _fail("the multi-layer Mahalanobis ensemble needs --maha-fit TRAIN_CACHE (the ID training "
               "cache, e.g. caches/<benchmark>-<arch>/<id>_train.h5)")
@@ -235,8 +236,9 @@ def extract(bench, datasets, data_root, arch, model_file, head, output, hook_set
             store=store_overrides, odin=odin_pairs, maha_fit=maha_fit, maha_magnitudes=maha_magnitudes,
             maha_adversarial=maha_adversarial, split=split, limit=limit, balanced=balanced, batch_size=batch_size,
             device=device, scores=tuple(names), skip_bad=skip_bad, dry_run=dry_run, progress=not quiet,
-            overwrite=overwrite, head_scores=tuple(n for n in names if entry(n).reads_head(params.get(n))),
-            score_needs={} if scores else {n: requirements([n], params) for n in names})
+            overwrite=overwrite, refusals=lambda adapter: model_refusals(names, params, adapter),
+            score_needs={n: requirements([n], params) for n in names},
+            optional=tuple(n for n in names if n not in explicit))
         stage.extract_command(config, click.echo)
     except KeyboardInterrupt as err:
         _interrupted(err)
@@ -461,37 +463,54 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
                "D features, K classes, C channels, M intervals; float64 entries unless the score says)")
 
 
+def model_refusals(names, params, adapter):
+    """``{score: [reason]}`` of the scores in ``names`` (with ``params``, ``{score:
+    {parameter: value}}``) that the model of ``adapter`` (``extract.adapters``) cannot
+    serve: the hook sets and passes it cannot record (``unserved``), else the model itself
+    (the entry's ``model_problem``: no linear head, its ``defined_on``). The one place that
+    joins what a score reads (analysis) with what a model has (extraction): ``scores``
+    prints it, ``extract`` applies it (``ExtractConfig.refusals``)."""
+    from gradood.extract.adapters.serves import model_attrs, unserved
+    out = {}
+    for name in names:
+        needs, passes = requirements([name], params)
+        reasons = unserved(adapter, needs, passes)
+        if not reasons:
+            attrs = model_attrs(adapter, [split_selector(h)[0] for h, _, _ in needs])
+            why = entry(name).model_problem((params or {}).get(name), attrs)
+            reasons = [why] if why else []
+        if reasons:
+            out[name] = reasons
+    return out
+
+
 def model_serving(stage, names, arch, model_file, num_classes, image_size, head=None, hook_sets=(), output=None,
                   preprocess=None):
     """``(rows, title)``: per score in ``names`` ``[name, title, "yes" | "no", backward
     objectives, bytes per image, reason or note]`` on a random-weight copy of the model,
     traced at the input shape of ``preprocess`` or at 3 x ``image_size`` (default 224) (the
     costs of the score extracted alone:
-    ``extract.cli_support.extraction_cost``); ``stage``: ``extract.cli_support``. The one
-    place that joins what a score reads (analysis) with what the model has (extraction)."""
+    ``extract.cli_support.extraction_cost``); ``stage``: ``extract.cli_support``; the
+    refusals are ``model_refusals``."""
     from gradood.extract.adapters import adapter_for
-    from gradood.extract.adapters.serves import model_attrs, unserved
+    from gradood.extract.adapters.serves import model_attrs
     model = stage.build_model(arch, num_classes, model_file, output)
     shape = stage.input_shape(preprocess, image_size, model)
     adapter = adapter_for(model, shape, head, parse_hook_sets(hook_sets))
     stage.check_num_classes(adapter.num_classes, num_classes, model_file)
+    refused = model_refusals(names, {}, adapter)
     rows = []
     for name in names:
         e = entry(name)
         needs, passes = requirements([name])
-        reasons = unserved(adapter, needs, passes)
+        reasons = refused.get(name, [])
         note = ""
-        if not reasons:
+        if not reasons and e.describe:
             attrs = model_attrs(adapter, [split_selector(h)[0] for h, _, _ in needs])
-            params = e.resolve()
-            why = e.model_problem(params, attrs)
-            if why:
-                reasons = [why]
-            elif e.describe:
-                try:        # a description of the model's layers; others read cache parts
-                    note = e.describe(params, attrs)
-                except (KeyError, TypeError, ValueError, CacheError):
-                    note = ""
+            try:        # a description of the model's layers; others read cache parts
+                note = e.describe(e.resolve(), attrs)
+            except (KeyError, TypeError, ValueError, CacheError):
+                note = ""
         cost = None if reasons else stage.extraction_cost(model, adapter, shape, needs, passes)
         objectives = ", ".join(cost[0]) or "-" if cost else "-"
         size = f"{cost[1]:,}" if cost else ("needs --maha-fit" if not reasons else "-")

@@ -28,7 +28,6 @@ from .demo_data import build_demo_data
 from .distributed import init_shard
 from .mahalanobis import ADV_NOISE, RELEASE_MAGNITUDES, LayerGaussians
 from .adapters import adapter_for
-from .adapters.serves import unserved
 from .models import build_model, canonical_arch, check_num_classes, model_file_provenance  # noqa: F401 (pipeline scores)
 from .runner import ExtractionPlan, cache_attrs, extract_to_cache, select_device
 from .train import accuracy, train_classifier
@@ -148,8 +147,7 @@ def extract_command(config, log=print):
     image_shape = D.probe_shape(transform)
     adapter = adapter_for(model, image_shape, config.head, config.hook_sets)
     check_num_classes(adapter.num_classes, num_classes, config.model_file)
-    if config.score_needs:
-        config = served_defaults(config, adapter, log)
+    config = check_scores(config, adapter, log)
     maha = _maha_setup(adapter, weights, description, dev, config) if config.maha_fit else None
     config = replace(config, arch=arch, num_classes=num_classes, preprocess=preprocess, data_root=data_root,
                      checkpoint=checkpoint, cache_dir=cache_dir,
@@ -162,21 +160,28 @@ def extract_command(config, log=print):
     shard.close()
 
 
-def served_defaults(config, adapter, log):
-    """``config`` restricted to the default scores (``config.score_needs``) the model of
-    ``adapter`` serves; the others are named in one note per reason through ``log``."""
-    left_out, kept = {}, []
-    for name in config.scores:
-        needs, passes = config.score_needs[name]
-        reasons = unserved(adapter, needs, passes)
-        if not reasons and name in config.head_scores and not adapter.head_name:
-            reasons = ["they read the linear head (logits = W x + b of the features), which the model lacks"]
-        (left_out.setdefault(reasons[0], []).append(name) if reasons else kept.append(name))
+def check_scores(config, adapter, log):
+    """``config`` once its scores are checked against the model of ``adapter`` with
+    ``config.refusals``: a named score the model cannot serve raises ValueError with the
+    reason; the others (``config.optional``) it cannot serve are left out, named in one
+    note per reason through ``log``, and the needs recomputed from ``config.score_needs``."""
+    refused = config.refusals(adapter) if config.refusals else {}
+    required = {name: reasons for name, reasons in refused.items() if name not in config.optional}
+    if required:
+        raise ValueError("; ".join(f"{name}: {reasons[0]}" for name, reasons in required.items())
+                         + " (leave it out, or see `pipeline.py scores` for what this model serves)")
+    if not refused:
+        return config
+    left_out = {}
+    for name, reasons in refused.items():
+        left_out.setdefault(reasons[0], []).append(name)
     for reason, names in left_out.items():
         log(f"note: left out of the extraction: {', '.join(names)}: {reason}")
+    kept = [s for s in config.scores if s not in refused]
     needs = list(dict.fromkeys(n for s in kept for n in config.score_needs[s][0]))
     passes = tuple(dict.fromkeys(p for s in kept for p in config.score_needs[s][1]))
-    return replace(config, needs=needs, passes=passes, scores=tuple(kept), head_scores=(), score_needs={})
+    return replace(config, needs=needs, passes=passes, scores=tuple(kept), refusals=None, score_needs={},
+                   optional=())
 
 
 def input_shape(preprocess, image_size, model):

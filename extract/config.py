@@ -18,7 +18,7 @@ cache's root attributes.
 """
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from gradood.store.recipes import BATCH_SIZE, HOOK_SETS, ODIN_DEFAULT as ODIN_PAIR, PASSES, check_needs
 from gradood.store.schema import POLICIES, odin_pass
@@ -98,12 +98,14 @@ class ExtractConfig:
     training cache the multi-layer Mahalanobis pass's Gaussians are fitted on, with
     maha_magnitudes (default the release's) and maha_adversarial (pseudo-OOD copies);
     maha: the fitted ``{"gaussians", "recipe"}`` (set when the run starts). scores: the
-    score names the caches must serve (for messages). head_scores: those of them that
-    read the linear head (``analyze`` entries' ``linear_head``): the plan refuses a model
-    without one when any is named. score_needs: ``{score: (needs, passes)}`` when the
-    scores are the default ones rather than named: those the model cannot serve (a hook
-    set it lacks, no linear head) are then left out with a note
-    (``cli_support.served_defaults``) instead of stopping the run.
+    score names the caches must serve (for messages). refusals: ``refusals(adapter) ->
+    {score: [reason]}``, the scores of ``scores`` the model of ``adapter`` cannot serve
+    (a hook set it lacks, no linear head, a score's own ``defined_on``), given by the
+    caller that knows the scores (``pipeline.py``, the same function ``pipeline.py
+    scores`` prints); ``cli_support.check_scores`` applies it. score_needs: ``{score:
+    (needs, passes)}`` of ``scores``. optional: the scores that were not named (the
+    defaults, or those of ``all``): refused, they are left out with a note, and the needs
+    recomputed from ``score_needs``; a refused named score stops the run.
 
     Which model: arch: architecture name (``extract.models``: a release layout,
     ``torchvision:NAME``, ``timm:NAME``), recorded in the cache; output: the index or key
@@ -160,8 +162,9 @@ class ExtractConfig:
     dry_run: bool = False
     overwrite: bool = False
     scores: tuple = ()
-    head_scores: tuple = ()
+    refusals: Optional[Callable] = None
     score_needs: dict = field(default_factory=dict)
+    optional: tuple = ()
 
     def __post_init__(self):
         self.needs = [tuple(n) for n in self.needs]
@@ -175,7 +178,6 @@ class ExtractConfig:
         self.hook_sets = parse_hook_sets(self.hook_sets)
         self.store = parse_policies(self.store)
         self.hooks, self.datasets, self.scores = tuple(self.hooks), tuple(self.datasets), tuple(self.scores)
-        self.head_scores = tuple(self.head_scores)
         self.maha_magnitudes = tuple(float(m) for m in self.maha_magnitudes)
         for layer, policy in {"*": self.policy, **self.store}.items():
             if policy not in POLICIES:

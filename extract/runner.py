@@ -90,11 +90,6 @@ class ExtractionPlan:
         config.check_runnable()
         self.config = config
         self.adapter = adapter or adapter_for(model, image_shape, config.head, config.hook_sets)
-        if config.head_scores and not self.adapter.head_name:
-            raise ValueError(f"{', '.join(config.head_scores)} read(s) the linear head (logits = W x + b of the "
-                             f"features), and {type(model).__name__} computes its logits otherwise (no nn.Linear "
-                             "or 1x1 nn.Conv2d produces them); leave these scores out, or name the head with "
-                             "--head MODULE if one of its layers maps the features to the logits")
         self.hook_sets = resolve_hooks(self.adapter, config.hooks, config.needs)
         self.maha = config.maha if "mahalanobis" in config.passes else None
         self.odin_passes = [list(p) for p in config.odin] if "odin" in config.passes else []

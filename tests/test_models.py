@@ -580,29 +580,47 @@ def test_a_one_channel_model_takes_the_grayscale_preset(tmp_path):
         close(r.read_all("logits"), want)
 
 
-@pytest.mark.parametrize("label,factory,side,layouts", MODELS, ids=[m[0] for m in MODELS])
-def test_scores_and_extract_agree_on_every_score(label, factory, side, layouts):
-    """What `pipeline.py scores` predicts (``unserved`` on the model's adapter) is what an
-    extraction can record: for every registered score, its extraction plan builds exactly
-    when the score is predicted served, and a refused one fails naming a reason."""
-    from gradood.extract import ExtractConfig
-    from gradood.extract.runner import ExtractionPlan
+def check_doors_agree(model, label, side):
+    """For every registered score (the Mahalanobis ensemble excluded: it needs a fitted
+    training cache, not a model property): `pipeline.py scores` predicts it served
+    (``model_refusals``, what the command prints) exactly when `extract --score NAME`
+    passes its score check (``check_scores``) and builds its extraction plan; and a score
+    refused for a hook set or pass fails at the plan too, without the check. Returns the
+    number of scores checked."""
     from gradood.analyze.registry import all_entries
-    model = randomize(factory()).requires_grad_(False)
+    from gradood.extract import ExtractConfig
+    from gradood.extract.adapters.serves import unserved
+    from gradood.extract.cli_support import check_scores
+    from gradood.extract.runner import ExtractionPlan
+    from gradood.pipeline import model_refusals
     adapter = adapter_for(model, (3, side, side))
     checked = 0
     for name in all_entries():
         needs, passes = requirements([name])
-        if "mahalanobis" in passes:           # needs a fitted training cache (--maha-fit): not a model question
+        if "mahalanobis" in passes:
             continue
-        reasons = unserved(adapter, needs, passes)
+        refused = model_refusals([name], {}, adapter)
         config = ExtractConfig(needs=needs, passes=passes, arch=label, num_classes=adapter.num_classes,
-                               odin_std=(0.5, 0.5, 0.5) if "iodin" in passes else None)
+                               odin_std=(0.5, 0.5, 0.5) if "iodin" in passes else None, scores=(name,),
+                               refusals=lambda a, name=name: model_refusals([name], {}, a))
+
+        def door(config):
+            try:
+                ExtractionPlan(model, config, (3, side, side), torch.device("cpu"), adapter)
+                return ""
+            except ValueError as err:
+                return str(err)
         try:
-            ExtractionPlan(model, config, (3, side, side), torch.device("cpu"), adapter)
-            planned = ""
+            extracted = door(check_scores(config, adapter, print))
         except ValueError as err:
-            planned = str(err)
-        assert bool(reasons) == bool(planned), (name, reasons, planned)
+            extracted = str(err)
+        assert bool(refused) == bool(extracted), (name, refused, extracted)
+        if unserved(adapter, needs, passes):
+            assert door(config), name            # the plan alone refuses it as well
         checked += 1
-    assert checked >= 40
+    return checked
+
+
+@pytest.mark.parametrize("label,factory,side,layouts", MODELS, ids=[m[0] for m in MODELS])
+def test_scores_and_extract_agree_on_every_score(label, factory, side, layouts):
+    assert check_doors_agree(randomize(factory()).requires_grad_(False), label, side) >= 40
