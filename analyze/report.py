@@ -39,7 +39,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from gradood.store.reader import CacheReader, cache_path
-from gradood.store.schema import MAP, stat_path
+from gradood.store.schema import MAP, head_label, stat_path
 
 from .attribution import channel_means, gradcam, map_layer
 from .plots import channel_strip, heat_colors
@@ -304,7 +304,7 @@ def _facts(evaluation):
     with CacheReader(cache_path(evaluation.cache_dir, evaluation.id), allow_partial=True) as r:
         a = r.attrs
     steps = "; ".join(" ".join(str(x) for x in step) for step in (a.get("preprocess") or {}).get("steps", []))
-    rows = [("model", f"{a.get('arch')} ({a.get('family', '')} adapter, head {a.get('head', '?')}, "
+    rows = [("model", f"{a.get('arch')} ({a.get('family', '')} adapter, head {head_label(a)}, "
                       f"{a.get('num_classes')} classes)"),
             ("weights (SHA-256 of the tensors)", a.get("weights_sha256") or a.get("checkpoint_sha256")),
             ("checkpoint", a.get("checkpoint", "")),

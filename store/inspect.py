@@ -3,6 +3,7 @@ import json
 import os
 
 from .reader import CacheReader
+from .schema import head_label
 from .writer import covered_rows, list_parts, parts_dir
 
 
@@ -33,7 +34,7 @@ def summary(path):
             f"schema       v{a['schema_version']}, complete={a['complete']}",
             f"dataset      {a['dataset']} ({a.get('split', '?')}), {count}",
             f"source       {a.get('dataset_root', '?')}" + (f"  (benchmark {a['benchmark']})" if a.get("benchmark") else ""),
-            f"model        {a['arch']}, {a['num_classes']} classes, head {a.get('head', '?')} "
+            f"model        {a['arch']}, {a['num_classes']} classes, head {head_label(a)} "
             f"({a.get('family', '?')} adapter), checkpoint {a.get('checkpoint', '?')}",
             f"sha256       file {a['checkpoint_sha256']}; weights {a.get('weights_sha256') or '-'}",
             f"preprocess   {a['preprocess']}",

@@ -368,6 +368,12 @@ def has_linear_head(attrs):
     return attrs.get("head") != ""
 
 
+def head_label(attrs):
+    """How a cache (its root ``attrs``) names its model's head for people: the module, or
+    "none (logits not a linear map)" for a model without a linear head."""
+    return a if (a := attrs.get("head", "?")) else "none (logits not a linear map)"
+
+
 def _names(value):
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 

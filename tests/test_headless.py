@@ -308,3 +308,6 @@ def test_the_cli_serves_a_cosine_model_and_names_what_it_refuses(tmp_path):
     assert "gradnorm left out: gradnorm is not defined on this model: it reads the linear head" in out, out
     summary = (tmp_path / "r" / "summary.csv").read_text()
     assert "MSP" in summary and "GradNorm" not in summary
+    assert "head none (logits not a linear map)" in (tmp_path / "r" / "report.html").read_text()
+    code, out = run_cli(["inspect", str(tmp_path / "c" / "id.h5")])
+    assert code == 0 and "head none (logits not a linear map)" in out and "schema       v4" in out, out
