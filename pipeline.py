@@ -172,8 +172,8 @@ def cli():
 @click.option("--data-root", default=None, help="Root folder of the preset datasets and of image-list paths. [default: data/<benchmark>]")
 @click.option("--arch", default=None, help="Architecture: torchvision:NAME (any torchvision classifier), timm:NAME (needs gradood[timm]), or the state-dict layout of an author's release (resnet18, wrn_40_2, BiT-S-R101x1, ...: the table in docs/models.md; an unknown name lists them all). Weights always come from --checkpoint.")
 @click.option("--model-file", default=None, help="Your own model: FILE.py:FUNC, where FUNC(num_classes) returns an nn.Module (instead of --arch). The file's path and SHA-256 are recorded.")
-@click.option("--head", default=None, help="Module name of the linear head. [default: found by tracing: the last nn.Linear / 1x1 nn.Conv2d whose output is the model's output]")
-@click.option("--output", "output", default=None, help="For a model returning a tuple, dict or dataclass: the index or key of its (N, K) logits. [default: its 'logits' entry, else the first (N, K) tensor]")
+@click.option("--head", default=None, help="Module name of the linear head. [default: found by tracing: the last nn.Linear / 1x1 nn.Conv2d whose output is the model's output; without one, the scores that read the head are left out, see docs/models.md]")
+@click.option("--output", "output", default=None, help="For a model returning a tuple, dict or dataclass: the index or key of its (N, K) logits. [default: its 'logits' entry, else its one (N, K) tensor; several are refused as ambiguous]")
 @click.option("--hook-set", "hook_sets", multiple=True, help="Replace a hook set by module names or globs, NAME=PATTERN[,PATTERN...], e.g. bn='features.*.norm*' or nac=encoder.layers.encoder_layer_9,encoder.layers.encoder_layer_10. Repeatable.")
 @click.option("--checkpoint", default=None, type=click.Path(), help="Checkpoint file (bare state dict, {'state_dict':...} or {'model':...}, 'module.' prefixes allowed). [default: the demo preset's]")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="Classes of the head.")
@@ -394,8 +394,9 @@ def sweep(bench, arch, cache_dir, id_name, ood_names, grids, grid_file, plugins,
     click.echo(f"\n{result.n_variants} variants ({counts}) in "
                f"{result.seconds:.1f} s on {result.workers} processes; table in {out}/sweep.md"
                + (f"; {len(written.figures)} figures in {out}/" if written.figures else "")
-               + (f"\n{skipped} variants of the default grid need statistics these caches do not store "
-                  "(extract with --policy stats to sweep them); listed in the table's caption" if skipped else "")
+               + (f"\n{skipped} variants of the default grid are not served by these caches (statistics they do "
+                  "not store: extract with --policy stats; or the model, e.g. no linear head); each with its "
+                  "reason in the table's caption" if skipped else "")
                + (f"\n{len(crashed)} variants CRASHED (a bug in the score, not a missing statistic), "
                   f"e.g. {crashed[0]['label']}: {crashed[0]['error']}" if crashed else ""))
 
@@ -452,7 +453,8 @@ def list_scores(plugins, arch, model_file, num_classes, image_size, head, hook_s
         return
     rows = []
     for name, e in all_entries().items():
-        reads = ", ".join(f"{h}:{s}/{st}" for h, s, st in e.needs_for()) or "logits, features, head"
+        head = "" if not e.linear_head else ", head" if not callable(e.linear_head) else ", head (by parameters)"
+        reads = ", ".join(f"{h}:{s}/{st}" for h, s, st in e.needs_for()) or f"logits, features{head}"
         reads += "".join(f" + {p} pass" for p in e.passes)
         rows.append([name, e.title, e.family, reads, e.fit_on or "-", e.fit_memory or "-",
                      "yes" if e.default else "", ", ".join(e.params) or "-", e.reference or "-"])

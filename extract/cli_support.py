@@ -147,7 +147,7 @@ def extract_command(config, log=print):
     image_shape = D.probe_shape(transform)
     adapter = adapter_for(model, image_shape, config.head, config.hook_sets)
     check_num_classes(adapter.num_classes, num_classes, config.model_file)
-    config = check_scores(config, adapter, log)
+    config = check_scores(config, adapter, log if shard.is_main else (lambda *_: None))
     maha = _maha_setup(adapter, weights, description, dev, config) if config.maha_fit else None
     config = replace(config, arch=arch, num_classes=num_classes, preprocess=preprocess, data_root=data_root,
                      checkpoint=checkpoint, cache_dir=cache_dir,
@@ -180,8 +180,9 @@ def check_scores(config, adapter, log):
     kept = [s for s in config.scores if s not in refused]
     needs = list(dict.fromkeys(n for s in kept for n in config.score_needs[s][0]))
     passes = tuple(dict.fromkeys(p for s in kept for p in config.score_needs[s][1]))
+    maha_fit = config.maha_fit if "mahalanobis" in passes else None      # the ensemble left out: no pass
     return replace(config, needs=needs, passes=passes, scores=tuple(kept), refusals=None, score_needs={},
-                   optional=())
+                   optional=(), maha_fit=maha_fit)
 
 
 def input_shape(preprocess, image_size, model):

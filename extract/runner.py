@@ -260,6 +260,7 @@ def cache_attrs(plan, provenance, n, device, world_size=1):
         "torchvision_version": torchvision.__version__, "device": str(device),
         "tool_version": TOOL_VERSION, "family": plan.adapter.family,
         "layer_layouts": plan.layer_layouts, "layer_types": plan.layer_types, "head": plan.adapter.head_name,
+        **({} if plan.adapter.head_name else {"features": plan.adapter.features.describe()}),
         "layer_activations": plan.layer_activations,
         "batch_size": int(config.batch_size), **({"output": str(config.output)} if config.output else {}),
         **({"odin_std": plan.odin_std} if plan.odin_std else {}),

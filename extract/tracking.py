@@ -47,6 +47,10 @@ def tracked_parameters(model, trace=None):
             raise ValueError(f"gradient tracking: module {owner} never runs as a module (its "
                              "weight is used functionally, e.g. by an attention block), so its "
                              "input and output cannot be hooked")
+        if trace is not None and call.folded:
+            raise ValueError(f"gradient tracking: module {owner} outputs rows that are not images (its input's "
+                             "axes are folded into the batch axis), so per-sample weight gradients cannot be "
+                             "factorised from its input and output")
         if trace is not None and call.calls != 1:
             raise ValueError(f"gradient tracking: module {owner} runs {call.calls} times per "
                              "forward pass; its per-sample weight gradients cannot be factorised "

@@ -90,6 +90,8 @@ ROOT_ATTRS = {
     "arch": Attr(str, False, True, "architecture name (extract.models): NAME, torchvision:NAME, timm:NAME, file:FILE:FUNC"),
     "family": Attr(str, False, False, "model adapter that defined the hook sets: generic, wrn, bit"),
     "head": Attr(str, False, False, 'module name of the linear head; "" when the model has none (no head/ datasets)'),
+    "features": Attr(str, False, False, 'without a linear head: where the features are taken, "MODULE input" or '
+                     '"MODULE output", "averaged" when pooled over positions (extract.adapters.trace.FeatureSource)'),
     "output": Attr(str, False, False, "--output: index or key of the logits in the model's tuple, dict or dataclass output"),
     "model_file": Attr(str, False, False, "the user's model file (--model-file)"),
     "model_file_sha256": Attr(str, False, False, "SHA-256 of that file"),
@@ -184,7 +186,7 @@ IODIN_LOGITS = "iodin/logits"
 
 # What two caches must share to be compared, by what a score reads. ``model`` fields
 # apply to every comparison; the rest only when the score reads that part of the cache.
-MODEL_FIELDS = ("arch", "num_classes", "weights", "preprocess")
+MODEL_FIELDS = ("arch", "num_classes", "weights", "preprocess", "features")
 FINGERPRINT_FIELDS = ("schema_version", "arch", "num_classes", "checkpoint_sha256", "weights_sha256",
                       "preprocess", "objectives", "layers", "plan", "odin", "tracked_parameters")
 
@@ -337,6 +339,9 @@ def validate(attrs, datasets, where):
     linear = has_linear_head(attrs)
     if linear and "head/weight" not in datasets:
         raise CacheError(f"{where}: damaged cache, datasets missing: head/weight")
+    if not linear and (version < 4 or "feature_dim" not in attrs or any(p in datasets for p in HEAD_DATASETS)):
+        raise CacheError(f"{where}: head \"\" (no linear head) needs schema version 4, a feature_dim attribute "
+                         "and no head/ datasets; the file was edited or not written by this tool (re-extract it)")
     k = attrs["num_classes"]
     d = datasets["head/weight"][0][1] if linear else attrs["feature_dim"]
     want = layout(k, d, attrs["plan"], attrs["layer_shapes"], pass_recipes(attrs))
@@ -491,7 +496,15 @@ def identity(attrs):
     """The comparable identity of a cache: ``MODEL_FIELDS`` plus the extraction fields."""
     out = {k: attrs.get(k) for k in FINGERPRINT_FIELDS}
     out["weights"] = attrs.get("weights_sha256") or attrs.get("checkpoint_sha256")
+    out["features"] = feature_source(attrs)
     return out
+
+
+def feature_source(attrs):
+    """Where a cache's features come from, as far as caches can differ in it: None for a
+    model with a linear head (its input, in every schema version), else the ``features``
+    attribute (a head-less model's source depends on the model and on ``--head``)."""
+    return None if has_linear_head(attrs) else attrs.get("features")
 
 
 def fingerprint(attrs):

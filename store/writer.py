@@ -18,7 +18,7 @@ import shutil
 import h5py
 import numpy as np
 
-from .schema import STRING_DATASETS, CacheError, differing, dumps
+from .schema import STRING_DATASETS, CacheError, differing, dumps, feature_source
 
 PART_RE = re.compile(r"rows-(\d{9})-(\d{9})\.h5$")
 ROWS_PER_CHUNK = 64
@@ -31,7 +31,7 @@ def parts_dir(cache_path):
 def run_identity(attrs):
     """What makes two extractions of one dataset the same: the fingerprint (model, weights,
     preprocessing, layers, plan, passes) and the data (name, root, split, subset, rows)."""
-    return {"fingerprint": attrs["fingerprint"], "dataset": attrs["dataset"],
+    return {"fingerprint": attrs["fingerprint"], "features": feature_source(attrs), "dataset": attrs["dataset"],
             "dataset_root": attrs.get("dataset_root"), "split": attrs.get("split"),
             "subset": attrs.get("subset"), "n_samples": attrs.get("n_samples")}
 

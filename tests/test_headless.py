@@ -218,6 +218,29 @@ def test_extraction_refuses_a_named_head_reader_and_analysis_has_no_head(tmp_pat
     from gradood.store.schema import CacheError
     with CacheReader(path) as r, pytest.raises(CacheError, match="has no linear head"):
         CacheData(r).head_weight
+    with CacheReader(path) as r:
+        attrs = dict(r.attrs)
+    assert attrs["features"] == "head input" and attrs["schema_version"] == 4
+    # the feature source is part of a cache's identity (reuse, mixing caches); a linear-head
+    # cache's identity is the same in every schema version
+    from gradood.store.schema import identity
+    from gradood.store.writer import run_identity
+    other = {**attrs, "features": "body output"}
+    assert identity(attrs)["features"] != identity(other)["features"]
+    assert run_identity(attrs) != run_identity(other)
+    linear = {**attrs, "head": "fc", "schema_version": 3}
+    assert run_identity(linear) == run_identity({**linear, "schema_version": 4, "features": "x"})
+    # a head-less cache must be version 4 and hold no head datasets
+    import shutil
+    import h5py
+    for edit, name in ((lambda f: f.attrs.__setitem__("schema_version", 3), "v3.h5"),
+                       (lambda f: f.create_dataset("head/weight", data=np.zeros((5, 12), np.float32)), "w.h5")):
+        copy = str(tmp_path / name)
+        shutil.copy(path, copy)
+        with h5py.File(copy, "r+") as f:
+            edit(f)
+        with pytest.raises(CacheError, match=r'head "" \(no linear head\) needs schema version 4'):
+            CacheReader(copy)
 
 
 def test_squeezenet_with_head_is_refused_before_anything_runs():
@@ -311,3 +334,110 @@ def test_the_cli_serves_a_cosine_model_and_names_what_it_refuses(tmp_path):
     assert "head none (logits not a linear map)" in (tmp_path / "r" / "report.html").read_text()
     code, out = run_cli(["inspect", str(tmp_path / "c" / "id.h5")])
     assert code == 0 and "head none (logits not a linear map)" in out and "schema       v4" in out, out
+
+
+# ------------------------------------------------------------ where the features are found
+class Temperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.t = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, z):
+        return z / self.t
+
+
+class TemperatureNet(_Body):
+    """A linear head, then a learned temperature: the logits are not the head's output."""
+    def __init__(self, k=5):
+        super().__init__()
+        self.fc, self.temp = nn.Linear(12, k), Temperature()
+
+    def forward(self, x):
+        return self.temp(self.fc(self.body(x)))
+
+
+class LogitNormNet(_Body):
+    """A BatchNorm1d over the head's output (a BN-neck on the logits)."""
+    def __init__(self, k=5):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(12, k), nn.BatchNorm1d(k)
+
+    def forward(self, x):
+        return self.bn(self.fc(self.body(x)))
+
+
+class BufferHead(nn.Module):
+    """Class embeddings held in a buffer (a zero-shot head): no parameters of its own."""
+    def __init__(self, d, k):
+        super().__init__()
+        self.register_buffer("classes", F.normalize(torch.randn(k, d), dim=1))
+
+    def forward(self, f):
+        return 10 * F.normalize(f, dim=1) @ self.classes.T
+
+
+class BufferHeadNet(_Body):
+    def __init__(self, k=5):
+        super().__init__()
+        self.head = BufferHead(12, k)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class ChannelsLastNet(_Body):
+    """A per-position linear classifier on a channels-last map, averaged over positions."""
+    def __init__(self, k=5):
+        super().__init__()
+        self.cls = nn.Linear(12, k)
+
+    def forward(self, x):
+        return self.cls(self.body[:6](x).permute(0, 2, 3, 1)).mean(dim=(1, 2))
+
+
+class SharedHeadNet(CosineNet):
+    """One cosine head applied to two views, averaged: it runs twice."""
+    def forward(self, x):
+        return (self.head(self.body(x)) + self.head(self.body(x.flip(3)))) / 2
+
+
+class KeywordHeadNet(CosineNet):
+    def forward(self, x):
+        return self.head(f=self.body(x))
+
+
+@pytest.mark.parametrize("factory,module,pooled", [
+    (TemperatureNet, "fc", False), (LogitNormNet, "fc", False), (BufferHeadNet, "head", False),
+    (ChannelsLastNet, "cls", True)], ids=["temperature", "logit BN", "buffer head", "channels last"])
+def test_the_features_are_the_input_of_the_module_that_makes_the_logits(factory, module, pooled):
+    """Modules applied to the logits (a temperature, a norm) are walked back over; a head
+    without parameters of its own is found by its output; a channels-last input is averaged
+    over its positions, not over its channels."""
+    model = randomize(factory()).eval().requires_grad_(False)
+    adapter = adapter_for(model, (3, 8, 8))
+    assert adapter.head_name == "" and (adapter.features.module, adapter.features.pooled) == (module, pooled)
+    assert adapter.feature_dim == 12
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    want, got = {}, {}
+    handle = dict(model.named_modules())[module].register_forward_pre_hook(lambda m, a: want.__setitem__("x", a[0]))
+    capture = adapter.capture_features(got)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+        capture.remove()
+    truth = want["x"].mean(dim=(1, 2)) if pooled else want["x"]       # channels last: (N, H, W, C)
+    close(got["x"].numpy(), truth.numpy())
+
+
+def test_a_model_whose_logits_maker_cannot_be_hooked_is_refused_with_the_reason():
+    with pytest.raises(HookSetError, match="head makes the logits and runs 2 times per forward pass"):
+        adapter_for(SharedHeadNet().eval(), (3, 8, 8))
+    with pytest.raises(HookSetError, match="head makes the logits and takes its input by keyword"):
+        adapter_for(KeywordHeadNet().eval(), (3, 8, 8))
+    # a linear layer whose output is not the logits cannot be named as the head
+    with pytest.raises(HookSetError, match="--head fc: its output is not the model's logits"):
+        adapter_for(TemperatureNet().eval(), (3, 8, 8), head="fc")
+    with pytest.raises(HookSetError, match="--head head: its output is not the model's logits"):
+        adapter_for(deit().eval(), (3, 32, 32), head="head")

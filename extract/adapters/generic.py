@@ -9,8 +9,8 @@ What it finds, and how:
                  two averaged heads) has head "" and no cached head: it serves every
                  score but those that read the head or assume logits = W x + b, which
                  are refused by name. Its features are found as ``trace._feature_source``
-                 says: the input of the last module with its own parameters that
-                 outputs K channels, averaged over positions when it is a map.
+                 says (the input of the module that makes the logits, averaged over
+                 positions when it is a map).
     norms        the normalisation layers of the first kind the model has, in this order:
                  BatchNorm (any dimension), GroupNorm, LayerNorm (``LayerNorm2d`` too). A
                  norm with a fused activation (timm's ``BatchNormAct2d``: BN, then ``drop``,
@@ -83,8 +83,9 @@ class ModelAdapter:
     name of the linear head (default: found by tracing). hook_sets: ``{set name: [module
     name or glob, ...]}`` replacing the adapter's definition of those sets.
 
-    Attributes: ``trace`` (``Trace``), ``head_name``, ``num_classes`` (K), ``feature_dim``
-    (D), ``family`` (the adapter's name).
+    Attributes: ``trace`` (``Trace``), ``head_name`` ("" without a linear head),
+    ``features`` (``trace.FeatureSource``: where the cached features are taken),
+    ``num_classes`` (K), ``feature_dim`` (D), ``family`` (the adapter's name).
     """
 
     family = "generic"
@@ -118,14 +119,13 @@ class ModelAdapter:
             if problem:
                 raise HookSetError(f"--head {head}: {problem}")
             self.head_name = head
-            given = self.trace.input_shapes[head]
-            self.features = FeatureSource(head, "input", "NCHW" if len(given) > 1 else "NC", False,
+            self.features = FeatureSource(head, "input", self.trace.input_layouts[head], False,
                                           int(module.weight[0].numel()))
         elif self.trace.num_classes == 0:
             raise HookSetError(f"{type(model).__name__}: {self.trace.head_problem}")
         elif self.trace.features is None:
-            raise HookSetError(f"{type(model).__name__}: no module with parameters runs before its "
-                               "logits and no submodule outputs a feature vector or map")
+            raise HookSetError(f"{type(model).__name__}: no linear head, and no features: "
+                               f"{self.trace.features_problem}")
         else:
             self.head_name = self.trace.head or ""
             self.features = self.trace.features
@@ -317,7 +317,8 @@ class ModelAdapter:
         if name == "penultimate":
             return [self.penultimate()]
         if name == "gram":
-            layers = [n for n in self.order if n and n != self._boundary and not self.why_not_hookable(n)
+            end = self.trace.calls[self._boundary if self._boundary is not None else ""].order
+            layers = [n for n in self.order if n and not self.why_not_hookable(n) and self.trace.calls[n].order < end
                       and isinstance(self.modules[n], (nn.Conv2d, nn.ReLU))]
             if not layers:
                 raise HookSetError(f"hook set 'gram' is not defined for {what}: no nn.Conv2d or "

@@ -68,22 +68,32 @@ class FeatureSource(NamedTuple):
     pooled: bool
     dim: int
 
+    def describe(self):
+        """``"MODULE input"`` / ``"MODULE output"``, with ``", averaged"`` when pooled (the
+        cache's ``features`` attribute)."""
+        return f"{self.module} {self.side}" + (", averaged" if self.pooled else "")
+
 
 class Trace(NamedTuple):
     """What one forward pass showed. calls: ``{name: Call}`` of the modules that ran.
     head: name of the linear head module (None when none was found, see ``head_problem``).
     feature_dim: D, the size of the feature vector per sample (0 when none is found).
     num_classes: K (0 when the output is not (N, K)).
-    input_shapes: ``{name: shape of one sample of the module's first tensor input}``.
-    features: the ``FeatureSource`` (None when the output is not (N, K) or no feature
-    vector is found)."""
+    input_shapes: ``{name: shape of one sample of the module's first positional tensor
+    input}``. input_layouts: ``{name: that input's layout}``. gives_logits: names of the
+    modules whose output, reshaped, is the model's output. features: the
+    ``FeatureSource`` (None when the output is not (N, K) or no feature vector is found,
+    see ``features_problem``)."""
     calls: dict
     head: Optional[str]
     head_problem: str
     feature_dim: int
     num_classes: int
     input_shapes: dict = {}
+    input_layouts: dict = {}
+    gives_logits: tuple = ()
     features: Optional[FeatureSource] = None
+    features_problem: str = ""
 
 
 def _layout_from_shape(ndim):
@@ -127,6 +137,8 @@ def trace(model, image_shape, device=None):
     seen = {}          # name -> [order, calls, shape, layout]
     inputs = {}        # name -> first tensor input (head input)
     input_layouts = {}
+    input_makers = {}  # name -> the innermost module that output its first input (None: a functional op)
+    makers = {}        # id(tensor) -> the innermost module that output it
     outputs = {}
     last_inside = {}   # name -> [(order, shape, layout)] of tensors produced inside it
     counter = [0]
@@ -153,12 +165,15 @@ def trace(model, image_shape, device=None):
         if id(output) not in produced:
             produced[id(output)] = layout
             keep.append(output)
+        makers.setdefault(id(output), name)
         last_inside[name] = (counter[0], tuple(output.shape), layout)
         seen[name] = [counter[0], seen.get(name, [0, 0])[1] + 1, tuple(output.shape[1:]), layout,
                       ndim == 0 or output.shape[0] != batch]
         if x is not None:
             inputs[name] = x
-            input_layouts[name] = produced.get(id(x), _layout_from_shape(x.dim()))
+            # a tensor no module produced is read as its consumer reads it (a Linear: channels last)
+            input_layouts[name] = produced.get(id(x)) or _own_layout(module, x.dim()) or _layout_from_shape(x.dim())
+            input_makers[name] = makers.get(id(x))
         outputs[name] = output
 
     handles = [m.register_forward_hook(hook) for m in names]
@@ -176,48 +191,71 @@ def trace(model, image_shape, device=None):
     if not torch.is_tensor(out) or out.dim() != 2:
         what = type(out).__name__ if not torch.is_tensor(out) else f"a tensor of shape {tuple(out.shape)}"
         return Trace(calls, None, f"the model's output is {what}, not (N, K) logits", 0, 0, shapes)
-    head, problem = _find_head(model, calls, outputs, out)
+    gives = tuple(n for n, y in outputs.items() if y.shape[0] == out.shape[0] and y[0].numel() == out.shape[1]
+                  and torch.equal(y.reshape(out.shape), out))
+    head, problem = _find_head(model, calls, gives)
     if head:
-        source = FeatureSource(head, "input", input_layouts[head], False, int(inputs[head][0].numel()))
+        source, lacking = FeatureSource(head, "input", input_layouts[head], False, int(inputs[head][0].numel())), ""
     else:
-        source = _feature_source(model, calls, shapes, input_layouts, int(out.shape[1]))
+        source, lacking = _feature_source(model, calls, shapes, input_layouts, input_makers, gives, int(out.shape[1]))
     dim = source.dim if source else 0
-    return Trace(calls, head, problem, dim, int(out.shape[1]), shapes, source)
+    return Trace(calls, head, problem, dim, int(out.shape[1]), shapes, input_layouts, gives, source, lacking)
 
 
-def _feature_source(model, calls, input_shapes, input_layouts, num_classes):
-    """The features of a model without a linear head, or None when it has none.
+def _feature_source(model, calls, input_shapes, input_layouts, input_makers, gives_logits, num_classes):
+    """``(FeatureSource, "")`` of a model without a linear head, or ``(None, why not)``.
 
-    L is the last submodule with parameters of its own that outputs K channels (K the
-    class count) to finish in the forward pass: the module whose weights make the logits
-    (a cosine classifier, SqueezeNet's 1x1 conv, the second of two averaged heads). The
-    features are L's input, as is when it is one vector per image, averaged over positions
-    when it is a map or a token sequence. Without such a submodule (``F.linear(x,
-    self.weight)`` in the model's own ``forward``) they are the last one-vector-per-image
-    output of a submodule, else the last map's average over positions."""
+    When a module outputs the logits, take the innermost one and walk back over what is
+    applied to the logits (a temperature, a norm, SqueezeNet's ReLU and pool: modules whose
+    input has K channels, K the class count) to the module that makes them from fewer or
+    more channels: a cosine classifier, SqueezeNet's 1x1 conv, a head whose weights are a
+    buffer. When none does (two heads averaged in ``forward``, ``F.linear(x,
+    self.weight)`` there), take the last submodule with parameters of its own that outputs
+    K channels (the second head); without one, the last one-vector-per-image output of a
+    submodule, else the last map. The features are that module's input (its output in the
+    last two cases), as is when it is one vector per image, averaged over positions when it
+    is a map or a token sequence. Features of exactly K dimensions cannot be told from
+    logits this way: such a model is refused unless its head is linear (``--head``)."""
     modules = dict(model.named_modules())
-    own = [c for n, c in calls.items() if n and c.shape is not None and c.calls == 1 and not c.folded and n in input_shapes
+
+    def channels(shape, layout):
+        return canonical_shape(shape, layout)[0] if len(shape) > 1 else math.prod(shape)
+
+    def input_of(name):
+        call, shape = calls[name], input_shapes.get(name)
+        if call.calls != 1:
+            return None, f"{name} makes the logits and runs {call.calls} times per forward pass"
+        if shape is None:
+            return None, f"{name} makes the logits and takes its input by keyword, which a hook cannot capture"
+        layout = input_layouts[name]
+        return FeatureSource(name, "input", layout, len(shape) > 1, channels(shape, layout)), ""
+
+    inner = sorted((calls[n] for n in gives_logits if n), key=lambda c: c.order)
+    if inner:
+        name = inner[0].name
+        while input_shapes.get(name) is not None and \
+                channels(input_shapes[name], input_layouts[name]) == num_classes:
+            before = input_makers.get(name)
+            if before is None:
+                return None, (f"{name} makes the logits from a {num_classes}-channel input that no module "
+                              "outputs: features of as many dimensions as classes cannot be told from logits")
+            name = before
+        return input_of(name)
+    own = [c for n, c in calls.items() if n and c.shape is not None and not c.folded
            and any(True for _ in modules[n].parameters(recurse=False))
-           and canonical_shape(c.shape, c.layout)[0] == num_classes]
+           and channels(c.shape, c.layout) == num_classes]
     last = max(own, key=lambda c: c.order, default=None)
     if last is not None:
-        shape, layout = input_shapes[last.name], input_layouts[last.name]
-        return FeatureSource(last.name, "input", layout, len(shape) > 1, _size(shape, layout))
+        return input_of(last.name)
     ran = sorted((c for c in calls.values() if c.name and c.calls == 1 and c.shape is not None and not c.folded),
                  key=lambda c: -c.order)
     vector = next((c for c in ran if c.layout == "NC"), None)
     if vector is not None:
-        return FeatureSource(vector.name, "output", "NC", False, math.prod(vector.shape))
+        return FeatureSource(vector.name, "output", "NC", False, math.prod(vector.shape)), ""
     grid = next((c for c in ran if len(c.shape) > 1), None)
     if grid is not None:
-        return FeatureSource(grid.name, "output", grid.layout, True, _size(grid.shape, grid.layout))
-    return None
-
-
-def _size(shape, layout):
-    """D of a feature tensor of per-image ``shape``: its channels when it is pooled (more
-    than one axis), else its length."""
-    return canonical_shape(shape, layout)[0] if len(shape) > 1 else math.prod(shape)
+        return FeatureSource(grid.name, "output", grid.layout, True, channels(grid.shape, grid.layout)), ""
+    return None, "no module with parameters runs before its logits and no submodule outputs a feature vector or map"
 
 
 def feature_vector(t, source):
@@ -249,6 +287,10 @@ def named_head_problem(name, module, trace):
     if trace.num_classes and math.prod(call.shape) != trace.num_classes:
         return (f"its output per image is {'x'.join(map(str, call.shape))}, not the model's "
                 f"{trace.num_classes} logits")
+    if trace.num_classes and name not in trace.gives_logits:
+        return ("its output is not the model's logits: the model computes more after it (another head "
+                "averaged in, a temperature, a norm), and the scores that read the head need logits = W x + b "
+                "of its input")
     return ""
 
 
@@ -258,15 +300,14 @@ def _is_head_type(module):
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1
 
 
-def _find_head(model, calls, outputs, out):
+def _find_head(model, calls, gives_logits):
+    """``(name, "")`` of the last ``nn.Linear`` / 1x1 ``nn.Conv2d`` that runs once and
+    whose output is the logits (``gives_logits``), else ``(None, why)``."""
     modules = dict(model.named_modules())
-    candidates = sorted((c for c in calls.values() if c.calls == 1 and c.shape is not None
-                         and _is_head_type(modules[c.name])), key=lambda c: -c.order)
-    for c in candidates:
-        y = outputs[c.name]
-        if y.shape[0] == out.shape[0] and y.reshape(y.shape[0], -1).shape == out.shape \
-                and torch.equal(y.reshape(out.shape), out):
-            return c.name, ""
+    heads = sorted((calls[n] for n in gives_logits if calls[n].calls == 1 and _is_head_type(modules[n])),
+                   key=lambda c: -c.order)
+    if heads:
+        return heads[0].name, ""
     return None, ("no nn.Linear or 1x1 nn.Conv2d produces the model's output (N, K): the head "
                   "must be the last linear map, with nothing after it but reshapes; name it "
                   "with --head MODULE if another module is the linear head")
