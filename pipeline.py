@@ -41,7 +41,7 @@ from gradood.extract.config import ExtractConfig, parse_hook_sets
 from gradood.analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from gradood.store.benchmarks import BENCHMARKS, preset_params
 from gradood.store.recipes import BATCH_SIZE, HOOK_SETS, split_selector
-from gradood.store.schema import POLICIES, CacheError
+from gradood.store.schema import POLICIES, CacheError, head_label
 
 ERRORS = (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError, ScoreError)
 
@@ -518,7 +518,7 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
         size = f"{cost[1]:,}" if cost else ("needs --maha-fit" if not reasons else "-")
         rows.append([name, e.title, "no" if reasons else "yes", objectives, size, "; ".join(reasons) or note])
     title = (f"{stage.canonical_arch(arch, model_file)} ({type(model).__name__}, adapter "
-             f"{adapter.family}): head {adapter.head_name or '(none: logits not a linear map)'}, "
+             f"{adapter.family}): head {head_label({'head': adapter.head_name})}, "
              f"{adapter.feature_dim} features{'' if adapter.head_name else ' from ' + adapter.features.module}, "
              f"traced at {'x'.join(map(str, shape))}")
     return rows, title

@@ -127,9 +127,8 @@ class ScoreEntry(NamedTuple):
         ``extract.adapters.serves.model_attrs``) comes from cannot serve this score with
         ``params``, or "": no linear head for a ``linear_head`` score, then ``defined_on``."""
         if self.reads_head(params) and not has_linear_head(attrs):
-            return ("it reads the linear head (logits = W x + b of the features), and the model computes its "
-                    "logits otherwise; if one of its nn.Linear or 1x1 nn.Conv2d layers maps the features to "
-                    "the logits, name it with --head MODULE")
+            return ("it reads the linear head (logits = W x + b of the features), and no nn.Linear or 1x1 "
+                    "nn.Conv2d of the model outputs its logits (docs/models.md: models without a linear head)")
         return self.defined_on(self.resolve(params), attrs) if self.defined_on is not None else ""
 
     def resolve(self, params=None):

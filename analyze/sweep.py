@@ -62,6 +62,8 @@ class MemoReader:
         yield 0, self.n_samples
 
     def head(self):
+        """Head weight (K, D) and bias (K,), read once (``CacheReader.head``: raises for a
+        model without a linear head)."""
         if "head" not in self._memo:
             self._memo["head"] = self._reader.head()
         return self._memo["head"]

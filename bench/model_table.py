@@ -39,8 +39,8 @@ training cache (`--maha-fit`) rather than a model property.
 
 A model without a linear head (head "none") computes its logits otherwise: a cosine
 classifier, SqueezeNet's 1x1 conv, ReLU and pool, or two heads averaged (DeiT distilled,
-LeViT). Its features are the input of the last module with its own parameters that
-outputs the class count (averaged over positions when it is a map), and the scores that
+LeViT). Its features are the input of the module that makes the logits (averaged over
+positions when it is a map; docs/models.md says how it is found), and the scores that
 read the head (or assume logits = W x + b) are refused by name.
 
 | model | input | adapter | head | features (D) | served | not served |
@@ -73,6 +73,7 @@ def row(arch, classes, side, names):
 
 
 def main(argv=None):
+    """Write ``OUT`` from every model of ``MODELS`` (``--arch``: print those rows only)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", action="append", help="only these models (their rows are printed, the file is not written)")
     args = parser.parse_args(argv)

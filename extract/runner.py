@@ -25,6 +25,7 @@ from gradood.store.recipes import hook_names as hook_names_of
 from gradood.store.recipes import layers_of, split_selector
 from gradood.store.schema import odin_label
 from gradood.store.schema import ADASCALE_FEATURES, IODIN_LOGITS, MAHA_ADVERSARIAL, MAHA_SCORES, SCHEMA_VERSION, TRACKING_PATH, fingerprint, odin_path, stat_path
+from gradood.store.schema import head_label
 from gradood.store.schema import layout as schema_layout
 from gradood.store.writer import BackgroundWriter, CacheWriter
 
@@ -188,7 +189,7 @@ class ExtractionPlan:
     def describe(self, n_images):
         """Lines of text for ``--dry-run``: passes, layers, shapes, stored statistics, sizes."""
         a = self.adapter
-        lines = [f"model: {type(a.model).__name__} ({a.family} adapter), head {a.head_name or '(none: not linear)'}, "
+        lines = [f"model: {type(a.model).__name__} ({a.family} adapter), head {head_label({'head': a.head_name})}, "
                  f"{a.num_classes} classes, {a.feature_dim} features",
                  f"passes per batch: {self.passes_per_batch()}",
                  f"objectives: {', '.join(self.objectives) or '(none: logits and features only)'}",

@@ -146,7 +146,7 @@ VALUE_RULES = {"finite": "finite floats", "count": "counts in [0, H*W] of the la
 DATASETS = {
     "logits": Dataset(("K",), "float32", True, "logits", "finite"),
     "features": Dataset(("D",), "float32", True, "pooled penultimate vector, the input of the head (without a "
-                        "linear head: the input of the last module with parameters, pooled over positions)", "finite"),
+                        "linear head: where the features attribute says)", "finite"),
     "labels": Dataset((), "int64", True, "class label, -1 where the dataset has none"),
     "paths": Dataset((), "str", True, "source file, or <set>:<index> for array datasets"),
     "content_hash": Dataset((), "str", True, "SHA-1 of the preprocessed image tensor's bytes (16 hex digits): "

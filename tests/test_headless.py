@@ -209,8 +209,8 @@ def test_extraction_refuses_a_named_head_reader_and_analysis_has_no_head(tmp_pat
     needs, passes = requirements(names)
     config = ExtractConfig(arch="cos", needs=needs, passes=passes, device="cpu", scores=tuple(names),
                            refusals=lambda a: model_refusals(names, {}, a))
-    with pytest.raises(ValueError, match=r"gradnorm: it reads the linear head .* computes its logits otherwise.*"
-                                         r"--head MODULE"):
+    with pytest.raises(ValueError, match=r"gradnorm: it reads the linear head .* no nn.Linear or 1x1 nn.Conv2d "
+                                         r"of the model outputs its logits"):
         check_scores(config, adapter_for(model, (3, 16, 16)), print)
     # a plugin score that reads the head without declaring it gets the cache's reason
     path = extract_tensor(model, "cos", torch.randn(4, 3, 16, 16), str(tmp_path / "c.h5"), ["msp"])
@@ -302,7 +302,7 @@ def test_the_cli_serves_a_cosine_model_and_names_what_it_refuses(tmp_path):
     source.write_text("import torch\n" + COSINE_FILE)
     model = f"{source}:build"
     code, out = run_cli(["scores", "--model-file", model, "--num-classes", "3", "--image-size", "16"])
-    assert code == 0 and "head (none: logits not a linear map), 8 features from bn" in out, out
+    assert code == 0 and "head none (logits not a linear map), 8 features from bn" in out, out
     assert "gradnorm: not served: it reads the linear head" in out and "msp" in out, out
     import importlib.util
     spec = importlib.util.spec_from_file_location("cos_for_cli", source)

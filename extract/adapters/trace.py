@@ -77,7 +77,6 @@ class FeatureSource(NamedTuple):
 class Trace(NamedTuple):
     """What one forward pass showed. calls: ``{name: Call}`` of the modules that ran.
     head: name of the linear head module (None when none was found, see ``head_problem``).
-    feature_dim: D, the size of the feature vector per sample (0 when none is found).
     num_classes: K (0 when the output is not (N, K)).
     input_shapes: ``{name: shape of one sample of the module's first positional tensor
     input}``. input_layouts: ``{name: that input's layout}``. gives_logits: names of the
@@ -87,7 +86,6 @@ class Trace(NamedTuple):
     calls: dict
     head: Optional[str]
     head_problem: str
-    feature_dim: int
     num_classes: int
     input_shapes: dict = {}
     input_layouts: dict = {}
@@ -190,7 +188,7 @@ def trace(model, image_shape, device=None):
     shapes = {n: tuple(x.shape[1:]) for n, x in inputs.items()}
     if not torch.is_tensor(out) or out.dim() != 2:
         what = type(out).__name__ if not torch.is_tensor(out) else f"a tensor of shape {tuple(out.shape)}"
-        return Trace(calls, None, f"the model's output is {what}, not (N, K) logits", 0, 0, shapes)
+        return Trace(calls, None, f"the model's output is {what}, not (N, K) logits", 0, shapes)
     gives = tuple(n for n, y in outputs.items() if y.shape[0] == out.shape[0] and y[0].numel() == out.shape[1]
                   and torch.equal(y.reshape(out.shape), out))
     head, problem = _find_head(model, calls, gives)
@@ -198,8 +196,7 @@ def trace(model, image_shape, device=None):
         source, lacking = FeatureSource(head, "input", input_layouts[head], False, int(inputs[head][0].numel())), ""
     else:
         source, lacking = _feature_source(model, calls, shapes, input_layouts, input_makers, gives, int(out.shape[1]))
-    dim = source.dim if source else 0
-    return Trace(calls, head, problem, dim, int(out.shape[1]), shapes, input_layouts, gives, source, lacking)
+    return Trace(calls, head, problem, int(out.shape[1]), shapes, input_layouts, gives, source, lacking)
 
 
 def _feature_source(model, calls, input_shapes, input_layouts, input_makers, gives_logits, num_classes):
