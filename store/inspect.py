@@ -35,7 +35,8 @@ def summary(path):
             f"dataset      {a['dataset']} ({a.get('split', '?')}), {count}",
             f"source       {a.get('dataset_root', '?')}" + (f"  (benchmark {a['benchmark']})" if a.get("benchmark") else ""),
             f"model        {a['arch']}, {a['num_classes']} classes, head {head_label(a)} "
-            f"({a.get('family', '?')} adapter), checkpoint {a.get('checkpoint', '?')}",
+            f"({a.get('family', '?')} adapter)" + (f", features from {a['features']}" if a.get("features") else "")
+            + f", checkpoint {a.get('checkpoint', '?')}",
             f"sha256       file {a['checkpoint_sha256']}; weights {a.get('weights_sha256') or '-'}",
             f"preprocess   {a['preprocess']}",
             f"objectives   {', '.join(a['objectives']) or '-'}",

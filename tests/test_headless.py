@@ -334,6 +334,7 @@ def test_the_cli_serves_a_cosine_model_and_names_what_it_refuses(tmp_path):
     assert "head none (logits not a linear map)" in (tmp_path / "r" / "report.html").read_text()
     code, out = run_cli(["inspect", str(tmp_path / "c" / "id.h5")])
     assert code == 0 and "head none (logits not a linear map)" in out and "schema       v4" in out, out
+    assert "features from bn output, averaged" in out, out
 
 
 # ------------------------------------------------------------ where the features are found

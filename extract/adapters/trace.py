@@ -212,7 +212,8 @@ def _feature_source(model, calls, input_shapes, input_layouts, input_makers, giv
     submodule, else the last map. The features are that module's input (its output in the
     last two cases), as is when it is one vector per image, averaged over positions when it
     is a map or a token sequence. Features of exactly K dimensions cannot be told from
-    logits this way: such a model is refused unless its head is linear (``--head``)."""
+    logits this way: where no module made them the model is refused; where one did, the
+    walk goes on past them (a known limit, written in docs/models.md)."""
     modules = dict(model.named_modules())
 
     def channels(shape, layout):
