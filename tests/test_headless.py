@@ -442,3 +442,25 @@ def test_a_model_whose_logits_maker_cannot_be_hooked_is_refused_with_the_reason(
         adapter_for(TemperatureNet().eval(), (3, 8, 8), head="fc")
     with pytest.raises(HookSetError, match="--head head: its output is not the model's logits"):
         adapter_for(deit().eval(), (3, 32, 32), head="head")
+
+
+class _Total(nn.Module):
+    def forward(self, x):
+        return x.sum()
+
+
+class ScalarSideOutputNet(_Body):
+    """A submodule returning a 0-dim tensor (an auxiliary loss term) beside a linear head."""
+    def __init__(self, k=5):
+        super().__init__()
+        self.total, self.fc = _Total(), nn.Linear(12, k)
+
+    def forward(self, x):
+        f = self.body(x)
+        self.total(f)
+        return self.fc(f)
+
+
+def test_a_scalar_output_does_not_stop_the_search_for_the_logits():
+    adapter = adapter_for(ScalarSideOutputNet().eval(), (3, 8, 8))
+    assert adapter.head_name == "fc" and adapter.feature_dim == 12

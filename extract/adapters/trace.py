@@ -132,7 +132,7 @@ def trace(model, image_shape, device=None):
     names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
     produced = {}      # id(tensor) -> layout; ``keep`` holds the tensors so ids stay unique
     keep = []
-    seen = {}          # name -> [order, calls, shape, layout]
+    seen = {}          # name -> [order, calls, shape, layout, folded]
     inputs = {}        # name -> first tensor input (head input)
     input_layouts = {}
     input_makers = {}  # name -> the innermost module that output its first input (None: a functional op)
@@ -189,8 +189,8 @@ def trace(model, image_shape, device=None):
     if not torch.is_tensor(out) or out.dim() != 2:
         what = type(out).__name__ if not torch.is_tensor(out) else f"a tensor of shape {tuple(out.shape)}"
         return Trace(calls, None, f"the model's output is {what}, not (N, K) logits", 0, shapes)
-    gives = tuple(n for n, y in outputs.items() if y.shape[0] == out.shape[0] and y[0].numel() == out.shape[1]
-                  and torch.equal(y.reshape(out.shape), out))
+    gives = tuple(n for n, y in outputs.items() if y.dim() and y.shape[0] == out.shape[0]
+                  and y[0].numel() == out.shape[1] and torch.equal(y.reshape(out.shape), out))
     head, problem = _find_head(model, calls, gives)
     if head:
         source, lacking = FeatureSource(head, "input", input_layouts[head], False, int(inputs[head][0].numel())), ""
