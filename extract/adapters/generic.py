@@ -45,7 +45,7 @@ import torch.nn as nn
 
 from gradood.store.recipes import HOOK_SETS  # the names are data, shared with the torch-free CLI
 
-from .trace import FeatureSource, canonical_shape, feature_vector, named_head_problem, trace
+from .trace import canonical_shape, feature_vector, head_features, named_head_problem, trace
 
 
 _NORM_KINDS = (("BatchNorm", nn.modules.batchnorm._BatchNorm), ("GroupNorm", nn.GroupNorm),
@@ -119,8 +119,7 @@ class ModelAdapter:
             if problem:
                 raise HookSetError(f"--head {head}: {problem}")
             self.head_name = head
-            self.features = FeatureSource(head, "input", self.trace.input_layouts[head], False,
-                                          int(module.weight[0].numel()))
+            self.features = head_features(head, self.trace.input_shapes, self.trace.input_layouts)
         elif self.trace.num_classes == 0:
             raise HookSetError(f"{type(model).__name__}: {self.trace.head_problem}")
         elif self.trace.features is None:
@@ -196,6 +195,11 @@ class ModelAdapter:
         wanted = set(names)
         return [n for n in self.order if n in wanted]
 
+    def _end_order(self):
+        """Completion order of the module the hook sets end before (the model itself when
+        it applies its own weights last)."""
+        return self.trace.calls[self._boundary if self._boundary is not None else ""].order
+
     def _is_ancestor_of_head(self, name):
         return name == "" or (self._boundary is not None and self._boundary.startswith(name + "."))
 
@@ -255,7 +259,7 @@ class ModelAdapter:
         position: the input of the global pool, or the token sequence. Its channels are
         usually D; a model with a hidden layer in its classifier (MobileNetV3) has
         another count, which scores that pool this map into the head refuse."""
-        head_order = self.trace.calls[self._boundary if self._boundary is not None else ""].order
+        head_order = self._end_order()
         best = None
         for call in self.trace.calls.values():
             if call.order >= head_order or self.why_not_hookable(call.name) or \
@@ -317,7 +321,7 @@ class ModelAdapter:
         if name == "penultimate":
             return [self.penultimate()]
         if name == "gram":
-            end = self.trace.calls[self._boundary if self._boundary is not None else ""].order
+            end = self._end_order()
             layers = [n for n in self.order if n and not self.why_not_hookable(n) and self.trace.calls[n].order < end
                       and isinstance(self.modules[n], (nn.Conv2d, nn.ReLU))]
             if not layers:

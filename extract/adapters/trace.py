@@ -133,7 +133,7 @@ def trace(model, image_shape, device=None):
     produced = {}      # id(tensor) -> layout; ``keep`` holds the tensors so ids stay unique
     keep = []
     seen = {}          # name -> [order, calls, shape, layout, folded]
-    inputs = {}        # name -> first tensor input (head input)
+    shapes = {}        # name -> shape of one sample of its first positional tensor input
     input_layouts = {}
     input_makers = {}  # name -> the innermost module that output its first input (None: a functional op)
     makers = {}        # id(tensor) -> the innermost module that output it
@@ -168,7 +168,7 @@ def trace(model, image_shape, device=None):
         seen[name] = [counter[0], seen.get(name, [0, 0])[1] + 1, tuple(output.shape[1:]), layout,
                       ndim == 0 or output.shape[0] != batch]
         if x is not None:
-            inputs[name] = x
+            shapes[name] = tuple(x.shape[1:])
             # a tensor no module produced is read as its consumer reads it (a Linear: channels last)
             input_layouts[name] = produced.get(id(x)) or _own_layout(module, x.dim()) or _layout_from_shape(x.dim())
             input_makers[name] = makers.get(id(x))
@@ -185,7 +185,6 @@ def trace(model, image_shape, device=None):
         for h in handles:
             h.remove()
     calls = {n: Call(n, o, c, s, l, f) for n, (o, c, s, l, f) in seen.items()}
-    shapes = {n: tuple(x.shape[1:]) for n, x in inputs.items()}
     if not torch.is_tensor(out) or out.dim() != 2:
         what = type(out).__name__ if not torch.is_tensor(out) else f"a tensor of shape {tuple(out.shape)}"
         return Trace(calls, None, f"the model's output is {what}, not (N, K) logits", 0, shapes)
@@ -193,7 +192,7 @@ def trace(model, image_shape, device=None):
                   and y[0].numel() == out.shape[1] and torch.equal(y.reshape(out.shape), out))
     head, problem = _find_head(model, calls, gives)
     if head:
-        source, lacking = FeatureSource(head, "input", input_layouts[head], False, int(inputs[head][0].numel())), ""
+        source, lacking = head_features(head, shapes, input_layouts), ""
     else:
         source, lacking = _feature_source(model, calls, shapes, input_layouts, input_makers, gives, int(out.shape[1]))
     return Trace(calls, head, problem, int(out.shape[1]), shapes, input_layouts, gives, source, lacking)
@@ -254,6 +253,12 @@ def _feature_source(model, calls, input_shapes, input_layouts, input_makers, giv
     if grid is not None:
         return FeatureSource(grid.name, "output", grid.layout, True, channels(grid.shape, grid.layout)), ""
     return None, "no module with parameters runs before its logits and no submodule outputs a feature vector or map"
+
+
+def head_features(head, input_shapes, input_layouts):
+    """The ``FeatureSource`` of the linear head ``head``: its input, flattened per image
+    (``input_shapes`` and ``input_layouts`` as in ``Trace``)."""
+    return FeatureSource(head, "input", input_layouts[head], False, math.prod(input_shapes[head]))
 
 
 def feature_vector(t, source):
