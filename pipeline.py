@@ -40,7 +40,7 @@ from gradood.analyze.tables import plain, sweep_table
 from gradood.extract.config import ExtractConfig, parse_hook_sets
 from gradood.analyze.registry import ScoreError, all_entries, canonical, default_scores, entry, load_plugin, requirements
 from gradood.store.benchmarks import BENCHMARKS, preset_params
-from gradood.store.recipes import BATCH_SIZE, HOOK_SETS, split_selector
+from gradood.store.recipes import BATCH_SIZE, HOOK_SETS
 from gradood.store.schema import POLICIES, CacheError, head_label
 
 ERRORS = (ValueError, FileNotFoundError, CacheError, OSError, RuntimeError, ScoreError)
@@ -478,7 +478,7 @@ def model_refusals(names, params, adapter):
         needs, passes = requirements([name], params)
         reasons = unserved(adapter, needs, passes)
         if not reasons:
-            attrs = model_attrs(adapter, [split_selector(h)[0] for h, _, _ in needs])
+            attrs = model_attrs(adapter, needs)
             why = entry(name).model_problem((params or {}).get(name), attrs)
             reasons = [why] if why else []
         if reasons:
@@ -508,7 +508,7 @@ def model_serving(stage, names, arch, model_file, num_classes, image_size, head=
         reasons = refused.get(name, [])
         note = ""
         if not reasons and e.describe:
-            attrs = model_attrs(adapter, [split_selector(h)[0] for h, _, _ in needs])
+            attrs = model_attrs(adapter, needs)
             try:        # a description of the model's layers; others read cache parts
                 note = e.describe(e.resolve(), attrs)
             except (KeyError, TypeError, ValueError, CacheError):

@@ -57,19 +57,16 @@ def score_names():
 
 
 def row(arch, classes, side, names):
-    """One Markdown table row for ``arch``."""
+    """One Markdown table row for ``arch``: what ``pipeline.py scores`` refuses on it
+    (``pipeline.model_refusals``), on one trace of the model."""
     from gradood.extract import cli_support
-    from gradood.pipeline import model_serving
     from gradood.extract.adapters import adapter_for
-    rows, _ = model_serving(cli_support, names, arch, None, classes, side)
-    model = cli_support.build_model(arch, classes, None, None)
-    adapter = adapter_for(model, (3, side, side))
-    served = [r[0] for r in rows if r[2] == "yes"]
-    refused = [r[0] for r in rows if r[2] != "yes"]
-    source = adapter.features
-    where = f"{source.module} {source.side}{', pooled' if source.pooled else ''}"
+    from gradood.pipeline import model_refusals
+    adapter = adapter_for(cli_support.build_model(arch, classes, None, None), (3, side, side))
+    refused = model_refusals(names, {}, adapter)
     return (f"| `{arch}` | {side} | {adapter.family} | {adapter.head_name or 'none'} | {adapter.feature_dim} "
-            f"({where}) | {len(served)} / {len(names)} | {', '.join(refused) or '-'} |")
+            f"({adapter.features.describe()}) | {len(names) - len(refused)} / {len(names)} | "
+            f"{', '.join(refused) or '-'} |")
 
 
 def main(argv=None):

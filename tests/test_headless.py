@@ -22,8 +22,8 @@ from gradood.analyze.engine import Engine
 from gradood.analyze.registry import all_entries, default_scores, entry, requirements
 from gradood.extract import ExtractConfig, Provenance
 from gradood.extract.adapters import HookSetError, adapter_for
-from gradood.extract.adapters.serves import model_attrs, unserved
-from gradood.extract.runner import ExtractionPlan, extract_to_cache
+from gradood.extract.runner import extract_to_cache
+from gradood.pipeline import model_refusals
 from gradood.store.reader import CacheReader
 from gradood.store.schema import stat_path
 
@@ -135,17 +135,10 @@ def reference(model, x, feature, layouts):
 
 
 def served_by_prediction(adapter):
-    """Default scores `pipeline.py scores` predicts served on ``adapter``, and the refused
-    ones with their reasons (the hook sets, then the model: ``model_problem``)."""
-    served, refused = [], {}
-    for name in default_scores():
-        needs, passes = requirements([name])
-        reasons = unserved(adapter, needs, passes)
-        if not reasons:
-            why = entry(name).model_problem(None, model_attrs(adapter, [n[0].split(":")[0] for n in needs]))
-            reasons = [why] if why else []
-        (refused.__setitem__(name, reasons) if reasons else served.append(name))
-    return served, refused
+    """Default scores `pipeline.py scores` predicts served on ``adapter``
+    (``model_refusals``), and the refused ones with their reasons."""
+    refused = model_refusals(default_scores(), {}, adapter)
+    return [n for n in default_scores() if n not in refused], refused
 
 
 @pytest.mark.parametrize("label,factory,side,feature,layouts", HEADLESS, ids=[m[0] for m in HEADLESS])

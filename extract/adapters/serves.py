@@ -33,11 +33,12 @@ def unserved(adapter, needs, passes):
     return list(dict.fromkeys(reasons))
 
 
-def model_attrs(adapter, hook_set_names):
-    """The root attributes a cache of this model would hold for the hook sets that resolve
-    among ``hook_set_names`` (what a score's ``defined_on`` reads)."""
+def model_attrs(adapter, needs):
+    """The root attributes a cache of this model would hold for the hook sets of ``needs``
+    (``(hook set, source, stat)`` triples) that resolve on it (what a score's
+    ``defined_on`` reads)."""
     sets = {}
-    for name in hook_set_names:
+    for name in dict.fromkeys(split_selector(h)[0] for h, _, _ in needs):
         try:
             sets[name] = adapter.hook_set(name)
         except HookSetError:
