@@ -30,7 +30,7 @@ from gradood.store.schema import stat_path
 timm = pytest.importorskip("timm")
 import torchvision  # noqa: E402
 
-from tests.test_models import check_doors_agree, close, randomize  # noqa: E402
+from tests.test_models import check_doors_agree, close, per_sample_reference, randomize  # noqa: E402
 
 
 class CosineHead(nn.Module):
@@ -90,50 +90,6 @@ HEADLESS = [
 ]
 
 
-def reference(model, x, feature, layouts):
-    """Per sample (batch size 1): logits, the features at ``feature`` (module, side,
-    pooled), and per module of ``layouts`` the activation mean and the max-logit gradient
-    mean and nonzero count per channel (from a clone handed on to the network)."""
-    modules = dict(model.named_modules())
-    name, side, pooled = feature
-    out = {"logits": [], "features": [], "layers": {n: {"act": [], "grad": [], "nonzero": []} for n in layouts}}
-
-    def channels(t, layout):
-        t = t[0]
-        t = t.permute(2, 0, 1) if layout == "NHWC" else t.transpose(0, 1) if layout == "NTC" else t
-        return t.reshape(t.shape[0], -1).double()
-
-    for i in range(len(x)):
-        captured, handles = {}, []
-        for layer in layouts:
-            def hook(m, a, o, layer=layer):
-                captured[layer] = o
-                return o.clone()
-            handles.append(modules[layer].register_forward_hook(hook))
-        if side == "input":
-            handles.append(modules[name].register_forward_pre_hook(lambda m, a: captured.__setitem__("f", a[0])))
-        else:
-            handles.append(modules[name].register_forward_hook(lambda m, a, o: captured.__setitem__("f", o)))
-        try:
-            with torch.enable_grad():
-                z = model(x[i:i + 1].clone().requires_grad_(True))
-                grads = torch.autograd.grad(z.max(dim=1).values.sum(), [captured[n] for n in layouts])
-        finally:
-            for h in handles:
-                h.remove()
-        f = captured["f"].detach()
-        out["logits"].append(z.detach()[0].numpy())
-        out["features"].append((f.flatten(2).mean(2) if pooled else f.flatten(1))[0].numpy())
-        for (layer, layout), g in zip(layouts.items(), grads):
-            a, g = channels(captured[layer].detach(), layout), channels(g, layout)
-            rec = out["layers"][layer]
-            rec["act"].append(a.mean(1).numpy())
-            rec["grad"].append(g.mean(1).numpy())
-            rec["nonzero"].append((g != 0).sum(1).numpy())
-    return {k: (np.stack(v) if k != "layers" else {n: {s: np.stack(r[s]) for s in r} for n, r in v.items()})
-            for k, v in out.items()}
-
-
 def served_by_prediction(adapter):
     """Default scores `pipeline.py scores` predicts served on ``adapter``
     (``model_refusals``), and the refused ones with their reasons."""
@@ -164,7 +120,7 @@ def test_a_model_without_a_linear_head_serves_what_does_not_read_one(label, fact
     config = ExtractConfig(arch=label, needs=needs, passes=passes, hooks=tuple(layouts), odin_std=(0.5, 0.5, 0.5),
                            batch_size=3, device="cpu", progress=False)
     extract_to_cache(model, image_set(x), path, config, Provenance(dataset="cache"))
-    want = reference(model, x, feature, layouts)
+    want = per_sample_reference(model, x, layouts, feature)
     with torch.no_grad():
         logits = model(x).numpy()
     with CacheReader(path) as r:
@@ -176,10 +132,10 @@ def test_a_model_without_a_linear_head_serves_what_does_not_read_one(label, fact
         for layer, layout in layouts.items():
             assert r.attrs["layer_layouts"][layer] == layout
             rec = want["layers"][layer]
-            close(r.read(stat_path(layer, "act", "mean")), rec["act"])
-            close(r.read(stat_path(layer, "max_logit", "mean")), rec["grad"], rtol=1e-4,
-                  scale=np.abs(rec["grad"]).max())
-            np.testing.assert_array_equal(r.read(stat_path(layer, "max_logit", "nonzero")), rec["nonzero"])
+            close(r.read(stat_path(layer, "act", "mean")), rec["act_mean"])
+            close(r.read(stat_path(layer, "max_logit", "mean")), rec["grad_mean"], rtol=1e-4,
+                  scale=np.abs(rec["grad_mean"]).max())
+            np.testing.assert_array_equal(r.read(stat_path(layer, "max_logit", "nonzero")), rec["grad_nonzero"])
         for name in ("msp", "energy", "maxlogit"):
             assert np.all(np.isfinite(compute_score(r, name)))
         z = want["logits"].astype(np.float64)

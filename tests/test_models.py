@@ -136,12 +136,15 @@ def served_defaults(adapter):
     return served, refused
 
 
-def per_sample_reference(model, x, layouts):
-    """Batch-size-1 loop: logits, head input, and per module of ``layouts`` the activation
+def per_sample_reference(model, x, layouts, feature=None):
+    """Batch-size-1 loop: logits, features, and per module of ``layouts`` the activation
     (mean, abs_max) and max-logit gradient (mean, nonzero) per channel, taken from hooks
-    that hand the rest of the network a clone of the module's output."""
+    that hand the rest of the network a clone of the module's output. The features are the
+    head's input, or with ``feature = (module, "input" | "output", pooled)`` that module's
+    input or output, averaged over positions when ``pooled``."""
     modules = dict(model.named_modules())
-    head = ref.head_of(model)
+    name, side, pooled = feature or (None, "input", False)
+    source = modules[name] if name else ref.head_of(model)
     out = {"logits": [], "features": [], "layers": {}}
     for name in layouts:
         out["layers"][name] = {"act_mean": [], "act_abs_max": [], "grad_mean": [], "grad_abs_max": [], "grad_nonzero": []}
@@ -161,7 +164,10 @@ def per_sample_reference(model, x, layouts):
                 captured[name] = o
                 return o.clone()
             handles.append(modules[name].register_forward_hook(hook))
-        handles.append(head.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0])))
+        if side == "input":
+            handles.append(source.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0])))
+        else:
+            handles.append(source.register_forward_hook(lambda m, a, o: captured.__setitem__("x", o)))
         try:
             with torch.enable_grad():
                 inp = x[i:i + 1].clone().requires_grad_(True)
@@ -171,7 +177,8 @@ def per_sample_reference(model, x, layouts):
             for h in handles:
                 h.remove()
         out["logits"].append(z.detach()[0].numpy())
-        out["features"].append(captured["x"].detach().flatten(1)[0].numpy())
+        f = captured["x"].detach()
+        out["features"].append((f.flatten(2).mean(2) if pooled else f.flatten(1))[0].numpy())
         for (name, layout), g in zip(layouts.items(), grads):
             a, g = per_channel(captured[name].detach(), layout), per_channel(g, layout)
             rec = out["layers"][name]
